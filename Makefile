@@ -1,0 +1,53 @@
+# isoflop-engram — everything runs from a fresh clone: `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= data/stdlib_bpe8k
+BUDGET ?= 3e12
+FAMILY ?= cpu
+RHOS   ?=
+OUT    ?= sweeps_out
+NPROC  ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: install data demo train test test-fast bench sweep clean-demo
+
+# torch first, from its CPU wheel: an unpinned resolve (or deepspeed first) pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DATA)/manifest.json: | $(VENV)/.installed
+	$(PY) -m data_prep.prepare --source stdlib --tokenizer bpe --vocab-size 8192 \
+		--max-bytes 12000000 --out $(DATA)
+
+data: $(DATA)/manifest.json
+
+# The main job on the embedded default: real text (this machine's Python stdlib), tiny model, CPU.
+demo: data
+	$(PY) train/main.py +experiment=demo
+
+# One run under torchrun, e.g. `make train NPROC=2 ARGS="+experiment=engram_25pct"`.
+train: data
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) train/main.py $(ARGS)
+
+test: install
+	WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+sweep: data
+	$(PY) -m sweeps.run --budget $(BUDGET) --family $(FAMILY) --out $(OUT) $(if $(RHOS),--rho $(RHOS),)
+
+clean-demo:
+	rm -rf runs/demo-seed1234

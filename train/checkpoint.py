@@ -1,0 +1,90 @@
+"""Checkpoints that are committed atomically.
+
+DeepSpeed writes each checkpoint into ``checkpoints/<tag>/`` (model, ZeRO-partitioned optimizer
+states, our client state). Only after every rank has finished does rank 0 replace
+``checkpoints/latest.json`` (write to a temp file, fsync, ``os.replace``). A run killed mid-save
+therefore still resumes from the previous committed checkpoint; the half-written directory is
+removed before the same tag is written again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from train.distributed import barrier
+
+LATEST = "latest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_latest(ckpt_dir: Path) -> Optional[dict]:
+    p = Path(ckpt_dir) / LATEST
+    if not p.exists():
+        return None
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt checkpoint index {p}: {e}") from e
+    if not (Path(ckpt_dir) / meta["tag"]).is_dir():
+        raise CheckpointError(f"checkpoint index {p} names {meta['tag']}, which is missing")
+    return meta
+
+
+def check_compatible(meta: dict, expected: dict, ckpt_dir: Path) -> None:
+    """Refuse to resume from a checkpoint written under a different model or data stream."""
+    for key, what in (("model_fingerprint", "model config"), ("stream_fingerprint", "data/batch/seed config")):
+        if meta.get(key) != expected[key]:
+            raise CheckpointError(
+                f"checkpoint in {ckpt_dir} was written with a different {what} "
+                f"({meta.get(key)} != {expected[key]}); use a new run_dir or restore the original config")
+
+
+def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int) -> None:
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        stale = ckpt_dir / tag
+        if stale.exists():  # left over by a run killed mid-save: never referenced by latest.json
+            shutil.rmtree(stale)
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"meta": meta}, save_latest=False)
+    barrier()
+    if is_main:
+        previous = read_latest(ckpt_dir) if (ckpt_dir / LATEST).exists() else None
+        history = (previous or {}).get("history", [])
+        history = [t for t in history if t != tag] + [tag]
+        atomic_write_json(ckpt_dir / LATEST, {**meta, "tag": tag, "step": step, "history": history})
+        for old in history[:-keep] if keep > 0 else []:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        if keep > 0 and len(history) > keep:
+            atomic_write_json(ckpt_dir / LATEST, {**meta, "tag": tag, "step": step, "history": history[-keep:]})
+    barrier()
+
+
+def load(engine, ckpt_dir: Path, meta: dict) -> dict:
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=meta["tag"], load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / meta['tag']}")
+    return client.get("meta", {})

@@ -1,0 +1,81 @@
+"""Process-group setup for torchrun / the DeepSpeed launcher, on CPU (gloo) or GPU (nccl)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _skip_cpu_shm_build() -> None:
+    """DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce op with g++ (~60 s) on
+    first use; training goes through torch.distributed (gloo) and never needs it."""
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
+
+
+def setup() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (a single process gets a world of one)."""
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    import deepspeed
+
+    if not use_cuda:
+        _skip_cpu_shm_build()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def teardown(clean: bool = True) -> None:
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj

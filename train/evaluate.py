@@ -1,0 +1,24 @@
+"""Held-out loss on a fixed set of validation tokens, averaged over all ranks by token count."""
+from __future__ import annotations
+
+import torch
+
+from train.data import eval_batches
+from train.distributed import all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(engine, split, seq_len: int, eval_tokens: int, batch_size: int, rank: int, world: int,
+             device: torch.device) -> float:
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
+    for x, y in eval_batches(split, seq_len, eval_tokens, batch_size, rank, world):
+        x, y = x.to(device), y.to(device)
+        out = engine(x, y)
+        total[0] += out.ce_loss.double() * y.numel()
+        total[1] += y.numel()
+    all_reduce_sum(total)
+    module.train(was_training)
+    return (total[0] / total[1]).item()

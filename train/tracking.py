@@ -1,0 +1,70 @@
+"""Weights & Biases on rank 0 (offline by default), plus a local metrics.jsonl that is always written."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+
+class Tracker:
+    """Rank 0 logs to W&B and to ``run_dir/metrics.jsonl``; other ranks do nothing.
+
+    The W&B run id is chosen once per run and kept in the checkpoint (and in ``run_dir/run.json``),
+    so a resumed job continues the same W&B run (``resume="allow"``).
+    """
+
+    def __init__(self, run_dir: Path, wandb_cfg: dict, config: dict, run_id: Optional[str],
+                 is_main: bool, resume_step: int):
+        self.is_main = is_main
+        self.run = None
+        self.run_id = run_id
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        if not is_main:
+            return
+        self._truncate_metrics_after(resume_step)
+        mode = os.environ.get("WANDB_MODE") or wandb_cfg.get("mode", "offline")
+        if mode == "disabled":
+            return
+        import wandb
+
+        if self.run_id is None:
+            self.run_id = wandb.util.generate_id()
+        self.run = wandb.init(
+            project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"),
+            group=wandb_cfg.get("group"), name=wandb_cfg.get("name"), tags=list(wandb_cfg.get("tags") or []),
+            id=self.run_id, resume="allow", mode=mode, dir=str(run_dir), config=config,
+            settings=wandb.Settings(quiet=True, console="off"))
+
+    def _truncate_metrics_after(self, step: int) -> None:
+        """A killed run may have logged steps past its last checkpoint: drop them before redoing."""
+        if not self.metrics_path.exists():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    @property
+    def location(self) -> Optional[str]:
+        if self.run is None:
+            return None
+        return getattr(self.run, "dir", None)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
