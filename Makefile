@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 
 $(DATA)/manifest.json: | $(VENV)/.installed
 	$(PY) -m data_prep.prepare --source stdlib --tokenizer bpe --vocab-size 8192 \
-		--max-bytes 12000000 --out $(DATA)
+		--max-bytes 12000000 --val-fraction 0.05 --out $(DATA)
 
 data: $(DATA)/manifest.json
 

@@ -17,6 +17,6 @@ def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "stdlib_bpe1k"
     subprocess.run(
         [sys.executable, "-m", "data_prep.prepare", "--source", "stdlib", "--tokenizer", "bpe",
-         "--vocab-size", "1024", "--max-bytes", "1500000", "--val-fraction", "0.05", "--out", str(out)],
+         "--vocab-size", "1024", "--max-bytes", "1500000", "--val-fraction", "0.05", "--shard-tokens", "200000", "--out", str(out)],
         cwd=REPO, check=True, capture_output=True, text=True)
     return out

@@ -32,7 +32,11 @@ def train_cmd(data_dir: Path, run_dir: Path, *overrides: str, nproc: int = 1) ->
 def run_train(data_dir: Path, run_dir: Path, *overrides: str, nproc: int = 1, check: bool = True,
               timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     e = env()
-    e.update(extra_env or {})
+    for k, v in (extra_env or {}).items():  # None removes a variable
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
     p = subprocess.run(train_cmd(data_dir, run_dir, *overrides, nproc=nproc), cwd=REPO, env=e,
                        capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:

@@ -27,8 +27,10 @@ def env_rank() -> int:
 def _skip_cpu_shm_build() -> None:
     """DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce op with g++ (~60 s) on
     first use; training goes through torch.distributed (gloo) and never needs it."""
-    import deepspeed.comm.torch as ds_torch_comm
+    import importlib
 
+    # `import deepspeed.comm.torch as m` would bind the torch library (an attribute of deepspeed.comm).
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ds_torch_comm.build_shm_op = lambda: None
 
 

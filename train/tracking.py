@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Optional
+
+
+def new_run_id() -> str:
+    """An 8-character W&B-style run id (random: two fresh runs never share one)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 class Tracker:
@@ -29,7 +37,7 @@ class Tracker:
         import wandb
 
         if self.run_id is None:
-            self.run_id = wandb.util.generate_id()
+            self.run_id = new_run_id()
         self.run = wandb.init(
             project=wandb_cfg.get("project"), entity=wandb_cfg.get("entity"),
             group=wandb_cfg.get("group"), name=wandb_cfg.get("name"), tags=list(wandb_cfg.get("tags") or []),
