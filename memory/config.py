@@ -1,8 +1,10 @@
 """Engram configuration (the mapping stored under ``model.engram``)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence
+
+from models.config_utils import checked_kwargs
 
 
 def _int_list(name: str, value: Any) -> list[int]:
@@ -116,14 +118,9 @@ class EngramConfig:
     def from_any(cls, cfg: "EngramConfig | Mapping[str, Any]") -> "EngramConfig":
         if isinstance(cfg, EngramConfig):
             return cfg
-        if not isinstance(cfg, Mapping):
-            raise ValueError(f"engram config must be a mapping or EngramConfig, got {type(cfg).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"unknown engram config keys: {sorted(unknown)} (known: {sorted(known)})")
+        kwargs = checked_kwargs(cls, cfg, "model.engram")
         return cls(**{k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
-                      for k, v in cfg.items()})
+                      for k, v in kwargs.items()})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
+
+from models.config_utils import checked_kwargs
 
 
 @dataclass
@@ -39,11 +41,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        d = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in d.items()}
+        d = {k: (dict(v) if isinstance(v, Mapping) else v)
+             for k, v in checked_kwargs(cls, d, "model").items()}
         return cls(**d)
 
     def to_dict(self) -> dict:

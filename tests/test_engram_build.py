@@ -36,7 +36,7 @@ ENGRAM = dict(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram
     (dict(n_branches=0), "n_branches"),
     (dict(pad_id=-1), "pad_id"),
     (dict(table_sizes=[100, 1]), ">= 2"),
-    (dict(colour="red"), "unknown engram config keys"),
+    (dict(colour="red"), "unknown model.engram keys"),
 ])
 def test_config_rejects_bad_values(change, match):
     with pytest.raises(ValueError, match=match):

@@ -1,8 +1,10 @@
 """Configuration of the DeepSeekMoE feed-forward block (the mapping stored under ``model.moe``)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
+
+from models.config_utils import checked_kwargs
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 BALANCE_MODES = ("aux_free", "aux_loss", "both", "none")
@@ -78,13 +80,7 @@ class MoEConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "MoEConfig":
         if isinstance(d, MoEConfig):
             return d
-        if not isinstance(d, Mapping):
-            raise ValueError(f"model.moe must be a mapping of MoEConfig fields, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown moe config keys: {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**dict(d))
+        return cls(**checked_kwargs(cls, d, "model.moe"))
 
     def to_dict(self) -> dict:
         return asdict(self)
