@@ -4,14 +4,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= data/stdlib_bpe8k
-BUDGET ?= 3e12
+BUDGET ?= 6e12
 FAMILY ?= cpu
 RHOS   ?=
 OUT    ?= sweeps_out
 NPROC  ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: install data demo train test test-fast bench sweep clean-demo
+.PHONY: install data demo train test test-fast bench plan sweep clean-demo
 
 # torch first, from its CPU wheel: an unpinned resolve (or deepspeed first) pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -45,6 +45,10 @@ test-fast: install
 
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Print the iso-parameter / iso-FLOP family for a budget (no training).
+plan: install
+	$(PY) -m sweeps.plan --budget $(BUDGET) --family $(FAMILY) $(if $(RHOS),--rho $(RHOS),)
 
 sweep: data
 	$(PY) -m sweeps.run --budget $(BUDGET) --family $(FAMILY) --out $(OUT) $(if $(RHOS),--rho $(RHOS),)

@@ -1,0 +1,24 @@
+"""Iso-FLOP allocation sweeps: families (conf/family/*.yaml), the budget solver, planning, fitting.
+
+The budget math lives in :mod:`sweeps.budget` alone; :mod:`sweeps.families` loads family configs and
+``python -m sweeps.plan`` prints a plan. Names below are imported lazily so that light modules of
+this package (fits, plots, results) do not pull in torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Family": "sweeps.families", "load_family": "sweeps.families", "available_families": "sweeps.families",
+    "Plan": "sweeps.budget", "RunSpec": "sweeps.budget", "Resources": "sweeps.budget",
+    "solve_plan": "sweeps.budget", "solve_point": "sweeps.budget", "select_backbone": "sweeps.budget",
+    "experts_for_rho": "sweeps.budget", "estimate_resources": "sweeps.budget",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sweeps' has no attribute {name!r}")

@@ -1,0 +1,142 @@
+"""Print the runs of an allocation sweep at one training budget, before anything runs.
+
+    python -m sweeps.plan --budget 2e20 --family paper --rho 1.0,0.8,0.6,0.4
+    python -m sweeps.plan --budget 2e20 --family paper --rho 1.0,0.8,0.6,0.4 --json
+    python -m sweeps.plan --budget 3e12 --family cpu --commands      # runnable train/main.py lines
+
+Every rho of the plan has the same total parameters (within the family's tolerance, 0.5% by
+default) and spends the same training FLOPs (1%); the table shows the per-run counts, the active
+FLOPs drift against rho = 1, device-hours at the given MFU and peak, and memory per device under
+the chosen ZeRO stage (a warning when it will not fit). ``--json`` prints one object per rho.
+Bad input (rho outside [0, 1], a budget outside the family, expert counts an expert-parallel size
+cannot divide, tables larger than device memory) stops with a one-line ``error:`` and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Optional, Sequence
+
+DEFAULT_RHOS = "1.0,0.8,0.6,0.4"
+
+
+def parse_rhos(text: str) -> list[float]:
+    """'1.0,0.8,0.6' -> [1.0, 0.8, 0.6] (range checks are the solver's)."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--rho must be comma-separated numbers, got {text!r}") from None
+
+
+def _human(n: float) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def format_plan(plan) -> str:
+    """The plan as a readable table with its cost estimates, reference errors and warnings."""
+    fam, bb, hw = plan.family, plan.backbone, plan.hardware
+    m = bb.model
+    head = [
+        f"family {fam.name}: budget {plan.budget:.3g} training FLOPs, rung {bb.name} "
+        f"(d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, expert_hidden "
+        f"{m['moe']['expert_hidden']}, top-{bb.top_k} of {bb.n_routed} routed + "
+        f"{m['moe']['n_shared_experts']} shared, seq {fam.seq_len}, vocab {fam.vocab_size:,})",
+        f"rule: {fam.budget_rule.tokens_per_active_param:g} tokens per active param (rho=1 gets "
+        f"{bb.tokens_per_active_param(plan.budget):.3g}); sparsity target P_tot/P_act {fam.sparsity:g} "
+        f"(rho=1: {bb.measured.total / bb.measured.active:.3f})",
+        f"estimates: {hw.n_gpus} x {hw.name} ({hw.peak_tflops:g} TFLOP/s peak, MFU {hw.mfu:g}, "
+        f"{hw.gpu_mem_gib:g} GiB), ZeRO-{plan.runs[0].train.get('zero_stage', 0)}, "
+        f"{plan.runs[0].train.get('precision', 'fp32')}, expert-parallel {plan.ep_size}",
+        "",
+    ]
+    cols = ["rho", "rho_eff", "experts", "P_tot", "P_act", "tables", "eng_dim", "FLOPs/tok", "drift", "tokens",
+            "steps", "C err", "GPU-h", "wall-h", "GiB/GPU", "fits"]
+    rows = []
+    for run, res in zip(plan.runs, plan.resources):
+        eng = run.model["engram"]
+        rows.append([f"{run.rho:g}", f"{run.rho_effective:.3f}", str(run.n_routed_experts), _human(run.total_params),
+                     _human(run.active_params), _human(run.engram_params),
+                     "-" if eng is None else str(eng["embed_dim_per_ngram"] * (eng["max_ngram"] - 1)),
+                     f"{run.flops_per_token:.4g}", f"{run.flops_drift:+.2%}", _human(run.train_tokens),
+                     str(run.steps), f"{run.train_flops_error:+.2%}", f"{res.gpu_hours:.4g}", f"{res.wall_hours:.3g}",
+                     f"{res.total_gib:.1f}", "yes" if res.fits else "NO"])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    lines = head + ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    lines.append("")
+    lines.append(f"P_tot spread over rho: {max(abs(r.total_params_error) for r in plan.runs):.3%} (tolerance "
+                 f"{fam.tolerances.total_params:.1%}); training FLOPs vs budget: "
+                 f"{max(abs(r.train_flops_error) for r in plan.runs):.3%} ({fam.tolerances.train_flops:.0%}); "
+                 f"active FLOPs/token drift: {plan.max_flops_drift:.3%} ({fam.tolerances.flops_drift:.0%}; "
+                 f"tokens re-solved per rho so every run spends the budget)")
+    for run in plan.runs:
+        if run.engram_dim_reduced_from is not None:
+            lines.append(f"rho={run.rho:g}: Engram memory narrowed from {run.engram_dim_reduced_from} to "
+                         f"{run.model['engram']['embed_dim_per_ngram']} dims per order to keep the drift in tolerance")
+    refs = [(run, plan.reference_errors(run)) for run in plan.runs]
+    refs = [(run, r) for run, r in refs if r]
+    if refs:
+        lines.append("published points (relative error of this plan):")
+        for run, r in refs:
+            parts = [f"{k} {v['ours']:.4g} vs {v['published']:.4g} ({v['rel_error']:+.2%})" for k, v in r.items()]
+            lines.append(f"  rho={run.rho:g}: " + "; ".join(parts))
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sweeps.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, required=True, help="training FLOPs per run, e.g. 2e20")
+    p.add_argument("--family", required=True, help="family name (conf/family/NAME.yaml) or a YAML path")
+    p.add_argument("--rho", default=DEFAULT_RHOS, help=f"comma-separated expert shares (default {DEFAULT_RHOS})")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON array, one object per rho")
+    out.add_argument("--commands", action="store_true", help="also print one train/main.py command per run")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size that must divide every expert count")
+    p.add_argument("--round-experts-to-ep", action="store_true",
+                   help="round expert counts to multiples of --ep-size instead of failing")
+    p.add_argument("--data-dir", default=None, help="data.dir of the runs (default: the family's)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=None, help="train.zero_stage of the runs")
+    p.add_argument("--gpus", type=int, default=None, help="devices per run for the estimates")
+    p.add_argument("--gpu-mem-gib", type=float, default=None, help="memory per device (GiB)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for the device-hours")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from sweeps.budget import solve_plan
+        from sweeps.families import load_family
+
+        family = load_family(args.family)
+        if args.zero_stage is not None:
+            family = family.with_train(zero_stage=args.zero_stage)
+        family = family.with_hardware(n_gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib,
+                                      peak_tflops=args.peak_tflops, mfu=args.mfu)
+        plan = solve_plan(family, args.budget, parse_rhos(args.rho), ep_size=args.ep_size,
+                          round_experts_to_ep=args.round_experts_to_ep, data_dir=args.data_dir)
+    except ValueError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan.to_list(), indent=2))
+        for w in plan.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    else:
+        print(format_plan(plan))
+    if args.commands:
+        for run in plan.runs:
+            print(shlex.join(["python", "train/main.py", *run.overrides()]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
