@@ -9,6 +9,7 @@ FAMILY ?= cpu
 RHOS   ?=
 OUT    ?= sweeps_out
 NPROC  ?= 1
+SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install data demo train test test-fast bench plan sweep clean-demo
@@ -51,7 +52,7 @@ plan: install
 	$(PY) -m sweeps.plan --budget $(BUDGET) --family $(FAMILY) $(if $(RHOS),--rho $(RHOS),)
 
 sweep: data
-	$(PY) -m sweeps.run --budget $(BUDGET) --family $(FAMILY) --out $(OUT) $(if $(RHOS),--rho $(RHOS),)
+	$(PY) -m sweeps.run --budget $(BUDGET) --family $(FAMILY) --out $(OUT) $(if $(RHOS),--rho $(RHOS),) $(SWEEP_ARGS)
 
 clean-demo:
 	rm -rf runs/demo-seed1234

@@ -1,0 +1,499 @@
+"""Ways to run one training run of a sweep: local processes, or Slurm jobs through submitit.
+
+Every launcher runs the same trainer, ``train/main.py``, with Hydra overrides, as
+
+* ``python train/main.py ...`` (one process: CPU or one GPU),
+* ``python -m torch.distributed.run --nproc_per_node=N train/main.py ...`` (``runner="torchrun"``), or
+* ``deepspeed --no_local_rank ... train/main.py ...`` (``runner="deepspeed"``).
+
+A run directory is owned by at most one live trainer: the process that launches the trainer takes an
+exclusive ``flock`` on ``<run_dir>/.run.lock`` and hands the descriptor to the trainer, so the lock is
+held exactly as long as the trainer lives, whoever launched it. Local children also get
+``PR_SET_PDEATHSIG`` (Linux): if the driver is killed, even with SIGKILL, its trainers receive SIGTERM
+instead of running on unattended next to a re-launched copy.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = "train/main.py"
+LOCK_NAME = ".run.lock"
+LAUNCH_RECORD = "launcher.json"
+RUNNERS = ("python", "torchrun", "deepspeed")
+
+
+# --------------------------------------------------------------------------------------------------
+# Run-directory lock
+# --------------------------------------------------------------------------------------------------
+def try_lock(run_dir: Path) -> Optional[int]:
+    """Open and exclusively lock ``run_dir/.run.lock``; the descriptor, or None if another process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the run's lock (a trainer is running in it)."""
+    if not (run_dir / LOCK_NAME).exists():
+        return False
+    fd = try_lock(run_dir)
+    if fd is None:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    return False
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: deliver SIGTERM to this child when the thread that spawned it dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
+def trainer_command(overrides: Sequence[str], *, runner: str = "python", nproc: int = 1, nnodes: int = 1,
+                    node_rank: int = 0, master_addr: Optional[str] = None, master_port: Optional[int] = None,
+                    devices: Optional[Sequence[str]] = None, hostfile: Optional[Path] = None,
+                    python: str = sys.executable, deepspeed_bin: Optional[str] = None,
+                    script: str = TRAIN_SCRIPT) -> list[str]:
+    """The argv that runs ``script`` (``train/main.py``) with ``overrides`` under the chosen runner."""
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if nproc < 1 or nnodes < 1:
+        raise ValueError(f"nproc and nnodes must be >= 1, got {nproc} and {nnodes}")
+    if runner == "python":
+        if nproc != 1 or nnodes != 1:
+            raise ValueError("runner 'python' runs one process; use torchrun or deepspeed for more")
+        return [python, script, *overrides]
+    if runner == "torchrun":
+        cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        if nnodes == 1:
+            cmd.append("--standalone")  # single node: a free rendezvous port is picked per run
+        else:
+            if master_addr is None or master_port is None:
+                raise ValueError("a multi-node torchrun needs master_addr and master_port")
+            cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
+                    f"--master_port={master_port}"]
+        return [*cmd, script, *overrides]
+    ds = deepspeed_bin or str(Path(python).with_name("deepspeed"))
+    cmd = [ds, "--no_local_rank", f"--master_port={master_port or free_port()}"]
+    if nnodes == 1:
+        cmd += [f"--include=localhost:{','.join(devices)}"] if devices else [f"--num_gpus={nproc}"]
+    else:
+        if master_addr is None or hostfile is None:
+            raise ValueError("a multi-node DeepSpeed launch needs master_addr and a hostfile")
+        cmd += ["--no_ssh", f"--hostfile={hostfile}", f"--num_nodes={nnodes}", f"--num_gpus={nproc}",
+                f"--node_rank={node_rank}", f"--master_addr={master_addr}"]
+    return [*cmd, script, *overrides]
+
+
+def thread_env(threads: Optional[int]) -> dict[str, str]:
+    if threads is None:
+        return {}
+    return {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
+def spawn_locked(cmd: Sequence[str], run_dir: Path, log_path: Path, env: dict[str, str],
+                 cwd: Path = REPO) -> Optional[subprocess.Popen]:
+    """Start ``cmd`` owning the run's lock, output appended to ``log_path``; None if the run is locked."""
+    fd = try_lock(run_dir)
+    if fd is None:
+        return None
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} launch: {shlex.join(cmd)}\n")
+            log.flush()
+            return subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **env}, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(fd,),
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+    finally:
+        os.close(fd)  # the child holds its own copy of the locked descriptor
+
+
+def terminate_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the child's process group (torchrun and its workers), SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher interface
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class LaunchRequest:
+    name: str  # run name (also the job name)
+    run_dir: Path
+    overrides: list[str]  # Hydra overrides for train/main.py
+    log_path: Path  # where the trainer's stdout/stderr go
+
+
+@dataclass
+class Outcome:
+    exit_code: Optional[int]  # None: still running
+    reason: Optional[str] = None  # for failures the launcher itself saw (job error, lost job)
+
+
+class Handle(ABC):
+    """A launched (or re-attached) run."""
+
+    description: str = ""
+
+    @abstractmethod
+    def poll(self) -> Optional[Outcome]:
+        """None while running, else how it ended."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the run (it stays resumable from its last checkpoint)."""
+
+    @property
+    def stoppable_on_exit(self) -> bool:
+        """Whether the driver should stop it when the driver itself is interrupted."""
+        return True
+
+
+class Launcher(ABC):
+    name: str = "launcher"
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """How many runs may be in flight at once."""
+
+    @abstractmethod
+    def launch(self, req: LaunchRequest) -> Optional[Handle]:
+        """Start a run; None if its directory is locked by a live trainer."""
+
+    def reattach(self, run_dir: Path) -> Optional[Handle]:
+        """A handle on a run this launcher started in an earlier invocation and that is still live."""
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+
+class ProcessHandle(Handle):
+    def __init__(self, proc: subprocess.Popen, description: str):
+        self.proc, self.description = proc, description
+
+    def poll(self) -> Optional[Outcome]:
+        rc = self.proc.poll()
+        return None if rc is None else Outcome(rc)
+
+    def stop(self) -> None:
+        terminate_group(self.proc)
+
+
+class ForeignHandle(Handle):
+    """A run locked by a process this driver did not start: wait until its lock is released."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.description = run_dir, f"held by another process ({run_dir / LOCK_NAME})"
+
+    def poll(self) -> Optional[Outcome]:
+        return None if is_locked(self.run_dir) else Outcome(None, reason="released")
+
+    def stop(self) -> None:  # not ours to stop
+        pass
+
+    @property
+    def stoppable_on_exit(self) -> bool:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Local processes
+# --------------------------------------------------------------------------------------------------
+class LocalLauncher(Launcher):
+    """Runs on this machine.
+
+    devices=None: CPU (or one default GPU); ``parallel`` runs at once, each of ``procs_per_run``
+    processes. devices=[...]: the devices are split into groups of ``procs_per_run``, one run per
+    group at a time (one run per GPU, or one run over all GPUs), selected with CUDA_VISIBLE_DEVICES
+    (``--include`` for the DeepSpeed launcher). ``threads``: OMP threads per process (default: the
+    machine's cores shared evenly over all processes in flight). ``script``: the trainer, relative to
+    ``cwd`` (the repository root).
+    """
+
+    name = "local"
+
+    def __init__(self, devices: Optional[Sequence[str]] = None, procs_per_run: int = 1, runner: str = "auto",
+                 parallel: int = 1, threads: Optional[int] = None, python: str = sys.executable, cwd: Path = REPO,
+                 script: str = TRAIN_SCRIPT):
+        if procs_per_run < 1 or parallel < 1:
+            raise ValueError(f"procs_per_run and parallel must be >= 1, got {procs_per_run} and {parallel}")
+        if runner == "auto":
+            runner = "python" if procs_per_run == 1 else "torchrun"
+        if runner not in RUNNERS:
+            raise ValueError(f"runner must be auto or one of {', '.join(RUNNERS)}, got {runner!r}")
+        if runner == "python" and procs_per_run != 1:
+            raise ValueError("runner 'python' runs one process per run; use torchrun or deepspeed")
+        self.devices = [str(d) for d in devices] if devices else None
+        if self.devices is not None:
+            if len(self.devices) % procs_per_run:
+                raise ValueError(f"{len(self.devices)} devices do not split into runs of {procs_per_run}")
+            self.slots = [self.devices[i:i + procs_per_run] for i in range(0, len(self.devices), procs_per_run)]
+        else:
+            self.slots = [None] * parallel
+        self.free = list(range(len(self.slots)))
+        self.procs_per_run, self.runner, self.python, self.cwd, self.script = procs_per_run, runner, python, cwd, script
+        in_flight = len(self.slots) * procs_per_run
+        self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // in_flight)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    def describe(self) -> str:
+        where = f"devices {self.devices}" if self.devices else "CPU/default device"
+        return (f"local ({where}; {self.capacity} run(s) at once, {self.procs_per_run} process(es) per run "
+                f"via {self.runner}, {self.threads} thread(s) each)")
+
+    def command(self, overrides: Sequence[str], slot: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
+        env = {**thread_env(self.threads), "PYTHONUNBUFFERED": "1"}
+        if slot is not None and self.runner != "deepspeed":
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
+        cmd = trainer_command(overrides, runner=self.runner, nproc=self.procs_per_run, devices=slot,
+                              python=self.python, script=self.script)
+        return cmd, env
+
+    def launch(self, req: LaunchRequest) -> Optional[Handle]:
+        if not self.free:
+            raise RuntimeError("local launcher is full: wait for a run to finish before launching another")
+        slot_id = self.free[0]
+        cmd, env = self.command(req.overrides, self.slots[slot_id])
+        proc = spawn_locked(cmd, req.run_dir, req.log_path, env, self.cwd)
+        if proc is None:
+            return None
+        self.free.pop(0)
+        where = f" on {','.join(self.slots[slot_id])}" if self.slots[slot_id] else ""
+        return _SlotHandle(proc, f"pid {proc.pid}{where}", self, slot_id)
+
+
+class _SlotHandle(ProcessHandle):
+    """Gives its device slot back to the launcher when the process ends."""
+
+    def __init__(self, proc, description, launcher: LocalLauncher, slot_id: int):
+        super().__init__(proc, description)
+        self.launcher, self.slot_id, self.released = launcher, slot_id, False
+
+    def _release(self):
+        if not self.released:
+            self.released = True
+            self.launcher.free.append(self.slot_id)
+            self.launcher.free.sort()
+
+    def poll(self) -> Optional[Outcome]:
+        out = super().poll()
+        if out is not None:
+            self._release()
+        return out
+
+    def stop(self) -> None:
+        super().stop()
+        self._release()
+
+
+# --------------------------------------------------------------------------------------------------
+# submitit (Slurm, or submitit's local executor)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class NodeTask:
+    """What runs inside a submitit job, once per node: the trainer under the chosen runner.
+
+    Node 0 holds the run lock. On a Slurm time-out or pre-emption submitit calls ``checkpoint`` and
+    requeues the same task; the trainer resumes from its last checkpoint in the run directory.
+    """
+
+    overrides: list[str]
+    run_dir: str
+    log_path: str
+    runner: str = "torchrun"
+    procs_per_node: int = 1
+    threads: Optional[int] = None
+    python: str = sys.executable
+    cwd: str = str(REPO)
+    script: str = TRAIN_SCRIPT
+    extra_env: dict = field(default_factory=dict)
+
+    def __call__(self) -> int:
+        import submitit
+
+        job = submitit.JobEnvironment()
+        nnodes, node = job.num_nodes, job.node
+        master = job.hostnames[0] if job.hostnames else "127.0.0.1"
+        port = 20000 + int(str(job.job_id).split("_")[0]) % 20000 if nnodes > 1 else None
+        run_dir = Path(self.run_dir)
+        hostfile = None
+        if self.runner == "deepspeed" and nnodes > 1:
+            hostfile = run_dir / "hostfile"
+            if node == 0:
+                hostfile.write_text("".join(f"{h} slots={self.procs_per_node}\n" for h in job.hostnames))
+        runner = self.runner
+        if runner == "python" and (self.procs_per_node > 1 or nnodes > 1):
+            runner = "torchrun"
+        cmd = trainer_command(self.overrides, runner=runner, nproc=self.procs_per_node, nnodes=nnodes, node_rank=node,
+                              master_addr=master, master_port=port, hostfile=hostfile, python=self.python,
+                              script=self.script)
+        env = {**thread_env(self.threads), "PYTHONUNBUFFERED": "1", **self.extra_env}
+        log_path = Path(self.log_path) if node == 0 else Path(self.log_path).with_suffix(f".node{node}.log")
+        if node == 0:
+            proc = spawn_locked(cmd, run_dir, log_path, env, Path(self.cwd))
+            if proc is None:
+                raise RuntimeError(f"run directory {run_dir} is locked by another live trainer")
+        else:
+            with open(log_path, "a") as log:
+                proc = subprocess.Popen(cmd, cwd=self.cwd, env={**os.environ, **env}, stdout=log,
+                                        stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        try:
+            return proc.wait()
+        except BaseException:  # the job is being cancelled or pre-empted: take the trainer down with it
+            if node == 0:
+                terminate_group(proc)
+            else:
+                proc.terminate()
+            raise
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class SubmititHandle(Handle):
+    def __init__(self, job, description: str, cancel_on_exit: bool):
+        self.job, self.description, self.cancel_on_exit = job, description, cancel_on_exit
+
+    def poll(self) -> Optional[Outcome]:
+        if not self.job.done():
+            return None
+        try:
+            return Outcome(int(self.job.result()))
+        except Exception as e:  # job failed outside the trainer (node failure, cancelled, time-out)
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            return Outcome(1, reason=f"{self.description}: {lines[-1] if lines else type(e).__name__}")
+
+    def stop(self) -> None:
+        self.job.cancel(check=False)
+
+    @property
+    def stoppable_on_exit(self) -> bool:
+        return self.cancel_on_exit
+
+
+class SubmititLauncher(Launcher):
+    """One submitit job per run. ``cluster``: "slurm", "local" (submitit's local executor: each job a
+    local process, no scheduler) or "debug" (in this process; for debugging only).
+
+    Slurm jobs keep running when the driver exits; the next invocation re-attaches to them through the
+    job id kept in ``<run_dir>/launcher.json`` instead of submitting again.
+    """
+
+    name = "submitit"
+
+    def __init__(self, folder: Path, cluster: str = "slurm", nodes: int = 1, gpus_per_node: int = 0,
+                 procs_per_node: Optional[int] = None, runner: str = "torchrun", timeout_min: int = 240,
+                 max_parallel: Optional[int] = None, threads: Optional[int] = None,
+                 slurm: Optional[dict] = None, python: str = sys.executable, cwd: Path = REPO,
+                 script: str = TRAIN_SCRIPT):
+        if cluster not in ("slurm", "local", "debug"):
+            raise ValueError(f"submitit cluster must be slurm, local or debug, got {cluster!r}")
+        if runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+        if nodes < 1 or gpus_per_node < 0:
+            raise ValueError(f"nodes must be >= 1 and gpus_per_node >= 0, got {nodes} and {gpus_per_node}")
+        import submitit
+
+        self.folder, self.cluster = Path(folder), cluster
+        self.nodes, self.runner, self.threads, self.python = nodes, runner, threads, python
+        self.cwd, self.script = Path(cwd), script
+        self.procs_per_node = procs_per_node or max(1, gpus_per_node)
+        self.max_parallel = max_parallel
+        self.executor = submitit.AutoExecutor(folder=self.folder, cluster=cluster)
+        params = {"timeout_min": timeout_min, "nodes": nodes, "tasks_per_node": 1}
+        if gpus_per_node:
+            params["gpus_per_node"] = gpus_per_node
+        if cluster == "slurm":  # e.g. {"partition": "gpu", "account": "...", "qos": "...", "constraint": "h100"}
+            params.update({k if k.startswith("slurm_") else f"slurm_{k}": v for k, v in (slurm or {}).items()})
+        elif slurm:
+            raise ValueError("slurm parameters given for a non-slurm submitit cluster")
+        self.executor.update_parameters(**params)
+
+    @property
+    def capacity(self) -> int:
+        if self.max_parallel is not None:
+            return self.max_parallel
+        return 1_000_000 if self.cluster == "slurm" else max(1, (os.cpu_count() or 1) // self.procs_per_node)
+
+    def describe(self) -> str:
+        return (f"submitit/{self.cluster} ({self.nodes} node(s) x {self.procs_per_node} process(es) via "
+                f"{self.runner}; jobs in {self.folder})")
+
+    def launch(self, req: LaunchRequest) -> Optional[Handle]:
+        if is_locked(req.run_dir):
+            return None
+        task = NodeTask(list(req.overrides), str(req.run_dir), str(req.log_path), self.runner, self.procs_per_node,
+                        self.threads, self.python, str(self.cwd), self.script)
+        self.executor.update_parameters(name=req.name)
+        job = self.executor.submit(task)
+        record = {"launcher": "submitit", "cluster": self.cluster, "job_id": str(job.job_id),
+                  "folder": str(self.folder), "submitted": time.time()}
+        tmp = req.run_dir / f".{LAUNCH_RECORD}.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, req.run_dir / LAUNCH_RECORD)
+        return SubmititHandle(job, f"{self.cluster} job {job.job_id}", cancel_on_exit=self.cluster != "slurm")
+
+    def reattach(self, run_dir: Path) -> Optional[Handle]:
+        if self.cluster != "slurm" or not (run_dir / LAUNCH_RECORD).exists():
+            return None
+        record = json.loads((run_dir / LAUNCH_RECORD).read_text())
+        if record.get("cluster") != "slurm":
+            return None
+        from submitit.slurm.slurm import SlurmJob
+
+        job = SlurmJob(folder=record["folder"], job_id=record["job_id"])
+        if job.state.upper() in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING",
+                                 "SUSPENDED"):
+            return SubmititHandle(job, f"slurm job {job.job_id} (re-attached)", cancel_on_exit=False)
+        return None

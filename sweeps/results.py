@@ -1,0 +1,163 @@
+"""The results table of a sweep: one row per planned run, written atomically as Parquet.
+
+A row merges what was planned (sweep, budget, family, rho, seed, slots, the run directory and the
+planner's own description of the run as JSON) with what the run reported in ``final.json`` /
+``failed.json`` (status, validation loss, parameters, tokens, FLOPs, wall time, W&B id).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Run states. Terminal: completed, failed, diverged. Others describe a run not (yet) finished.
+COMPLETED, FAILED, DIVERGED = "completed", "failed", "diverged"
+PENDING, RUNNING, INTERRUPTED = "pending", "running", "interrupted"
+TERMINAL = (COMPLETED, FAILED, DIVERGED)
+STATUSES = (COMPLETED, FAILED, DIVERGED, PENDING, RUNNING, INTERRUPTED)
+
+
+@dataclass
+class RunRecord:
+    sweep: str  # the sweep's name (= its W&B group), e.g. "small-1e13"
+    mode: str  # "allocation" (rho sweep at a budget) or "memory" (fixed backbone, slots swept)
+    family: str
+    budget: float  # training FLOPs of the sweep
+    rho: float  # share of sparse parameters in routed experts
+    seed: int
+    run_name: str
+    run_dir: str
+    status: str = PENDING
+    reason: Optional[str] = None
+    slots: Optional[int] = None  # Engram table parameters (memory mode; also recorded when known)
+    val_loss: Optional[float] = None
+    total_params: Optional[int] = None  # P_tot (no embedding / head)
+    active_params: Optional[int] = None  # P_act
+    tokens: Optional[int] = None
+    steps: Optional[int] = None
+    train_flops: Optional[float] = None
+    flops_per_token: Optional[float] = None  # training FLOPs per token (3x forward)
+    wall_time_s: Optional[float] = None
+    wandb_run_id: Optional[str] = None
+    attempts: int = 0  # how many times this driver launched it
+    spec: str = "{}"  # the planner's run description (JSON)
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown run status {self.status!r} (expected one of {', '.join(STATUSES)})")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+SCHEMA = pa.schema([
+    ("sweep", pa.string()), ("mode", pa.string()), ("family", pa.string()), ("budget", pa.float64()),
+    ("rho", pa.float64()), ("seed", pa.int64()), ("run_name", pa.string()), ("run_dir", pa.string()),
+    ("status", pa.string()), ("reason", pa.string()), ("slots", pa.int64()), ("val_loss", pa.float64()),
+    ("total_params", pa.int64()), ("active_params", pa.int64()), ("tokens", pa.int64()), ("steps", pa.int64()),
+    ("train_flops", pa.float64()), ("flops_per_token", pa.float64()), ("wall_time_s", pa.float64()),
+    ("wandb_run_id", pa.string()), ("attempts", pa.int64()), ("spec", pa.string()),
+])
+assert [f.name for f in fields(RunRecord)] == SCHEMA.names, "RunRecord and SCHEMA must list the same columns"
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def to_table(records: Iterable[RunRecord]) -> pa.Table:
+    rows = [{k: _clean(v) for k, v in r.as_dict().items()} for r in records]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def write_results(records: Iterable[RunRecord], path: Path) -> Path:
+    """Write the table to ``path`` atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(to_table(records), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(path: Path) -> list[RunRecord]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no results table at {path}")
+    table = pq.read_table(path)
+    missing = set(SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path} is not a sweep results table (missing columns {sorted(missing)})")
+    return [RunRecord(**{k: row[k] for k in SCHEMA.names}) for row in table.to_pylist()]
+
+
+def spec_json(spec_dict: dict) -> str:
+    return json.dumps(spec_dict, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a run directory (the trainer's contract)
+# --------------------------------------------------------------------------------------------------
+FINAL_FIELDS = ("val_loss", "total_params", "active_params", "tokens", "steps", "train_flops", "flops_per_token",
+                "wall_time_s", "wandb_run_id")
+
+
+def _read_json(path: Path) -> tuple[Optional[dict], Optional[str]]:
+    """(content, None), (None, None) if absent, or (None, why) if unreadable (e.g. truncated by a crash)."""
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"unreadable {path.name}: {e}"
+    if not isinstance(obj, dict):
+        return None, f"unreadable {path.name}: not a JSON object"
+    return obj, None
+
+
+def read_outcome(run_dir: Path) -> tuple[str, dict]:
+    """What the run directory says about the run: (status, fields for a RunRecord).
+
+    ``final.json`` -> completed (diverged if its validation loss is not finite); ``failed.json`` ->
+    its status and reason; a checkpoint or a launch marker without either -> interrupted (resumable);
+    nothing -> pending. An unreadable outcome file counts as a failure naming the file.
+    """
+    run_dir = Path(run_dir)
+    final, broken = _read_json(run_dir / "final.json")
+    if broken:
+        return FAILED, {"reason": broken}
+    if final is not None:
+        info = {k: final.get(k) for k in FINAL_FIELDS}
+        loss = info["val_loss"]
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            return DIVERGED, {**info, "val_loss": None, "reason": f"final validation loss is {loss}"}
+        if final.get("status", COMPLETED) != COMPLETED:
+            return FAILED, {**info, "reason": f"final.json has status {final.get('status')!r}"}
+        return COMPLETED, info
+    failed, broken = _read_json(run_dir / "failed.json")
+    if broken:
+        return FAILED, {"reason": broken}
+    if failed is not None:
+        status = failed.get("status", FAILED)
+        status = status if status in (FAILED, DIVERGED) else FAILED
+        step = failed.get("step")
+        reason = str(failed.get("reason") or "no reason recorded")
+        return status, {"reason": reason if step is None else f"{reason} (step {step})"}
+    if (run_dir / "checkpoints" / "latest.json").exists() or (run_dir / LAUNCH_MARKER).exists():
+        return INTERRUPTED, {}
+    return PENDING, {}
+
+
+LAUNCH_MARKER = "sweep_run.json"  # written by the driver when it first launches a run

@@ -1,0 +1,209 @@
+"""Run an allocation sweep (or an "infinite memory" sweep) from one command.
+
+    python -m sweeps.run --budget 1e13 --family small --out sweeps_out            # 5 rho values, 1 seed
+    python -m sweeps.run --budget 1e13 3e13 --family small --rhos 1 .9 .8 .7 .5 .3 --seeds 3
+    python -m sweeps.run --budget 1e13 --family small --dry-run                    # plan and cost only
+    python -m sweeps.run --budget 2e20 --family paper --launcher slurm --nodes 2 --gpus-per-node 8 \\
+        --slurm partition=h100 --slurm account=myproj --data-dir /data/ds_tok
+    python -m sweeps.run --budget 1e13 --family small --mode memory --slots 1e4 3e4 1e5 3e5 1e6
+    python -m sweeps.run ... --set train.eval_tokens=32768        # extra Hydra overrides for every run
+
+Re-running the same command skips completed runs, resumes interrupted ones from their last checkpoint
+and launches only what is missing. Output: <out>/<family>-<budget>/{results.parquet, summary.json,
+u_curve.png, plan.json}, one run directory per (rho, seed), and <out>/u_curves.png over all budgets.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from sweeps.driver import (ALLOCATION, MEMORY, SweepLocked, build_sweep, describe_plan, overlay_allocation_sweeps,
+                           plan_allocation, plan_memory, run_sweep, summarize, write_plan)
+
+DEFAULT_RHOS = (1.0, 0.8, 0.6, 0.4, 0.2)
+LAUNCHERS = ("local", "gpus", "submitit-local", "slurm")
+
+
+def _numbers(text: str) -> list[float]:
+    """'1e13' or '1.0,0.8,0.6' -> floats (lists may be given space- or comma-separated)."""
+    out = []
+    for part in (p for p in text.split(",") if p.strip()):
+        try:
+            v = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"not a finite number: {part!r}")
+        out.append(v)
+    if not out:
+        raise argparse.ArgumentTypeError(f"no number in {text!r}")
+    return out
+
+
+def _flat(groups: Optional[Sequence[Sequence[float]]]) -> Optional[list[float]]:
+    return None if groups is None else [v for g in groups for v in g]
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key, value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to sweep")
+    g.add_argument("--budget", "--budgets", type=_numbers, nargs="+", required=True,
+                   help="training FLOPs (one sweep per budget)")
+    g.add_argument("--family", default="small", help="model family: conf/family/<name>.yaml or a path")
+    g.add_argument("--mode", choices=(ALLOCATION, MEMORY), default=ALLOCATION,
+                   help="allocation: rho swept at fixed P_tot and FLOPs; memory: rho=1 backbone + Engram slots")
+    g.add_argument("--rhos", "--rho", type=_numbers, nargs="+", default=[list(DEFAULT_RHOS)],
+                   help=f"expert shares of the sparse parameters, space- or comma-separated "
+                        f"(default {','.join(map(str, DEFAULT_RHOS))})")
+    g.add_argument("--slots", type=_numbers, nargs="+",
+                   help="memory mode: Engram table rows in total, e.g. 1e4 1e5 1e6")
+    g.add_argument("--seeds", type=int, default=1, help="seeds per point (seeds 0..N-1 + --seed-offset)")
+    g.add_argument("--seed-offset", type=int, default=0)
+    g.add_argument("--data-dir", help="token shards for every run (default: the family's data_dir)")
+    g.add_argument("--ep-size", type=int, default=1, help="expert-parallel size the expert counts must divide")
+    g.add_argument("--round-experts-to-ep", action="store_true")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for every run (repeatable)")
+    g = p.add_argument_group("where and how to run")
+    g.add_argument("--out", type=Path, default=Path("sweeps_out"), help="output root (default: sweeps_out)")
+    g.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local: this machine, --parallel runs at once; gpus: local, one run per --devices group; "
+                        "submitit-local: submitit's local executor; slurm: one submitit job per run")
+    g.add_argument("--parallel", type=int, default=1, help="local: runs at once")
+    g.add_argument("--devices", help="gpus: comma-separated device ids, e.g. 0,1,2,3")
+    g.add_argument("--procs-per-run", type=int, default=1, help="processes (devices) per run")
+    g.add_argument("--runner", choices=("auto", "python", "torchrun", "deepspeed"), default="auto",
+                   help="how a run's processes are started (auto: python for one process, else torchrun)")
+    g.add_argument("--threads", type=int, help="OMP threads per process (default: cores / processes in flight)")
+    g.add_argument("--nodes", type=int, default=1, help="slurm: nodes per run")
+    g.add_argument("--gpus-per-node", type=int, default=0, help="slurm/submitit: GPUs per node")
+    g.add_argument("--timeout-min", type=int, default=240, help="slurm: job time limit (requeued on time-out)")
+    g.add_argument("--max-jobs", type=int, help="slurm/submitit: jobs in flight at once")
+    g.add_argument("--slurm", dest="slurm_params", action="append", type=_key_value, default=[],
+                   metavar="KEY=VALUE", help="slurm parameter, e.g. partition=gpu, account=x, qos=y (repeatable)")
+    g.add_argument("--run-timeout", type=float, help="seconds before a run is stopped and recorded as failed")
+    g.add_argument("--retry-failed", action="store_true", help="relaunch runs recorded as failed or diverged")
+    g.add_argument("--dry-run", action="store_true", help="print the plan (shapes, cost, state) and launch nothing")
+    g.add_argument("--report-every", type=float, default=30.0, help="seconds between progress lines")
+    g = p.add_argument_group("fit and logging")
+    g.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
+    g.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    g.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default="offline")
+    g.add_argument("--wandb-project", default="isoflop-engram")
+    g.add_argument("--wandb-entity")
+    return p
+
+
+def make_launcher(args: argparse.Namespace, sweep_dir: Path):
+    from sweeps.launchers import LocalLauncher, SubmititLauncher
+
+    if args.launcher == "local":
+        return LocalLauncher(None, args.procs_per_run, args.runner, args.parallel, args.threads)
+    if args.launcher == "gpus":
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+        return LocalLauncher(devices, args.procs_per_run, args.runner, threads=args.threads)
+    cluster = "local" if args.launcher == "submitit-local" else "slurm"
+    runner = args.runner if args.runner != "auto" else ("python" if args.procs_per_run == 1 and args.nodes == 1
+                                                        else "torchrun")
+    return SubmititLauncher(sweep_dir / "submitit", cluster=cluster, nodes=args.nodes,
+                            gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_run, runner=runner,
+                            timeout_min=args.timeout_min, max_parallel=args.max_jobs, threads=args.threads,
+                            slurm=dict(args.slurm_params) or None)
+
+
+def _fit_line(summary: dict) -> str:
+    fit = summary.get("fit")
+    if not fit:
+        return f"  no fit ({summary.get('fit_error')})"
+    if summary["mode"] == MEMORY:
+        lo, hi = fit["beta_ci"]
+        return (f"  loss = {fit['a']:.4f} + {fit['b']:.4f} (slots/{fit['s0']:.3g})^-{fit['c']:.3f};  "
+                f"log-linear slope {fit['beta']:+.4f} per decade [{_f(lo)}, {_f(hi)}]")
+    lo, hi = fit["rho_star_ci"]
+    glo, ghi = fit["gain_vs_moe_ci"]
+    shape = "" if fit["interior"] else "  (no interior minimum: not a U over the sampled range)"
+    return (f"  rho* = {fit['rho_star']:.3f} [{_f(lo)}, {_f(hi)}] ({100 * fit['level']:.0f}% CI), "
+            f"gain over rho=1 = {fit['gain_vs_moe']:.4f} nats [{_f(glo)}, {_f(ghi)}]{shape}")
+
+
+def _f(v: Optional[float]) -> str:
+    return "?" if v is None else f"{v:.3f}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    args.budget, args.rhos, args.slots = _flat(args.budget), _flat(args.rhos), _flat(args.slots)
+    try:
+        return _main(args)
+    except (ValueError, SweepLocked) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.seeds < 1 or args.seed_offset < 0:
+        raise ValueError(f"--seeds must be >= 1 and --seed-offset >= 0, got {args.seeds} and {args.seed_offset}")
+    if args.parallel < 1 or args.procs_per_run < 1:
+        raise ValueError("--parallel and --procs-per-run must be >= 1")
+    if args.mode == MEMORY and not args.slots:
+        raise ValueError("--mode memory needs --slots (Engram table rows in total), e.g. --slots 1e4 3e4 1e5 3e5 1e6")
+    if args.mode == MEMORY and any(s <= 0 or s != int(s) for s in args.slots):
+        raise ValueError(f"--slots must be positive whole numbers, got {args.slots}")
+    if args.launcher == "gpus" and not args.devices:
+        raise ValueError("--launcher gpus needs --devices, e.g. --devices 0,1,2,3")
+    if args.slurm_params and args.launcher != "slurm":
+        raise ValueError("--slurm parameters only apply to --launcher slurm")
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    from sweeps.families import load_family
+
+    family = load_family(args.family).name  # a family given as a path is named by its own `name`
+    exit_code = 0
+    for budget in args.budget:
+        if args.mode == MEMORY:
+            specs, warnings = plan_memory(args.family, budget, [int(s) for s in args.slots], data_dir=args.data_dir)
+        else:
+            specs, warnings = plan_allocation(args.family, budget, args.rhos, data_dir=args.data_dir,
+                                              ep_size=args.ep_size, round_experts_to_ep=args.round_experts_to_ep)
+        sweep = build_sweep(specs, out=args.out, family=family, budget=budget, seeds=seeds, mode=args.mode,
+                            extra_overrides=args.overrides, wandb_mode=args.wandb_mode,
+                            wandb_project=args.wandb_project, warnings=warnings)
+        if args.dry_run:
+            print(describe_plan(sweep))
+            continue
+        write_plan(sweep)
+        launcher = make_launcher(args, sweep.dir)
+        records = run_sweep(sweep, launcher, retry_failed=args.retry_failed, run_timeout_s=args.run_timeout,
+                            report_every_s=args.report_every)
+        summary = summarize(sweep, records, n_boot=args.n_boot, level=args.level, wandb_mode=args.wandb_mode,
+                            wandb_project=args.wandb_project, wandb_entity=args.wandb_entity)
+        print(f"[{sweep.name}] summary: {sweep.dir / 'summary.json'}")
+        print(_fit_line(summary))
+        if summary.get("wandb_summary_dir") and args.wandb_mode == "offline":
+            print(f"  W&B (offline): wandb sync {sweep.dir}/wandb/offline-run-* {sweep.dir}/*/wandb/offline-run-*")
+        elif summary.get("wandb_summary_dir"):
+            print(f"  W&B: project {args.wandb_project}, group {sweep.name}")
+        if not summary["counts"]["completed"]:
+            exit_code = 1
+    if not args.dry_run and args.mode == ALLOCATION:
+        overlay = overlay_allocation_sweeps(args.out)
+        if overlay:
+            print(f"all budgets: {overlay}")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

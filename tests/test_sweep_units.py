@@ -1,0 +1,277 @@
+"""Sweep pieces without running anything: names, overrides, launch commands, run-directory outcomes,
+the results table, progress/ETA, figures, the W&B summary run and the CLI's input checks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sweep_contract_trainer import ContractSpec
+from sweeps.driver import (budget_tag, build_sweep, describe_plan, log_tail_reason, merge_overrides,
+                           overlay_allocation_sweeps, rho_tag, sweep_name)
+from sweeps.fit import fit_power_law, fit_u_curve
+from sweeps.launchers import LocalLauncher, trainer_command
+from sweeps.plots import CurveData, plot_memory_scaling, plot_u_curves
+from sweeps.progress import Progress, fmt_duration
+from sweeps.results import RunRecord, read_outcome, read_results, write_results
+
+
+# ---- names and overrides --------------------------------------------------------------------------
+def test_names_are_deterministic_and_readable():
+    assert [budget_tag(b) for b in (1e13, 2.5e20, 3e18, 6e20)] == ["1e13", "2.5e20", "3e18", "6e20"]
+    assert [rho_tag(r) for r in (0.8, 1.0, 0.825)] == ["0.80", "1.00", "0.825"]
+    assert sweep_name("small", 1e13) == "small-1e13" and sweep_name("small", 1e13, "memory") == "small-1e13-memory"
+    with pytest.raises(ValueError, match="positive number"):
+        budget_tag(-1.0)
+
+
+def test_build_sweep_lays_out_runs_and_passes_sweep_identity_to_the_trainer(tmp_path):
+    a = build_sweep([ContractSpec(0.8), ContractSpec(0.4)], out=tmp_path, family="fam", budget=1e13, seeds=[0, 1],
+                    extra_overrides=["train.max_steps=99"], wandb_mode="offline")
+    b = build_sweep([ContractSpec(0.8), ContractSpec(0.4)], out=tmp_path, family="fam", budget=1e13, seeds=[0, 1],
+                    extra_overrides=["train.max_steps=99"], wandb_mode="offline")
+    assert [r.run_dir for r in a.runs] == [r.run_dir for r in b.runs]
+    assert a.dir == tmp_path.resolve() / "fam-1e13"
+    assert [r.run_dir.name for r in a.runs] == ["rho0.80-seed0", "rho0.80-seed1", "rho0.40-seed0", "rho0.40-seed1"]
+    ov = a.runs[1].overrides
+    assert f"run_dir={a.runs[1].run_dir}" in ov and "train.seed=1" in ov
+    assert "logging.wandb.group=fam-1e13" in ov and "logging.wandb.name=fam-1e13-rho0.80-seed1" in ov
+    assert "+sweep.rho=0.8" in ov and "+sweep.seed=1" in ov and "logging.wandb.mode=offline" in ov
+    assert [o for o in ov if o.startswith("train.max_steps")] == ["train.max_steps=99"]  # extra wins, once
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(specs=[]), "no runs"),
+    (dict(seeds=[0, 0]), "distinct"),
+    (dict(specs=[ContractSpec(0.8), ContractSpec(0.8000000001)]), "share the point"),
+    (dict(mode="memory"), "slot count"),
+])
+def test_build_sweep_refuses_bad_plans(tmp_path, kwargs, msg):
+    args = dict(specs=[ContractSpec(0.8)], out=tmp_path, family="f", budget=1e13, seeds=[0])
+    args.update(kwargs)
+    specs = args.pop("specs")
+    with pytest.raises(ValueError, match=msg):
+        build_sweep(specs, **args)
+
+
+def test_merge_overrides_keeps_the_last_value_per_key():
+    assert merge_overrides(["a=1", "++b.c=2"], ["b.c=3", "d=4"]) == ["a=1", "b.c=3", "d=4"]
+    with pytest.raises(ValueError, match="key=value"):
+        merge_overrides(["oops"])
+
+
+def test_dry_run_lists_every_run_and_the_first_command(tmp_path):
+    sweep = build_sweep([ContractSpec(1.0), ContractSpec(0.5)], out=tmp_path, family="f", budget=1e13, seeds=[0])
+    text = describe_plan(sweep)
+    assert "rho1.00-seed0" in text and "rho0.50-seed0" in text and "pending" in text
+    assert "train/main.py" in text and "train.max_steps=6" in text
+    assert not sweep.dir.exists()  # a dry run writes nothing
+
+
+# ---- launch commands ------------------------------------------------------------------------------
+def test_trainer_commands_for_each_runner(tmp_path):
+    ov = ["a=1"]
+    assert trainer_command(ov, python="py") == ["py", "train/main.py", "a=1"]
+    tr = trainer_command(ov, runner="torchrun", nproc=4, python="py")
+    assert tr == ["py", "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone", "train/main.py", "a=1"]
+    mn = trainer_command(ov, runner="torchrun", nproc=8, nnodes=2, node_rank=1, master_addr="n0", master_port=1234,
+                         python="py")
+    assert "--nnodes=2" in mn and "--node_rank=1" in mn and "--master_addr=n0" in mn and "--standalone" not in mn
+    ds = trainer_command(ov, runner="deepspeed", nproc=2, devices=["2", "3"], master_port=999, python="/v/bin/python")
+    assert ds[:3] == ["/v/bin/deepspeed", "--no_local_rank", "--master_port=999"]
+    assert "--include=localhost:2,3" in ds and ds[-2:] == ["train/main.py", "a=1"]
+    dsm = trainer_command(ov, runner="deepspeed", nproc=8, nnodes=2, node_rank=1, master_addr="n0",
+                          hostfile=tmp_path / "hosts", python="py")
+    assert "--no_ssh" in dsm and "--node_rank=1" in dsm and f"--hostfile={tmp_path / 'hosts'}" in dsm
+    with pytest.raises(ValueError, match="one process"):
+        trainer_command(ov, nproc=2)
+    with pytest.raises(ValueError, match="master_addr"):
+        trainer_command(ov, runner="torchrun", nnodes=2)
+
+
+def test_local_launcher_device_slots_and_threads():
+    one_per_gpu = LocalLauncher(devices=["0", "1", "2", "3"])
+    assert one_per_gpu.capacity == 4
+    cmd, env = one_per_gpu.command(["x=1"], one_per_gpu.slots[2])
+    assert env["CUDA_VISIBLE_DEVICES"] == "2" and cmd[1] == "train/main.py"
+    all_gpus = LocalLauncher(devices=["0", "1", "2", "3"], procs_per_run=4)
+    assert all_gpus.capacity == 1 and all_gpus.runner == "torchrun"
+    cmd, env = all_gpus.command(["x=1"], all_gpus.slots[0])
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and "--nproc_per_node=4" in cmd
+    cpu = LocalLauncher(parallel=2, threads=3)
+    assert cpu.capacity == 2 and cpu.command([], None)[1]["OMP_NUM_THREADS"] == "3"
+    with pytest.raises(ValueError, match="do not split"):
+        LocalLauncher(devices=["0", "1", "2"], procs_per_run=2)
+    with pytest.raises(ValueError, match="one process per run"):
+        LocalLauncher(procs_per_run=2, runner="python")
+
+
+# ---- run directories and the results table ---------------------------------------------------------------
+def test_read_outcome_follows_the_trainer_contract(tmp_path):
+    d = tmp_path / "r"
+    assert read_outcome(d)[0] == "pending"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "latest.json").write_text(json.dumps({"step": 4, "tag": "step_00000004"}))
+    assert read_outcome(d)[0] == "interrupted"
+    (d / "failed.json").write_text(json.dumps({"status": "diverged", "reason": "training loss nan", "step": 7}))
+    assert read_outcome(d) == ("diverged", {"reason": "training loss nan (step 7)"})
+    (d / "final.json").write_text(json.dumps({"status": "completed", "val_loss": 3.25, "steps": 10, "tokens": 100,
+                                              "train_flops": 1e9, "wall_time_s": 5.0}))
+    status, info = read_outcome(d)
+    assert status == "completed" and info["val_loss"] == 3.25 and info["tokens"] == 100
+    (d / "final.json").write_text(json.dumps({"status": "completed", "val_loss": float("nan")}))
+    assert read_outcome(d)[0] == "diverged"
+    (d / "final.json").write_text("{broken")
+    assert read_outcome(d)[0] == "failed"
+
+
+def test_results_table_round_trips_through_parquet(tmp_path):
+    recs = [RunRecord("s", "allocation", "f", 1e13, 0.8, 0, "s-rho0.80-seed0", "/x", "completed", val_loss=3.1,
+                      total_params=10, tokens=5, wall_time_s=1.5),
+            RunRecord("s", "allocation", "f", 1e13, 0.4, 0, "s-rho0.40-seed0", "/y", "failed", reason="boom",
+                      val_loss=float("nan"))]
+    path = write_results(recs, tmp_path / "t" / "results.parquet")
+    back = read_results(path)
+    assert back[0] == recs[0]
+    assert back[1].val_loss is None and back[1].reason == "boom"
+    assert not list((tmp_path / "t").glob(".*tmp*"))  # atomic: no temp file left
+    with pytest.raises(ValueError, match="unknown run status"):
+        RunRecord("s", "allocation", "f", 1e13, 0.8, 0, "n", "/x", "weird")
+
+
+def test_log_tail_reason_prefers_error_lines(tmp_path):
+    log = tmp_path / "launch.log"
+    log.write_text("=== launch\nstep 1\nerror: data in /d uses a 9000-token vocabulary\nbye\n")
+    assert log_tail_reason(log) == "error: data in /d uses a 9000-token vocabulary"
+    log.write_text("Traceback (most recent call last):\n  File \"x.py\"\nRuntimeError: CUDA out of memory\n")
+    assert log_tail_reason(log) == "RuntimeError: CUDA out of memory"
+    assert log_tail_reason(tmp_path / "missing.log") == "no log"
+
+
+# ---- progress ---------------------------------------------------------------------------------------------
+def test_progress_counts_and_eta_from_measured_wall_times():
+    now = [100.0]
+    p = Progress("s", capacity=2, emit=lambda m: None, clock=lambda: now[0])
+    recs = [RunRecord("s", "allocation", "f", 1.0, r, 0, f"n{i}", f"/o/rho{r}-seed0", st)
+            for i, (r, st) in enumerate([(1.0, "completed"), (0.8, "running"), (0.6, "pending"), (0.4, "pending"),
+                                         (0.2, "failed")])]
+    assert p.eta(recs) is None and "ETA after the first run" in p.line(recs)
+    p.record_duration(60.0)
+    p.run_started("n1")
+    now[0] += 20.0
+    # 2 waiting x 60 s + 40 s left of the running one, over 2 lanes
+    assert p.eta(recs) == pytest.approx((2 * 60 + 40) / 2)
+    line = p.line(recs)
+    assert "done 1/5" in line and "failed 1" in line and "running 1 (rho0.8-seed0 20s)" in line and "ETA 1m20s" in line
+    assert fmt_duration(3725) == "1h02m"
+
+
+# ---- figures ------------------------------------------------------------------------------------------------
+def test_u_curves_of_several_budgets_overlay_in_one_png(tmp_path):
+    curves = []
+    for i, budget in enumerate((1e13, 3e13)):
+        rho = [0.2, 0.4, 0.6, 0.8, 1.0]
+        loss = [3.0 - 0.1 * i + 0.3 * (r - 0.7) ** 2 + 0.001 * (-1) ** j for j, r in enumerate(rho)]
+        curves.append((CurveData(f"{budget:g}", rho, loss, n_missing=i), fit_u_curve(rho, loss, n_boot=200)))
+    curves.append((CurveData("no fit", [0.5], [3.3]), None))
+    path = plot_u_curves(curves, tmp_path / "u.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+    slots = [1e4, 3e4, 1e5, 3e5, 1e6]
+    fit = fit_power_law(slots, [2.0 + 0.5 * (s / 1e4) ** -0.3 for s in slots], n_boot=50)
+    assert plot_memory_scaling(CurveData("m", slots, [2.0 + 0.5 * (s / 1e4) ** -0.3 for s in slots]), fit,
+                               tmp_path / "m.png").stat().st_size > 10_000
+
+
+def test_overlay_reads_every_allocation_summary(tmp_path):
+    for budget, shift in ((1e13, 0.0), (3e13, -0.1)):
+        rho = [0.2, 0.4, 0.6, 0.8, 1.0]
+        loss = [3.0 + shift + 0.3 * (r - 0.7) ** 2 for r in rho]
+        fit = fit_u_curve(rho, [v + 0.001 * (-1) ** i for i, v in enumerate(loss)], n_boot=100)
+        d = tmp_path / f"f-{budget_tag(budget)}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({
+            "mode": "allocation", "family": "f", "budget": budget, "fit": fit.to_dict(),
+            "points": [{"rho": r, "seed": 0, "val_loss": v, "status": "completed"} for r, v in zip(rho, loss)]}))
+    (tmp_path / "f-1e13-memory").mkdir()
+    (tmp_path / "f-1e13-memory" / "summary.json").write_text(json.dumps({"mode": "memory", "points": []}))
+    out = overlay_allocation_sweeps(tmp_path)
+    assert out == tmp_path / "u_curves.png" and out.stat().st_size > 20_000
+    assert overlay_allocation_sweeps(tmp_path / "empty") is None
+
+
+# ---- W&B summary run -------------------------------------------------------------------------------------
+def test_wandb_summary_run_is_logged_offline_once_per_content(tmp_path, monkeypatch):
+    from sweeps.wandb_summary import STATE_FILE, log_summary
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recs = [RunRecord("g", "allocation", "f", 1e13, r, 0, f"g-rho{r}", f"/o/rho{r}", "completed",
+                      val_loss=3 + (r - 0.7) ** 2) for r in (0.2, 0.5, 0.8, 1.0)]
+    fit = fit_u_curve([r.rho for r in recs], [r.val_loss for r in recs], n_boot=50).to_dict()
+    curve = {"x": [0.2, 0.6, 1.0], "loss": [3.2, 3.0, 3.1], "lo": [3.1, 2.9, 3.0], "hi": [3.3, 3.1, 3.2],
+             "x_name": "rho"}
+    where = log_summary(tmp_path, "g", recs, fit, curve, [], {"budget": 1e13}, project="p")
+    assert where is not None and Path(where).name.startswith("offline-run-")
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert Path(where).name.endswith(state["run_id"])
+    tables = {p.name.split("_0_")[0]: json.loads(p.read_text())
+              for p in (Path(where) / "files" / "media" / "table").glob("*.table.json")}
+    assert set(tables) >= {"results", "fitted_curve", "runs_scatter_table"}
+    assert tables["results"]["columns"][:3] == ["run_name", "rho", "seed"] and len(tables["results"]["data"]) == 4
+    assert [row[0] for row in tables["fitted_curve"]["data"]] == [0.2, 0.6, 1.0]
+    assert log_summary(tmp_path, "g", recs, fit, curve, [], {}, project="p") is None  # unchanged: no new run
+    recs[0] = RunRecord("g", "allocation", "f", 1e13, 0.2, 0, "g-rho0.2", "/o/rho0.2", "failed", reason="x")
+    again = log_summary(tmp_path, "g", recs, fit, curve, [], {}, project="p")
+    assert again is not None and json.loads((tmp_path / STATE_FILE).read_text())["run_id"] == state["run_id"]
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert log_summary(tmp_path / "x", "g", recs, fit, curve, [], {}, project="p") is None
+
+
+# ---- CLI input checks ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,msg", [
+    (["--budget", "1e13", "--seeds", "0"], "--seeds must be >= 1"),
+    (["--budget", "1e13", "--mode", "memory"], "needs --slots"),
+    (["--budget", "1e13", "--mode", "memory", "--slots", "1.5", "10"], "whole numbers"),
+    (["--budget", "1e13", "--family", "no_such_family", "--dry-run"], "unknown family"),
+    (["--budget", "1e13", "--launcher", "gpus"], "needs --devices"),
+    (["--budget", "1e13", "--launcher", "local", "--slurm", "partition=x"], "only apply to --launcher slurm"),
+])
+def test_cli_refuses_bad_input_in_one_line(argv, msg, capsys):
+    from sweeps.run import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and msg in err and len(err.splitlines()) == 1
+
+
+def test_cli_dry_run_plans_the_paper_sweep_without_writing(tmp_path, capsys):
+    from sweeps.run import main
+
+    assert main(["--budget", "2e20", "--family", "paper", "--rhos", "1.0", "0.4", "--out", str(tmp_path),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "paper-2e20" in out and "rho1.00-seed0" in out and "rho0.40-seed0" in out
+    assert "106" in out and "46" in out  # the published expert counts at rho = 1 and 0.4
+    assert not any(tmp_path.iterdir())
+
+
+def test_memory_plan_grows_only_the_tables_of_the_rho1_backbone():
+    from sweeps.driver import plan_allocation, plan_memory
+
+    specs, _ = plan_memory("paper", 2e20, [258_000, 1_000_000, 10_000_000])
+    base, _ = plan_allocation("paper", 2e20, [1.0])
+    head_dim = 384 // 8
+    assert [abs(s.slots / s.requested_slots - 1) < 1e-3 for s in specs] == [True] * 3
+    for s in specs:
+        d = s.to_dict()
+        assert d["engram_params"] == s.slots * head_dim  # every slot is one row of head_dim parameters
+        assert d["n_routed_experts"] == 106 and d["train_tokens"] == base[0].to_dict()["train_tokens"]
+        assert d["active_params"] == specs[0].to_dict()["active_params"]  # lookups add no active params
+        assert d["estimates"]["gpu_hours"] > 0
+    totals = [s.to_dict()["total_params"] for s in specs]
+    assert totals[0] < totals[1] < totals[2]
+    assert totals[2] - totals[0] == (specs[2].slots - specs[0].slots) * head_dim
+    assert not any(o.startswith("experiment_name=") for o in specs[0].overrides())
+    with pytest.raises(ValueError, match="distinct positive"):
+        plan_memory("paper", 2e20, [1000, 1000])
