@@ -214,41 +214,20 @@ def plan_allocation(family: str, budget: float, rhos: Sequence[float], *, data_d
 
 def plan_memory(family: str, budget: float, slots: Sequence[int], *,
                 data_dir: Optional[str] = None) -> tuple[list[MemorySpec], list[str]]:
-    """Run specs of an "infinite memory" sweep: the budget's rho = 1 backbone (all its routed experts,
-    the tokens of the rho = 1 run) plus the family's Engram with ``slots`` table rows in total (over
-    layers, orders and heads; table parameters = slots x per-head memory dims). Only the memory
-    grows; P_tot grows with it and training FLOPs stay those of rho = 1 plus the Engram projections."""
-    from memory.config import EngramConfig
-    from memory.sizing import solve_table_sizes
-    from sweeps.budget import estimate_resources, measure, select_backbone, solve_point
+    """Run specs of an "infinite memory" sweep (sized by ``sweeps.budget.solve_memory_points``),
+    each with its cost estimates."""
+    from sweeps.budget import estimate_resources, solve_memory_points
     from sweeps.families import load_family
 
-    slots = [int(s) for s in slots]
-    if not slots or min(slots) <= 0 or len(set(slots)) != len(slots):
-        raise ValueError(f"slots must be distinct positive integers, got {slots}")
     fam = load_family(family)
-    backbone, _ = select_backbone(fam, float(budget))
-    base = solve_point(fam, backbone, float(budget), 1.0, data_dir=data_dir)
-    engram = EngramConfig.from_any({**fam.rung_engram(backbone.rung), "table_params": 1}).to_dict()
-    head_dim = EngramConfig.from_any({**engram}).head_dim
-    out, warnings = [], []
-    for s in sorted(slots):
-        sizes, exact = solve_table_sizes(s * head_dim, {**engram, "tokenizer": None, "pad_id": None})
-        model = {**base.model, "engram": {**engram, "table_sizes": [int(b) for b in sizes], "table_params": None}}
-        m = measure(model, base.seq_len)
-        spec = replace(base, model=model, total_params=m.total, active_params=m.active,
-                       embedding_params=m.counts.embedding_params, head_params=m.counts.head_params,
-                       engram_params=m.table_params, engram_dense_params=m.total - m.table_params - base.total_params,
-                       forward_flops_per_token=m.forward_flops,
-                       flops_drift=m.train_flops / (3.0 * base.forward_flops_per_token) - 1.0,
-                       total_params_error=m.total / base.total_params - 1.0)
+    out = []
+    for (spec, exact_slots), requested in zip(solve_memory_points(fam, budget, slots, data_dir=data_dir),
+                                              sorted(int(s) for s in slots)):
         res = estimate_resources(spec, fam.hardware)
         est = {"hardware": fam.hardware.name, "n_gpus": fam.hardware.n_gpus, "mfu": fam.hardware.mfu,
                "gpu_hours": res.gpu_hours, "mem_per_gpu_gib": res.total_gib, "fits": res.fits}
-        out.append(MemorySpec(spec, int(exact // head_dim), s, est))
-    if len({m.slots for m in out}) != len(out):
-        raise ValueError(f"slot counts {slots} round to the same prime-sized tables; space them further apart")
-    return out, warnings
+        out.append(MemorySpec(spec, exact_slots, requested, est))
+    return out, []
 
 
 # --------------------------------------------------------------------------------------------------
