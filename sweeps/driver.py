@@ -165,13 +165,10 @@ def build_sweep(specs: Sequence[Any], *, out: Path, family: str, budget: float, 
 # Planning from the budget solver
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MemorySpec:
-    """A memory-sweep point: the budget solver's run spec with Engram tables of ``slots`` rows in all."""
+class _PlannedRun:
+    """A budget-solver run spec as the driver launches it."""
 
     spec: Any  # sweeps.budget.RunSpec
-    slots: int  # exact table rows (prime-sized tables)
-    requested_slots: int  # what was asked for (names the run directory)
-    estimates: dict = field(default_factory=dict)
 
     @property
     def rho(self) -> float:
@@ -179,6 +176,15 @@ class MemorySpec:
 
     def overrides(self) -> list[str]:
         return self.spec.overrides(include_name=False)
+
+
+@dataclass(frozen=True)
+class MemorySpec(_PlannedRun):
+    """A memory-sweep point: the budget solver's run spec with Engram tables of ``slots`` rows in all."""
+
+    slots: int = 0  # exact table rows (prime-sized tables)
+    requested_slots: int = 0  # what was asked for (names the run directory)
+    estimates: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {**self.spec.to_dict(), "slots": self.slots, "requested_slots": self.requested_slots,
@@ -186,16 +192,8 @@ class MemorySpec:
 
 
 @dataclass(frozen=True)
-class _AllocationSpec:
-    spec: Any  # sweeps.budget.RunSpec
-    described: dict  # its entry in Plan.to_list(): the spec's fields plus cost estimates
-
-    @property
-    def rho(self) -> float:
-        return self.spec.rho
-
-    def overrides(self) -> list[str]:
-        return self.spec.overrides(include_name=False)
+class _AllocationSpec(_PlannedRun):
+    described: dict = field(default_factory=dict)  # its Plan.to_list() entry: spec fields + cost estimates
 
     def to_dict(self) -> dict:
         return self.described
