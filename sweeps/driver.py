@@ -3,7 +3,7 @@
 Layout (deterministic from budget, family, rho / slots and seed, so re-running the same command finds
 its own runs)::
 
-    <out>/<family>-<budget>/                       allocation sweep, e.g. small-1e13/ (W&B group = dir name)
+    <out>/<family>-<budget>/                       allocation sweep, e.g. cpu-6e12/ (W&B group = dir name)
         plan.json  results.parquet  summary.json  u_curve.png  launch.log  wandb/
         rho0.80-seed0/                             one run_dir of train/main.py (final.json, checkpoints/, ...)
     <out>/<family>-<budget>-memory/                "infinite memory" sweep: fixed backbone, Engram slots swept

@@ -25,7 +25,7 @@ STATUSES = (COMPLETED, FAILED, DIVERGED, PENDING, RUNNING, INTERRUPTED)
 
 @dataclass
 class RunRecord:
-    sweep: str  # the sweep's name (= its W&B group), e.g. "small-1e13"
+    sweep: str  # the sweep's name (= its W&B group), e.g. "cpu-6e12"
     mode: str  # "allocation" (rho sweep at a budget) or "memory" (fixed backbone, slots swept)
     family: str
     budget: float  # training FLOPs of the sweep

@@ -1,11 +1,11 @@
 """Run an allocation sweep (or an "infinite memory" sweep) from one command.
 
-    python -m sweeps.run --budget 1e13 --family small --out sweeps_out            # 5 rho values, 1 seed
-    python -m sweeps.run --budget 1e13 3e13 --family small --rhos 1 .9 .8 .7 .5 .3 --seeds 3
-    python -m sweeps.run --budget 1e13 --family small --dry-run                    # plan and cost only
+    python -m sweeps.run --budget 6e12 --family cpu --out sweeps_out              # 5 rho values, 1 seed
+    python -m sweeps.run --budget 6e12 2e13 --family cpu --rhos 1 .9 .8 .7 .5 .3 --seeds 3
+    python -m sweeps.run --budget 6e12 --family cpu --dry-run                      # plan and cost only
     python -m sweeps.run --budget 2e20 --family paper --launcher slurm --nodes 2 --gpus-per-node 8 \\
         --slurm partition=h100 --slurm account=myproj --data-dir /data/ds_tok
-    python -m sweeps.run --budget 1e13 --family small --mode memory --slots 1e4 3e4 1e5 3e5 1e6
+    python -m sweeps.run --budget 6e12 --family cpu --mode memory --slots 1e4 3e4 1e5 3e5 1e6
     python -m sweeps.run ... --set train.eval_tokens=32768        # extra Hydra overrides for every run
 
 Re-running the same command skips completed runs, resumes interrupted ones from their last checkpoint
@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to sweep")
     g.add_argument("--budget", "--budgets", type=_numbers, nargs="+", required=True,
                    help="training FLOPs (one sweep per budget)")
-    g.add_argument("--family", default="small", help="model family: conf/family/<name>.yaml or a path")
+    g.add_argument("--family", default="cpu", help="model family: conf/family/<name>.yaml or a path")
     g.add_argument("--mode", choices=(ALLOCATION, MEMORY), default=ALLOCATION,
                    help="allocation: rho swept at fixed P_tot and FLOPs; memory: rho=1 backbone + Engram slots")
     g.add_argument("--rhos", "--rho", type=_numbers, nargs="+", default=[list(DEFAULT_RHOS)],
