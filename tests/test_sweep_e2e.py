@@ -103,3 +103,22 @@ def test_cli_sweep_with_the_real_trainer_survives_a_kill(tiny_data, tmp_path):
     assert again.returncode == 0 and "3 already completed" in again.stdout and "0 to launch" in again.stdout
     assert time.time() - t0 < 30
     assert [marker(d)["attempts"] for d in (first, second, third)] == [1, 2, 1]
+
+
+def test_submitit_local_executor_runs_a_two_point_sweep_with_the_real_trainer(tiny_data, tmp_path):
+    family = tmp_path / "e2etiny.yaml"
+    family.write_text(FAMILY)
+    out = tmp_path / "out"
+    args = cli(family, tiny_data, out)
+    i = args.index("--rhos")
+    args[i + 1:i + 4] = ["1.0", "0.5"]
+    done = subprocess.run([*args, "--launcher", "submitit-local"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sweep_dir = out / "e2etiny-1.2e10"
+    rows = read_results(sweep_dir / "results.parquet")
+    assert [(r.rho, r.status) for r in rows] == [(1.0, "completed"), (0.5, "completed")]
+    for r in rows:
+        launched = json.loads((Path(r.run_dir) / "launcher.json").read_text())
+        assert launched["cluster"] == "local" and launched["job_id"]
+        assert json.loads((Path(r.run_dir) / "final.json").read_text())["val_loss"] == r.val_loss
