@@ -151,16 +151,31 @@ def test_build_source_rejects_bad_arguments(tmp_path):
         build_source("hf", [])
 
 
-def test_hf_source(tmp_path):
+def test_hf_source_from_data_files_and_save_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="install the [hf] extra for --source hf")
     p = tmp_path / "d.jsonl"
     p.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)), "utf-8")
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="needs the Hugging Face `datasets` package"):
-            list(HFSource(p).documents())
-        return
     assert [d.text for d in HFSource(p).documents()] == [f"doc {i}" for i in range(5)]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": ["alpha", "beta", "gamma"]}).save_to_disk(str(saved))
+    assert [d.text for d in HFSource(saved).documents()] == ["alpha", "beta", "gamma"]
+
+
+def test_hf_source_without_datasets_says_so(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets" or name.startswith("datasets."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "x"}) + "\n", "utf-8")
+    with pytest.raises(ImportError, match="needs the Hugging Face `datasets` package"):
+        list(HFSource(p).documents())
 
 
 # ---- tokenizers ------------------------------------------------------------------------------
