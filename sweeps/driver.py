@@ -328,8 +328,36 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# Overrides that decide what a run computes; a re-run whose plan changes any of them must not reuse it.
+_DEFINING = ("model.", "train.", "optim.", "data.")
+
+
+def _defining(overrides: Sequence[str]) -> dict[str, str]:
+    return {_key(o): o.split("=", 1)[1] for o in overrides
+            if _key(o).startswith(_DEFINING) and _key(o) != "train.progress"}
+
+
+def check_plan_unchanged(sweep: Sweep) -> None:
+    """Refuse to continue a sweep whose runs were launched under a different plan (say, the family
+    config changed): their finished results would be mixed with the new plan's, silently."""
+    changed = []
+    for run in sweep.runs:
+        marker = run.run_dir / LAUNCH_MARKER
+        if not marker.exists():
+            continue
+        before = _defining(json.loads(marker.read_text()).get("overrides", []))
+        now = _defining(run.overrides)
+        keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if keys:
+            changed.append(f"{run.run_dir.name} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+    if changed:
+        raise ValueError(f"sweep {sweep.name} in {sweep.dir}: the plan changed since these runs were launched: "
+                         f"{'; '.join(changed)}; use a new --out, or remove those run directories to redo them")
+
+
 def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: Optional[float], poll_s: float,
            report_every_s: float, emit: Callable[[str], None]) -> list[RunRecord]:
+    check_plan_unchanged(sweep)
     results_path = sweep.dir / "results.parquet"
     by_name = {r.name: r for r in sweep.runs}
     records = {r.name: sweep.record(r) for r in sweep.runs}

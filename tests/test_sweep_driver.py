@@ -116,6 +116,21 @@ def wait_for(pred, timeout=60.0):
     return False
 
 
+def test_changed_plan_is_refused_and_finished_results_are_kept(tmp_path):
+    sweep = make_sweep(tmp_path, rhos=(1.0, 0.5), steps=4)
+    run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), poll_s=0.05, emit=quiet)
+    finals = {r.run_dir: (r.run_dir / "final.json").read_bytes() for r in sweep.runs}
+    changed = make_sweep(tmp_path, rhos=(1.0, 0.5), steps=6)  # e.g. the family config was edited
+    with pytest.raises(ValueError, match=r"plan changed since these runs were launched: rho1.00-seed0 \(train.max_steps\)"):
+        run_sweep(changed, LocalLauncher(script=SCRIPT, threads=1), poll_s=0.05, emit=quiet)
+    assert {d: (d / "final.json").read_bytes() for d in finals} == finals
+    # settings that do not change what a run computes (here the W&B mode) are not a new plan
+    relabelled = build_sweep([ContractSpec(r, 4) for r in (1.0, 0.5)], out=tmp_path, family="contract", budget=1e9,
+                             seeds=(0,), extra_overrides=["+contract.step_s=0.02"], wandb_mode="offline")
+    assert [r.status for r in run_sweep(relabelled, LocalLauncher(script=SCRIPT, threads=1), poll_s=0.05,
+                                        emit=quiet)] == ["completed"] * 2
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, sig):
     rhos = (1.0, 0.7, 0.4, 0.2)
