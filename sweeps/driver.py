@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from sweeps.fit import json_safe
+from train import run_files
 from sweeps.launchers import ForeignHandle, Handle, LaunchRequest, Launcher, is_locked
 from sweeps.progress import Progress, fmt_duration, table
 from sweeps.results import (COMPLETED, DIVERGED, FAILED, INTERRUPTED, LAUNCH_MARKER, PENDING, RUNNING, TERMINAL,
@@ -255,9 +257,7 @@ class _SweepLock:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False))
-    os.replace(tmp, path)
+    run_files.atomic_write_json(path, obj, default=str, allow_nan=False)
 
 
 def log_tail_reason(log_path: Path, max_chars: int = 400) -> str:
@@ -281,12 +281,12 @@ def log_tail_reason(log_path: Path, max_chars: int = 400) -> str:
 
 def _record_failure(run: SweepRun, reason: str) -> None:
     """failed.json for a run whose trainer died without writing one (killed, crashed in C, timed out)."""
-    _write_json(run.run_dir / "failed.json", {"status": FAILED, "reason": reason, "step": _last_step(run.run_dir),
+    _write_json(run.run_dir / run_files.FAILED, {"status": FAILED, "reason": reason, "step": _last_step(run.run_dir),
                                               "source": "sweep driver"})
 
 
 def _last_step(run_dir: Path) -> Optional[int]:
-    latest = run_dir / "checkpoints" / "latest.json"
+    latest = run_files.latest_checkpoint_index(run_dir)
     try:
         return int(json.loads(latest.read_text())["step"])
     except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError):
@@ -431,9 +431,9 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
                 name = queue.pop(0)
                 run = by_name[name]
                 if records[name].status in (FAILED, DIVERGED):
-                    (run.run_dir / "failed.json").unlink(missing_ok=True)  # this attempt supersedes it
+                    (run.run_dir / run_files.FAILED).unlink(missing_ok=True)  # this attempt supersedes it
                 run.run_dir.mkdir(parents=True, exist_ok=True)
-                was_resumed = (run.run_dir / "checkpoints" / "latest.json").exists()
+                was_resumed = run_files.latest_checkpoint_index(run.run_dir).exists()
                 if was_resumed:
                     resumed.add(name)
                 try:
@@ -551,18 +551,8 @@ def summarize(sweep: Sweep, records: Sequence[RunRecord], *, n_boot: int = 2000,
         wandb_dir = json.loads(state.read_text()).get("location")
     if wandb_dir:
         summary["wandb_summary_dir"] = wandb_dir
-    _write_json(sweep.dir / "summary.json", _finite(summary))
+    _write_json(sweep.dir / "summary.json", json_safe(summary))
     return summary
-
-
-def _finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def overlay_allocation_sweeps(out: Path, path: Optional[Path] = None) -> Optional[Path]:
@@ -623,7 +613,7 @@ def describe_plan(sweep: Sweep) -> str:
 
 def write_plan(sweep: Sweep) -> None:
     sweep.dir.mkdir(parents=True, exist_ok=True)
-    _write_json(sweep.dir / "plan.json", _finite({
+    _write_json(sweep.dir / "plan.json", json_safe({
         "sweep": sweep.name, "mode": sweep.mode, "family": sweep.family, "budget": sweep.budget,
         "warnings": sweep.warnings,
         "runs": [{"name": r.name, "run_dir": str(r.run_dir), "rho": r.rho, "seed": r.seed, "slots": r.slots,

@@ -181,7 +181,7 @@ class UCurveFit:
         return c0 + c1 * r + c2 * r * r
 
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> "UCurveFit":
@@ -196,15 +196,16 @@ class UCurveFit:
         return cls(**kw)
 
 
-def _json_safe(obj):
+def json_safe(obj):
+    """``obj`` with non-finite floats as None and numpy scalars as Python numbers (strict JSON)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
     return obj
 
 
@@ -387,7 +388,7 @@ class PowerLawFit:
         return self.alpha + self.beta * np.log10(np.asarray(slots, dtype=np.float64))
 
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 C_BOUNDS = (1e-3, 4.0)

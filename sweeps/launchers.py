@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from train.run_files import atomic_write_json
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = "train/main.py"
 LOCK_NAME = ".run.lock"
@@ -479,9 +481,7 @@ class SubmititLauncher(Launcher):
         job = self.executor.submit(task)
         record = {"launcher": "submitit", "cluster": self.cluster, "job_id": str(job.job_id),
                   "folder": str(self.folder), "submitted": time.time()}
-        tmp = req.run_dir / f".{LAUNCH_RECORD}.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, req.run_dir / LAUNCH_RECORD)
+        atomic_write_json(req.run_dir / LAUNCH_RECORD, record)
         return SubmititHandle(job, f"{self.cluster} job {job.job_id}", cancel_on_exit=self.cluster != "slurm")
 
     def reattach(self, run_dir: Path) -> Optional[Handle]:

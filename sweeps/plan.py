@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from typing import Optional, Sequence
@@ -22,12 +23,20 @@ from typing import Optional, Sequence
 DEFAULT_RHOS = "1.0,0.8,0.6,0.4"
 
 
-def parse_rhos(text: str) -> list[float]:
-    """'1.0,0.8,0.6' -> [1.0, 0.8, 0.6] (range checks are the solver's)."""
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--rho must be comma-separated numbers, got {text!r}") from None
+def parse_numbers(text: str) -> list[float]:
+    """'1e13' or '1.0,0.8,0.6' -> finite floats (range checks are the solver's)."""
+    out: list[float] = []
+    for part in (p for p in text.split(",") if p.strip()):
+        try:
+            v = float(part)
+        except ValueError:
+            raise ValueError(f"not a number: {part!r}") from None
+        if not math.isfinite(v):
+            raise ValueError(f"not a finite number: {part!r}")
+        out.append(v)
+    if not out:
+        raise ValueError(f"no number in {text!r}")
+    return out
 
 
 def _human(n: float) -> str:
@@ -121,7 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             family = family.with_train(zero_stage=args.zero_stage)
         family = family.with_hardware(n_gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib,
                                       peak_tflops=args.peak_tflops, mfu=args.mfu)
-        plan = solve_plan(family, args.budget, parse_rhos(args.rho), ep_size=args.ep_size,
+        try:
+            rhos = parse_numbers(args.rho)
+        except ValueError as e:
+            raise ValueError(f"--rho must be comma-separated numbers: {e}") from None
+        plan = solve_plan(family, args.budget, rhos, ep_size=args.ep_size,
                           round_experts_to_ep=args.round_experts_to_ep, data_dir=args.data_dir)
     except ValueError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

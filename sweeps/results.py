@@ -16,6 +16,8 @@ from typing import Iterable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from train import run_files
+
 # Run states. Terminal: completed, failed, diverged. Others describe a run not (yet) finished.
 COMPLETED, FAILED, DIVERGED = "completed", "failed", "diverged"
 PENDING, RUNNING, INTERRUPTED = "pending", "running", "interrupted"
@@ -135,7 +137,7 @@ def read_outcome(run_dir: Path) -> tuple[str, dict]:
     nothing -> pending. An unreadable outcome file counts as a failure naming the file.
     """
     run_dir = Path(run_dir)
-    final, broken = _read_json(run_dir / "final.json")
+    final, broken = _read_json(run_dir / run_files.FINAL)
     if broken:
         return FAILED, {"reason": broken}
     if final is not None:
@@ -146,7 +148,7 @@ def read_outcome(run_dir: Path) -> tuple[str, dict]:
         if final.get("status", COMPLETED) != COMPLETED:
             return FAILED, {**info, "reason": f"final.json has status {final.get('status')!r}"}
         return COMPLETED, info
-    failed, broken = _read_json(run_dir / "failed.json")
+    failed, broken = _read_json(run_dir / run_files.FAILED)
     if broken:
         return FAILED, {"reason": broken}
     if failed is not None:
@@ -155,7 +157,7 @@ def read_outcome(run_dir: Path) -> tuple[str, dict]:
         step = failed.get("step")
         reason = str(failed.get("reason") or "no reason recorded")
         return status, {"reason": reason if step is None else f"{reason} (step {step})"}
-    if (run_dir / "checkpoints" / "latest.json").exists() or (run_dir / LAUNCH_MARKER).exists():
+    if run_files.latest_checkpoint_index(run_dir).exists() or (run_dir / LAUNCH_MARKER).exists():
         return INTERRUPTED, {}
     return PENDING, {}
 

@@ -15,13 +15,13 @@ u_curve.png, plan.json}, one run directory per (rho, seed), and <out>/u_curves.p
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from sweeps.driver import (ALLOCATION, MEMORY, SweepLocked, build_sweep, describe_plan, overlay_allocation_sweeps,
                            plan_allocation, plan_memory, run_sweep, summarize, write_plan)
+from sweeps.plan import parse_numbers
 
 DEFAULT_RHOS = (1.0, 0.8, 0.6, 0.4, 0.2)
 LAUNCHERS = ("local", "gpus", "submitit-local", "slurm")
@@ -29,18 +29,10 @@ LAUNCHERS = ("local", "gpus", "submitit-local", "slurm")
 
 def _numbers(text: str) -> list[float]:
     """'1e13' or '1.0,0.8,0.6' -> floats (lists may be given space- or comma-separated)."""
-    out = []
-    for part in (p for p in text.split(",") if p.strip()):
-        try:
-            v = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"not a finite number: {part!r}")
-        out.append(v)
-    if not out:
-        raise argparse.ArgumentTypeError(f"no number in {text!r}")
-    return out
+    try:
+        return parse_numbers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _flat(groups: Optional[Sequence[Sequence[float]]]) -> Optional[list[float]]:

@@ -17,21 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
-import string
 from pathlib import Path
 from typing import Optional, Sequence
 
 from sweeps.results import RunRecord
+from train.run_files import atomic_write_json
+from train.tracking import new_run_id
 
 STATE_FILE = "wandb_summary.json"
 TABLE_COLUMNS = ("run_name", "rho", "seed", "slots", "status", "val_loss", "total_params", "active_params",
                  "tokens", "train_flops", "wall_time_s", "reason")
-
-
-def new_run_id() -> str:
-    """A W&B run id: 8 random lowercase letters and digits (what W&B generates itself)."""
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def content_digest(records: Sequence[RunRecord], fit: Optional[dict]) -> str:
@@ -101,7 +96,5 @@ def log_summary(sweep_dir: Path, group: str, records: Sequence[RunRecord], fit: 
         location = str(Path(run.dir).parent)
     finally:
         run.finish()
-    tmp = state_path.with_name(f".{state_path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"run_id": run_id, "digest": digest, "location": location}, indent=2))
-    os.replace(tmp, state_path)
+    atomic_write_json(state_path, {"run_id": run_id, "digest": digest, "location": location})
     return location

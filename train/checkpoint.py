@@ -9,28 +9,16 @@ removed before the same tag is written again.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from train.distributed import barrier
-
-LATEST = "latest.json"
+from train.run_files import LATEST, atomic_write_json
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tag_for(step: int) -> str:
@@ -71,14 +59,12 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"meta": meta}, save_latest=False)
     barrier()
     if is_main:
-        previous = read_latest(ckpt_dir) if (ckpt_dir / LATEST).exists() else None
-        history = (previous or {}).get("history", [])
-        history = [t for t in history if t != tag] + [tag]
-        atomic_write_json(ckpt_dir / LATEST, {**meta, "tag": tag, "step": step, "history": history})
-        for old in history[:-keep] if keep > 0 else []:
+        history = [t for t in (read_latest(ckpt_dir) or {}).get("history", []) if t != tag] + [tag]
+        kept = history[-keep:] if keep > 0 else history
+        # Commit the new index first: the pruned directories are no longer named by it when they go.
+        atomic_write_json(ckpt_dir / LATEST, {**meta, "tag": tag, "step": step, "history": kept})
+        for old in history[:len(history) - len(kept)]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-        if keep > 0 and len(history) > keep:
-            atomic_write_json(ckpt_dir / LATEST, {**meta, "tag": tag, "step": step, "history": history[-keep:]})
     barrier()
 
 

@@ -40,13 +40,13 @@ def _record_failure(cfg, status: str, reason: str) -> None:
     """Leave the reason in run_dir/failed.json (rank 0) so a sweep can report it."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from train.checkpoint import atomic_write_json
+    from train.run_files import FAILED, FINAL, atomic_write_json
 
     run_dir = Path(cfg.run_dir)
-    if (run_dir / "final.json").exists():
+    if (run_dir / FINAL).exists():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "failed.json", {"status": status, "reason": reason, "step": None})
+    atomic_write_json(run_dir / FAILED, {"status": status, "reason": reason, "step": None})
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ from train.evaluate import evaluate
 from train.hardware import peak_flops
 from train.optim import build_optimizer, set_lr
 from train.schedule import lr_factor
+from train.run_files import CHECKPOINTS, FAILED, FINAL, atomic_write_json
 from train.tracking import Tracker
 
 log = logging.getLogger("train")
@@ -79,24 +80,20 @@ def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
     }
 
 
-def write_outcome(run_dir: Path, name: str, obj: dict) -> None:
-    ckpt.atomic_write_json(run_dir / name, obj)
-
-
 def train(cfg: DictConfig, dist: DistInfo) -> int:
     """Run (or resume) one training run; returns a process exit code."""
     started = time.time()
     run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINTS
     t = cfg.train
 
     # ---- validate everything before any compute ---------------------------------------------
-    if (run_dir / "final.json").exists():
-        final = json.loads((run_dir / "final.json").read_text())
+    if (run_dir / FINAL).exists():
+        final = json.loads((run_dir / FINAL).read_text())
         if t.resume == "never":
             raise ValueError(f"run_dir {run_dir} already holds a finished run (train.resume=never)")
         if dist.is_main:
-            print(f"run already completed: val_loss={final.get('val_loss'):.4f} ({run_dir / 'final.json'})")
+            print(f"run already completed: val_loss={final.get('val_loss'):.4f} ({run_dir / FINAL})")
         return 0
     latest = ckpt.read_latest(ckpt_dir)
     if latest is not None and t.resume == "never":
@@ -114,8 +111,8 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
     steps = total_steps(cfg)
     batches = TrainBatches(train_split, t.seq_len, t.micro_batch_size, t.global_batch_size,
                            dist.rank, dist.world_size, t.seed)
-    if dist.is_main and (run_dir / "failed.json").exists():
-        (run_dir / "failed.json").unlink()  # this attempt supersedes the recorded failure
+    if dist.is_main and (run_dir / FAILED).exists():
+        (run_dir / FAILED).unlink()  # this attempt supersedes the recorded failure
 
     # ---- model, optimizer, engine -----------------------------------------------------------
     torch.manual_seed(t.seed)
@@ -141,7 +138,7 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
                              "flops_per_token": counts.flops_per_token, "total_steps": steps}
     tracker = Tracker(run_dir, dict(cfg.logging.wandb), config_dict, wandb_id, dist.is_main, start_step)
     if dist.is_main:
-        ckpt.atomic_write_json(run_state_path, {**run_state, "wandb_run_id": tracker.run_id, **fingerprints})
+        atomic_write_json(run_state_path, {**run_state, "wandb_run_id": tracker.run_id, **fingerprints})
         log.info("model: %s non-embedding params (%s active), %.3g train FLOPs/token, %d steps of %d tokens",
                  f"{counts.total_params:,}", f"{counts.active_params:,}", counts.train_flops_per_token, steps,
                  t.global_batch_size * t.seq_len)
@@ -221,7 +218,7 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
                  "active_params": counts.active_params, "wall_time_s": time.time() - started,
                  "wandb_run_id": tracker.run_id}
         if dist.is_main:
-            write_outcome(run_dir, "final.json", final)
+            atomic_write_json(run_dir / FINAL, final)
             tracker.summary({"final/val_loss": val, "final/tokens": final["tokens"],
                              "final/train_flops": final["train_flops"]})
             print(f"final validation loss {val:.4f} after {step} steps ({final['tokens']:,} tokens)")
@@ -236,6 +233,6 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
         if bar is not None:
             bar.close()
         if dist.is_main:
-            write_outcome(run_dir, "failed.json", {"status": "diverged", "reason": str(e), "step": step})
+            atomic_write_json(run_dir / FAILED, {"status": "diverged", "reason": str(e), "step": step})
         tracker.finish(1)
         raise
