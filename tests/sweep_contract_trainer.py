@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from train.run_files import CHECKPOINTS, FAILED, FINAL, LATEST, atomic_write_json
+
 RHO_STAR, CURVATURE, FLOOR, SEED_NOISE = 0.7, 0.4, 3.0, 0.002
 
 
@@ -31,12 +33,6 @@ def contract_loss(rho: float, seed: int) -> float:
 def contract_memory_loss(slots: float, seed: int) -> float:
     """The fixture's loss in memory sweeps: a power law in Engram slots, plus a seed offset."""
     return 2.0 + 0.5 * (slots / 1e4) ** -0.3 + SEED_NOISE * math.sin(3.1 * (seed + 1) + math.log(slots))
-
-
-def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -75,21 +71,21 @@ def main() -> int:
     args = parse(sys.argv[1:])
     run_dir = Path(args["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "final.json").exists():
+    if (run_dir / FINAL).exists():
         print("run already completed")
         return 0
     rho, seed = float(args["sweep.rho"]), int(args.get("train.seed", 0))
     steps = int(args.get("train.max_steps", 6))
     step_s = float(args.get("contract.step_s", 0.05))
     every = int(args.get("contract.ckpt_every", 2))
-    ckpt = run_dir / "checkpoints"
-    latest = ckpt / "latest.json"
+    ckpt = run_dir / CHECKPOINTS
+    latest = ckpt / LATEST
     start = json.loads(latest.read_text())["step"] if latest.exists() else 0
     with open(run_dir / "starts.jsonl", "a") as f:
         f.write(json.dumps({"resume_step": start, "pid": os.getpid(), "time": time.time()}) + "\n")
-    (run_dir / "failed.json").unlink(missing_ok=True)
+    (run_dir / FAILED).unlink(missing_ok=True)
     if "contract.fail_rho" in args and abs(rho - float(args["contract.fail_rho"])) < 1e-9:
-        atomic_json(run_dir / "failed.json", {"status": "failed", "reason": "injected failure", "step": None})
+        atomic_write_json(run_dir / FAILED, {"status": "failed", "reason": "injected failure", "step": None})
         print("error: injected failure", file=sys.stderr)
         return 2
     t0 = time.time()
@@ -99,9 +95,9 @@ def main() -> int:
             raise RuntimeError("injected crash inside the training loop")
         if step % every == 0 and step < steps:
             ckpt.mkdir(exist_ok=True)
-            atomic_json(latest, {"step": step, "tag": f"step_{step:08d}"})
+            atomic_write_json(latest, {"step": step, "tag": f"step_{step:08d}"})
     val = contract_memory_loss(float(args["sweep.slots"]), seed) if "sweep.slots" in args else contract_loss(rho, seed)
-    atomic_json(run_dir / "final.json", {
+    atomic_write_json(run_dir / FINAL, {
         "status": "completed", "val_loss": val, "steps": steps, "tokens": steps * 1024, "train_flops": 6e9 * steps,
         "flops_per_token": 6e6, "total_params": 1000, "active_params": 100, "wall_time_s": time.time() - t0,
         "wandb_run_id": None})
