@@ -1,0 +1,68 @@
+"""The short table of the GPU check: reads the JSON files ``gpu_check.sh`` wrote and prints Markdown
+(ready for ``benchmarks/README.md``), each figure beside the issue's goal for it.
+
+    python benchmarks/gpu_report.py OUT_DIR [--device-name "NVIDIA H200"]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows_moe(d) -> list[str]:
+    return [f"| MoE layer / dense SwiGLU of equal active FLOPs, {r['size']} ({r['impl']}; fwd+bwd, fwd) | "
+            f"{r['ratio_fwd_bwd']:.2f}, {r['ratio_fwd']:.2f} | lower is better |" for r in d["results"]]
+
+
+def rows_engram(d) -> list[str]:
+    h, s = d["hashing"], d["step"]
+    return [f"| hashing: ours vs the reference demo's numpy, per step | {h['reference_per_step_speedup']:.0f}x "
+            f"({h['ours_Mtok_s']:.0f} Mtok/s) | >= 100x |",
+            f"| one Engram layer, d {s['d_model']} x {s['n_layers']} layers: step-time overhead | "
+            f"{100 * s['overhead']:+.1f}% (FLOPs {100 * s['flops_overhead']:+.1f}%) | |"]
+
+
+def rows_train(d) -> list[str]:
+    out = [f"| measured peak ({d['peak_how']}) | {d['peak_flops'] / 1e12:.3g} TFLOP/s | |"]
+    for c in d["cases"]:
+        out.append(f"| {c['label']}: tokens/s, framework / bare loop | {c['framework_tokens_per_s']:,.0f}, "
+                   f"{c['ratio']:.3f} | >= 0.95 |")
+        out.append(f"| {c['label']}: MFU ({c['flop_convention']}) | {c['mfu']:.1%} | >= 45% at rho 0.75 |")
+    if "engram_step_time_ratio" in d:
+        out.append(f"| Engram overhead: step time rho 0.75 / rho 1 (per FLOP) | "
+                   f"{d['engram_step_time_ratio']:.3f} ({d['engram_time_per_flop_ratio']:.3f}) | <= 1.02 |")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--device-name", default=None)
+    a = p.parse_args(argv)
+    parts = {"bench_moe.json": rows_moe, "bench_engram.json": rows_engram, "bench_train.json": rows_train}
+    lines = [f"GPU check {dt.date.today().isoformat()}" + (f" on {a.device_name}" if a.device_name else ""),
+             "", "| figure | measured | goal |", "|---|---|---|"]
+    missing = []
+    for name, rows in parts.items():
+        d = _load(a.out / name)
+        if d is None:
+            missing.append(name)
+            continue
+        lines += rows(d)
+    if missing:
+        lines.append(f"\nnot measured (step failed or skipped): {', '.join(missing)}")
+    text = "\n".join(lines)
+    print(text)
+    (a.out / "gpu_check.md").write_text(text + "\n")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Which family a budget belongs to, so that ``make sweep BUDGET=1e20`` needs no ``FAMILY``.
+
+Families are tried from the smallest scale up (cpu, gpu, paper, then any other in name order); the
+first whose budget range holds the budget wins. A family's range is the solver's (its rungs and its
+tokens-per-active-parameter rule, :func:`sweeps.budget.select_backbone`), so nothing here re-derives
+budget math: a budget outside every range gets each family's own refusal in the message.
+"""
+from __future__ import annotations
+
+from sweeps.budget import select_backbone
+from sweeps.families import available_families, load_family
+
+SCALE_ORDER = ("cpu", "gpu", "paper")
+
+
+def family_for_budget(budget: float) -> str:
+    """The name of the first family (by scale) that plans ``budget``; ValueError naming all refusals."""
+    names = [n for n in SCALE_ORDER if n in available_families()]
+    names += [n for n in available_families() if n not in SCALE_ORDER]
+    refusals = []
+    for name in names:
+        try:
+            select_backbone(load_family(name), budget)
+        except ValueError as e:
+            refusals.append(f"{name}: {str(e).splitlines()[0]}")
+            continue
+        return name
+    raise ValueError(f"no family plans a budget of {budget:.3g} FLOPs; pass --family. " + " | ".join(refusals))
