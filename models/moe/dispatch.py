@@ -44,6 +44,16 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(0, perm_inverse), None, None
 
 
+def group_sizes(sorted_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Rows per group of an ascending id vector: [n_groups] int64, computed on the device.
+
+    ``torch.bincount`` must size its output from the largest id, a device-to-host sync on a GPU;
+    group boundaries found by binary search over the sorted ids need none (and add no atomics).
+    """
+    bounds = torch.arange(n_groups + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    return torch.diff(torch.searchsorted(sorted_ids, bounds))
+
+
 @dataclass
 class ExpertDispatch:
     """order[j]: flat (token*k + slot) index of sorted row j; inverse: the inverse permutation;
@@ -61,8 +71,7 @@ class ExpertDispatch:
         order = torch.argsort(flat, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        tokens_per_expert = torch.bincount(flat, minlength=n_experts)
-        return cls(order, inverse, tokens_per_expert, expert_ids.shape[1])
+        return cls(order, inverse, group_sizes(flat[order], n_experts), expert_ids.shape[1])
 
     def permute(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, d] -> [N*k, d] rows sorted by expert (token n appears k times)."""

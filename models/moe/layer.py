@@ -51,7 +51,7 @@ class MoEFFN(nn.Module):
                 tag(p, "experts")
         self.aux_loss: Optional[torch.Tensor] = None
         self._step_load: Optional[torch.Tensor] = None  # int64 [E]: tokens per expert this step
-        self._metrics: dict[str, float] = {}
+        self._last_load: Optional[torch.Tensor] = None  # float32 [E]: all-reduced counts of the last routed step
 
     @property
     def metric_prefix(self) -> str:
@@ -81,10 +81,14 @@ class MoEFFN(nn.Module):
 
     @torch.no_grad()
     def on_optimizer_step(self) -> None:
-        """Consume this step's token counts: all-reduce, update the bias, record load metrics.
+        """Consume this step's token counts: all-reduce, update the bias, keep the load for metrics.
 
         Every rank must call it after every optimizer step (it is a collective when
-        torch.distributed is initialised, even on a rank that routed no token).
+        torch.distributed is initialised, even on a rank that routed no token). Nothing here reads
+        a value back to the host: the all-reduce is queued on the device and the bias update is a
+        no-op where no token was routed (a device-side select, not a Python branch), so a GPU step
+        never waits on it. The load statistics are computed from the last step's counts only when
+        :meth:`metrics` is called (once per log interval).
         """
         bias = self.router.expert_bias
         if self._step_load is None:
@@ -93,17 +97,23 @@ class MoEFFN(nn.Module):
             load = self._step_load.to(device=bias.device, dtype=torch.float32)
         self._step_load = None
         all_reduce_sum_(load)
-        if load.sum() <= 0:
-            return
+        routed = load.sum() > 0  # a 0-d device tensor: selects below, never a Python branch
         if self.cfg.uses_bias:
-            update_expert_bias_(bias, load, self.cfg.bias_update_rate)
-        stats = load_stats(load)
-        stats["bias_norm"] = bias.norm().item()
-        self._metrics = {f"{self.metric_prefix}/{k}": v for k, v in stats.items()}
+            updated = update_expert_bias_(bias.clone(), load, self.cfg.bias_update_rate)
+            bias.copy_(torch.where(routed, updated, bias))
+        # metrics keep the last step that routed tokens
+        self._last_load = load if self._last_load is None else torch.where(routed, load, self._last_load)
 
     def metrics(self) -> dict[str, float]:
-        """Load metrics of the last optimizer step ({} before the first)."""
-        return dict(self._metrics)
+        """Load metrics of the last optimizer step that routed tokens ({} before the first).
+        Reads the device: call it at log steps only."""
+        if self._last_load is None:
+            return {}
+        stats = load_stats(self._last_load)
+        if not stats:
+            return {}
+        stats["bias_norm"] = self.router.expert_bias.norm().item()
+        return {f"{self.metric_prefix}/{k}": v for k, v in stats.items()}
 
     def counts(self, seq_len: int) -> Counts:
         c = self.router.counts(seq_len) + self.experts.counts(seq_len)

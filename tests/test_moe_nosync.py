@@ -1,0 +1,74 @@
+"""The MoE layer's per-step work reads nothing back to the host: dispatch and the post-step balancing
+queue device work only; the load statistics are read at log steps (``metrics()``), not every step."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from models.moe import MoEConfig, MoEFFN
+from models.moe.dispatch import ExpertDispatch, group_sizes
+
+_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Make every Tensor -> host conversion raise (what would stall a GPU's queue)."""
+    saved = {name: getattr(torch.Tensor, name) for name in _SYNCS}
+
+    def refuse(self, *a, **k):
+        raise AssertionError("host sync in a region that must not sync")
+
+    try:
+        for name in _SYNCS:
+            setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_the_guard_catches_a_sync():
+    with no_host_sync(), pytest.raises(AssertionError, match="host sync"):
+        torch.ones(3).sum().item()
+
+
+def test_group_sizes_equal_bincount():
+    g = torch.Generator().manual_seed(0)
+    for n_groups in (1, 5, 64):
+        ids = torch.randint(0, n_groups, (1000,), generator=g)
+        ids[:3] = n_groups - 1  # the last group never empty here; others may be
+        got = group_sizes(torch.sort(ids).values, n_groups)
+        assert torch.equal(got, torch.bincount(ids, minlength=n_groups))
+    assert torch.equal(group_sizes(torch.tensor([0, 0, 3]), 5), torch.tensor([2, 0, 0, 1, 0]))
+
+
+def test_dispatch_and_balancing_step_do_not_sync():
+    torch.manual_seed(0)
+    cfg = MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=16, n_dense_layers=0,
+                    balance="aux_free", bias_update_rate=1e-2)
+    moe = MoEFFN(cfg, d_model=32, layer_id=0)
+    x = torch.randn(2, 16, 32)
+    moe(x).sum().backward()  # the CPU expert path reads group sizes (slices need them on the host)
+    ids = torch.randint(0, 8, (32, 2))
+    bias_before = moe.router.expert_bias.clone()
+    with no_host_sync():
+        ExpertDispatch.from_expert_ids(ids, 8)
+        moe.on_optimizer_step()
+    assert not torch.equal(moe.router.expert_bias, bias_before)  # the bias moved on the device
+    m = moe.metrics()  # the one read-back, at log steps
+    assert m["moe/layer0/load_max_over_mean"] >= 1.0 and "moe/layer0/bias_norm" in m
+
+
+def test_a_step_that_routed_nothing_leaves_the_bias_bit_for_bit():
+    cfg = MoEConfig(n_routed_experts=4, n_shared_experts=0, top_k=1, expert_hidden=8, n_dense_layers=0,
+                    balance="aux_free", bias_update_rate=1e-2)
+    moe = MoEFFN(cfg, d_model=8, layer_id=0)
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.tensor([0.3, -0.1, -0.15, -0.05]))
+    before = moe.router.expert_bias.clone()
+    moe.on_optimizer_step()  # no training forward since the last step
+    assert torch.equal(moe.router.expert_bias, before)
+    assert moe.metrics() == {}
