@@ -6,7 +6,8 @@ Layout (version 1)::
     {"version": 1,
      "source": {"kind": ..., ...},                      # what the text came from
      "tokenizer": {"kind": "bpe"|"deepseek", "file": "tokenizer.json", "vocab_size": int,
-                   "eod_id": int, "eod_token": str, "sha256": str},
+                   "eod_id": int, "eod_token": str, "sha256": str,
+                   "id": "sha256-..."},                 # tokenization.tokenizer_id: what the ids mean
      "dtype": "uint16"|"uint32", "byte_order": "little",
      "splits": {"train"|"val": {"n_docs", "n_tokens", "n_bytes",
                                 "shards": [{"file", "n_tokens", "sha256"}]}},
