@@ -220,7 +220,7 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
                 if out.aux_loss is not None:
                     metrics["train/aux_loss"] = loss_vec[1].item()
                 if peak:
-                    metrics["perf/mfu"] = counts.train_flops_per_token * tps / (peak * dist.world_size)
+                    metrics["perf/mfu"] = counts.train_flops_per_token_causal * tps / (peak * dist.world_size)
                 metrics.update(model.metrics())
                 tracker.log(metrics, step)
                 window_t0, window_tokens = time.time(), 0
