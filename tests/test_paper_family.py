@@ -14,7 +14,6 @@ from data_prep.prepare import prepare
 from data_prep.reader import data_tokenizer_id, load_manifest
 from data_prep.tokenization import tokenizer_id
 from models.moe.config import MoEConfig
-from sweeps.budget import solve_plan
 from sweeps.families import load_family
 from train.trainer import resolve_model_config
 
@@ -58,8 +57,8 @@ def test_paper_family_balances_with_bias_and_sequence_aux_loss():
     fam = load_family("paper")
     moe = MoEConfig(n_routed_experts=8, **{k: v for k, v in fam.moe.items() if k != "impl"})
     assert moe.uses_bias and moe.uses_aux_loss and moe.aux_loss_coef == 1e-4
-    run = solve_plan(fam, 2e20, [1.0]).runs[0]
-    assert run.model["moe"]["balance"] == "both" and run.model["moe"]["aux_loss_coef"] == 1e-4
+    for i in range(len(fam.rungs)):  # what the solver hands every run of every rung
+        assert fam.rung_moe(i)["balance"] == "both" and fam.rung_moe(i)["aux_loss_coef"] == 1e-4
 
 
 # ---- data_dir: required to launch, not to plan ----------------------------------------------------
@@ -124,3 +123,16 @@ def test_engram_tokenizer_must_be_the_datas(bpe_dirs):
         resolve_model_config(_cfg(vocab, str(b / "tokenizer.json")), a, vocab)
     with pytest.raises(ValueError, match="is not the tokenizer the data"):
         resolve_model_config(_cfg(vocab, "deepseek"), a, vocab)
+
+
+def test_paper_model_on_deepseek_data_passes(tmp_path):
+    """The paper family's contract end to end: DeepSeek-tokenized data, vocab 129280, Engram
+    compressing for 'deepseek' (the package's tokenizer.json, copied into the data dir)."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Dokument {i}: Größe — 日本語 café."}) + "\n" for i in range(12)))
+    d = tmp_path / "ds"
+    prepare("files", "deepseek", d, inputs=[src], val_fraction=0.3, seed=1, log=_quiet)
+    tok = load_manifest(d)["tokenizer"]
+    assert tok["vocab_size"] == 129280
+    mcfg = resolve_model_config(_cfg(129280, "deepseek"), d, tok["vocab_size"])
+    assert mcfg.vocab_size == 129280 and mcfg.engram["tokenizer"] == "deepseek"
