@@ -55,7 +55,7 @@ def _cfg(vocab: int, tokenizer) -> OmegaConf:
 # ---- the recipe ---------------------------------------------------------------------------------
 def test_paper_family_balances_with_bias_and_sequence_aux_loss():
     fam = load_family("paper")
-    moe = MoEConfig(n_routed_experts=8, **{k: v for k, v in fam.moe.items() if k != "impl"})
+    moe = MoEConfig(n_routed_experts=8, **fam.moe)
     assert moe.uses_bias and moe.uses_aux_loss and moe.aux_loss_coef == 1e-4
     for i in range(len(fam.rungs)):  # what the solver hands every run of every rung
         assert fam.rung_moe(i)["balance"] == "both" and fam.rung_moe(i)["aux_loss_coef"] == 1e-4

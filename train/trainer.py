@@ -48,7 +48,7 @@ def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int) -> Mo
         engram["tokenizer"] = str((data_dir / tok["file"]).resolve())
     mcfg = ModelConfig.from_dict(model_dict)
     padded = -(-data_vocab // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
-    if not data_vocab <= mcfg.vocab_size <= max(padded, data_vocab):
+    if not data_vocab <= mcfg.vocab_size <= padded:
         raise ValueError(f"data in {data_dir} uses a {data_vocab}-token vocabulary but model.vocab_size="
                          f"{mcfg.vocab_size} (allowed: {data_vocab}..{padded}, the data's padded to a multiple "
                          f"of {VOCAB_PAD_MULTIPLE}): data and model were made for different tokenizers")
