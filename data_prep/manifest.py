@@ -49,6 +49,8 @@ def schema_problem(manifest: dict) -> str | None:
     for key, typ in (("kind", str), ("file", str), ("vocab_size", int), ("eod_id", int)):
         if not isinstance(tok.get(key), typ):
             return f"tokenizer entry has no valid {key!r}"
+    if "id" in tok and not (isinstance(tok["id"], str) and tok["id"]):  # optional: older manifests lack it
+        return "tokenizer entry has an invalid 'id'"
     if not 0 <= tok["eod_id"] < tok["vocab_size"]:
         return f"tokenizer eod_id {tok['eod_id']} is outside the vocabulary of {tok['vocab_size']}"
     if manifest["dtype"] not in DTYPES:

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from data_prep.prepare import prepare
-from data_prep.reader import data_tokenizer_id, load_manifest
+from data_prep.reader import DataError, data_tokenizer_id, load_manifest
 from data_prep.tokenization import tokenizer_id
 from models.moe.config import MoEConfig
 from sweeps.families import load_family
@@ -97,6 +97,10 @@ def test_manifest_records_a_comparable_tokenizer_id(bpe_dirs):
         (old / f.name).write_bytes(f.read_bytes())
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert data_tokenizer_id(old) == ids[0]
+    manifest["tokenizer"]["id"] = 7
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="invalid 'id'"):
+        data_tokenizer_id(old)
 
 
 def test_vocab_mismatch_is_an_error_not_a_fallback(bpe_dirs):
