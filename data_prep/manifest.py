@@ -6,7 +6,8 @@ Layout (version 1)::
     {"version": 1,
      "source": {"kind": ..., ...},                      # what the text came from
      "tokenizer": {"kind": "bpe"|"deepseek", "file": "tokenizer.json", "vocab_size": int,
-                   "eod_id": int, "eod_token": str, "sha256": str},
+                   "eod_id": int, "eod_token": str, "sha256": str,
+                   "id": "sha256-..."},                 # tokenization.tokenizer_id: what the ids mean
      "dtype": "uint16"|"uint32", "byte_order": "little",
      "splits": {"train"|"val": {"n_docs", "n_tokens", "n_bytes",
                                 "shards": [{"file", "n_tokens", "sha256"}]}},
@@ -48,6 +49,8 @@ def schema_problem(manifest: dict) -> str | None:
     for key, typ in (("kind", str), ("file", str), ("vocab_size", int), ("eod_id", int)):
         if not isinstance(tok.get(key), typ):
             return f"tokenizer entry has no valid {key!r}"
+    if "id" in tok and not (isinstance(tok["id"], str) and tok["id"]):  # optional: older manifests lack it
+        return "tokenizer entry has an invalid 'id'"
     if not 0 <= tok["eod_id"] < tok["vocab_size"]:
         return f"tokenizer eod_id {tok['eod_id']} is outside the vocabulary of {tok['vocab_size']}"
     if manifest["dtype"] not in DTYPES:

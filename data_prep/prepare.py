@@ -31,7 +31,7 @@ from data_prep.corpus import SPLITS, Corpus
 from data_prep.manifest import MANIFEST_NAME, MANIFEST_VERSION, TOKENIZER_NAME, write_manifest
 from data_prep.shards import SHARD_NAME, ShardWriter, write_atomic
 from data_prep.sources import SOURCE_KINDS, build_source
-from data_prep.tokenization import (TOKENIZER_KINDS, build_tokenizer, dtype_for_vocab,
+from data_prep.tokenization import (TOKENIZER_KINDS, build_tokenizer, dtype_for_vocab, tokenizer_id,
                                     encode_documents)
 
 DEFAULT_SHARD_TOKENS = 50_000_000  # 100 MB per shard at uint16
@@ -203,7 +203,7 @@ def _build(out: Path, source, corpus: Corpus, tokenizer_kind: str, vocab_size: i
         "source": source.describe(),
         "tokenizer": {"kind": spec.kind, "file": TOKENIZER_NAME, "vocab_size": spec.vocab_size,
                       "eod_id": spec.eod_id, "eod_token": spec.eod_token,
-                      "sha256": _sha256(tok_path)},
+                      "sha256": _sha256(tok_path), "id": tokenizer_id(spec.tokenizer)},
         "dtype": dtype.name,
         "byte_order": "little",
         "splits": {s: {"n_docs": stats.docs[s], "n_tokens": writers[s].n_tokens,

@@ -62,6 +62,17 @@ def load_tokenizer(data_dir: str | Path):
     return tok
 
 
+def data_tokenizer_id(data_dir: str | Path) -> str:
+    """The tokenizer id (:func:`data_prep.tokenization.tokenizer_id`) the manifest records, or, for a
+    data dir prepared before manifests recorded one, the id of its tokenizer.json."""
+    recorded = load_manifest(data_dir)["tokenizer"].get("id")
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    from data_prep.tokenization import tokenizer_id
+
+    return tokenizer_id(load_tokenizer(data_dir))
+
+
 def _sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

@@ -12,6 +12,7 @@ ever appears where the pipeline put it.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -113,6 +114,25 @@ def _spec(kind: str, tok: Tokenizer, eod_token: str, origin: Optional[Path]) -> 
     vocab = tok.get_vocab(with_added_tokens=True)
     vocab_size = max(max(vocab.values()) + 1, tok.get_vocab_size(with_added_tokens=True))
     return TokenizerSpec(kind, tok, eod_id, eod_token, vocab_size, origin)
+
+
+def tokenizer_id(tok: Tokenizer) -> str:
+    """A comparable identity of what a tokenizer's ids mean: sha256 over its id -> token table (added
+    tokens included, in id order) and its decoder, ``'sha256-<16 hex>'``.
+
+    Two tokenizers with the same id decode every id to the same text, so data made with one can train
+    a model whose Engram compresses for the other. It ignores how tokenizer.json is formatted (a
+    data dir keeps a pretty-printed copy) and settings that do not change ids (encode_special_tokens).
+    """
+    vocab = tok.get_vocab(with_added_tokens=True)
+    n = max(max(vocab.values()) + 1 if vocab else 0, tok.get_vocab_size(with_added_tokens=True))
+    h = hashlib.sha256()
+    for i in range(n):
+        piece = tok.id_to_token(i)
+        h.update(b"\x00" if piece is None else piece.encode("utf-8") + b"\x01")
+    decoder = tok.decoder
+    h.update(b"|decoder=" + (b"null" if decoder is None else decoder.__getstate__()))
+    return f"sha256-{h.hexdigest()[:16]}"
 
 
 def build_tokenizer(kind: str, texts: Optional[Iterable[str]] = None, vocab_size: int = 8192,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.accounting import Counts, linear_counts
+from models.accounting import Counts, attention_core_counts, linear_counts
 from models.layers import Rotary
 
 
@@ -42,5 +42,5 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         proj = (linear_counts(self.d_model, q_dim) + linear_counts(self.d_model, kv_dim) * 2
                 + linear_counts(q_dim, self.d_model))
-        # QK^T and AV: 2 matmuls x 2 FLOPs x seq_len x q_dim per token (full, non-causal count).
-        return proj + Counts(0, 0, 4.0 * seq_len * q_dim)
+        # QK^T and AV: full T x T count, and what the causal kernel skips (models.accounting).
+        return proj + attention_core_counts(seq_len, q_dim)

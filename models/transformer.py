@@ -107,7 +107,7 @@ class Transformer(nn.Module):
         head = linear_counts(self.cfg.d_model, self.cfg.vocab_size)
         head_params = 0 if self.head is None else head.total_params
         return ModelCounts(core.total_params, core.active_params, emb, head_params,
-                           core.flops_per_token + head.flops_per_token)
+                           core.flops_per_token + head.flops_per_token, core.causal_skipped_flops)
 
     # ---- hooks the trainer calls ------------------------------------------------------------
     def on_optimizer_step(self) -> None:

@@ -192,6 +192,19 @@ class Family:
         """This family with some hardware assumptions replaced (None values are ignored)."""
         return replace(self, hardware=replace(self.hardware, **{k: v for k, v in updates.items() if v is not None}))
 
+    def launch_data_dir(self, override: Optional[str] = None) -> str:
+        """The token shards this family's runs train on: ``override`` (``--data-dir``) or the family's.
+
+        Called before launching, never when only planning: a plan or dry run trains nothing. Without
+        it a run would fall back to the trainer's default corpus (the stdlib BPE-8k one) and train a
+        model of this family's vocabulary on another tokenizer's ids.
+        """
+        data_dir = override if override is not None else self.data_dir
+        if not data_dir:
+            raise ValueError(f"family {self.name}: data_dir is required to launch runs (a corpus tokenized for its "
+                             f"{self.vocab_size}-token vocabulary); pass --data-dir or set data_dir in the family")
+        return str(data_dir)
+
 
 def _parse_rung(where: str, raw: Any, index: int) -> Rung:
     raw = _mapping(where, raw)

@@ -162,7 +162,10 @@ def _main(args: argparse.Namespace) -> int:
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     from sweeps.families import load_family
 
-    family = load_family(args.family).name  # a family given as a path is named by its own `name`
+    fam = load_family(args.family)
+    family = fam.name  # a family given as a path is named by its own `name`
+    if not args.dry_run:
+        fam.launch_data_dir(args.data_dir)  # refuse before planning: runs would train on the default corpus
     exit_code = 0
     for budget in args.budget:
         if args.mode == MEMORY:

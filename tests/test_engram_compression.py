@@ -1,12 +1,12 @@
-"""Tokenizer compression: canonical keys, surjectivity, invalid UTF-8 fallback, the disk cache, and
-the reduction on the DeepSeek tokenizer."""
+"""Tokenizer compression: canonical keys, surjectivity, invalid UTF-8 fallback, the disk cache, the
+reduction on the DeepSeek tokenizer, and parity id for id with the public reference's rule."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers
 
 import memory.compression as compression
 from memory.compression import Compression, find_pad_id, identity_compression, load_compression
@@ -108,17 +108,57 @@ def test_identity_and_model_vocab_padding():
         load_compression("/nonexistent/tokenizer.json", use_cache=False)
 
 
-def test_deepseek_reduction(tmp_path, capsys):
-    comp = load_compression("deepseek", tmp_path)
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory) -> tuple[Compression, Tokenizer, object]:
+    cache = tmp_path_factory.mktemp("cache")
+    comp = load_compression("deepseek", cache)
+    return comp, Tokenizer.from_file(str(compression.resolve_tokenizer_file("deepseek"))), cache
+
+
+def _reference_lookup(tok: Tokenizer) -> tuple[np.ndarray, int]:
+    """The rule of the public reference (deepseek-ai/Engram, engram_demo_v1.py, CompressedTokenizer),
+    written out here from its description, independently of memory.compression: for every id of
+    len(tokenizer), decode it alone; text containing U+FFFD keys on the raw token string, else on the
+    text under NFKC, NFD, strip accents, lowercase, whitespace runs -> one space, strip (a lone space
+    kept), or on the text itself when that is empty; new ids in order of first appearance."""
+    keep_space = "\ue000"
+    norm = normalizers.Sequence([
+        normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), keep_space),
+        normalizers.Strip(), normalizers.Replace(keep_space, " ")])
+    n = tok.get_vocab_size(with_added_tokens=True)  # len(PreTrainedTokenizerFast)
+    key_to_new: dict[str, int] = {}
+    lookup = np.empty(n, dtype=np.int64)
+    for tid in range(n):
+        text = tok.decode([tid], skip_special_tokens=False)
+        key = tok.id_to_token(tid) if "\ufffd" in text else (norm.normalize_str(text) or text)
+        lookup[tid] = key_to_new.setdefault(key, len(key_to_new))
+    return lookup, len(key_to_new)
+
+
+def test_deepseek_compression_equals_the_reference_rule_id_for_id(deepseek):
+    comp, tok, _ = deepseek
+    # The reference decodes with transformers' PreTrainedTokenizerFast, which is tokenizers' decode
+    # unless the config asks for clean_up_tokenization_spaces (it would then rewrite " ." etc.).
+    cfg = json.loads((compression.resolve_tokenizer_file("deepseek").parent / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and cfg["clean_up_tokenization_spaces"] is False
+    ref, num = _reference_lookup(tok)
+    assert ref.shape == comp.lookup.shape == (129280,)
+    mismatched = np.flatnonzero(ref != comp.lookup)
+    assert mismatched.size == 0, f"{mismatched.size} ids differ, first {mismatched[:5].tolist()}"
+    assert comp.num_canonical == num
+
+
+def test_deepseek_reduction(deepseek, capsys):
+    comp, tok, cache = deepseek
     assert comp.vocab_size == 129280
     # the paper reports 23.43% for its 128k vocabulary
     assert 0.22 < comp.reduction < 0.25
-    tok = Tokenizer.from_file(str(compression.resolve_tokenizer_file("deepseek")))
     for group in (("The", "the", "ĠThe", "Ġthe", "ĠTHE", "THE"), ("Ġcafe", "Ġcaf\u00c3\u00a9")):  # café
         ids = [tok.token_to_id(t) for t in group]
         assert None not in ids and len({int(comp.lookup[i]) for i in ids}) == 1
     assert comp.lookup[tok.token_to_id("the")] != comp.lookup[tok.token_to_id("then")]
     assert find_pad_id("deepseek") == 2 and comp.lookup[2] == 2
-    compression.main(["deepseek", "--cache-dir", str(tmp_path)])
+    compression.main(["deepseek", "--cache-dir", str(cache)])
     print_out = capsys.readouterr().out
     assert "129280 ->" in print_out and "% reduction" in print_out

@@ -1,4 +1,9 @@
-"""Peak-throughput figures for MFU. MFU uses active-parameter FLOPs (the models' own counts)."""
+"""Peak-throughput figures for MFU.
+
+MFU = train_flops_per_token_causal x tokens/s / (peak x devices): active-parameter FLOPs from the
+models' own counts, with causal attention counted as a causal kernel computes it (about half of the
+full T x T product that the budget's ``flops_per_token`` counts; see models.accounting).
+"""
 from __future__ import annotations
 
 import os

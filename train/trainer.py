@@ -30,16 +30,40 @@ class Diverged(RuntimeError):
     pass
 
 
+VOCAB_PAD_MULTIPLE = 128  # a model vocabulary may pad the data's up to the next multiple of this
+
+
 def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int) -> ModelConfig:
+    """The model config for this data, refusing any data/model tokenizer mismatch before compute.
+
+    The model's vocabulary must be the data's (or it padded to a multiple of 128), and the tokenizer
+    Engram compresses for must be the one the data was tokenized with (compared by tokenizer id):
+    otherwise a model sized for one tokenizer trains on another's ids, and Engram merges ids as if
+    they were the other tokenizer's.
+    """
     model_dict = OmegaConf.to_container(cfg.model, resolve=True)
     engram = model_dict.get("engram")
     if engram and engram.get("tokenizer") == "data":  # compress with the tokenizer the data was made with
         tok = load_manifest(data_dir)["tokenizer"]
         engram["tokenizer"] = str((data_dir / tok["file"]).resolve())
     mcfg = ModelConfig.from_dict(model_dict)
-    if data_vocab > mcfg.vocab_size:
+    padded = -(-data_vocab // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+    if not data_vocab <= mcfg.vocab_size <= padded:
         raise ValueError(f"data in {data_dir} uses a {data_vocab}-token vocabulary but model.vocab_size="
-                         f"{mcfg.vocab_size}")
+                         f"{mcfg.vocab_size} (allowed: {data_vocab}..{padded}, the data's padded to a multiple "
+                         f"of {VOCAB_PAD_MULTIPLE}): data and model were made for different tokenizers")
+    if engram and engram.get("tokenizer") is not None:
+        from data_prep.reader import data_tokenizer_id
+        from data_prep.tokenization import tokenizer_id
+        from memory.compression import resolve_tokenizer_file
+        from tokenizers import Tokenizer
+
+        data_id = data_tokenizer_id(data_dir)
+        engram_id = tokenizer_id(Tokenizer.from_file(str(resolve_tokenizer_file(engram["tokenizer"]))))
+        if engram_id != data_id:
+            raise ValueError(f"model.engram.tokenizer={engram['tokenizer']!r} (id {engram_id}) is not the tokenizer "
+                             f"the data in {data_dir} was made with (id {data_id}): Engram would compress another "
+                             f"tokenizer's ids; use engram.tokenizer=data or data tokenized with it")
     if cfg.train.seq_len > mcfg.max_seq_len:
         raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
     return mcfg
@@ -196,7 +220,7 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
                 if out.aux_loss is not None:
                     metrics["train/aux_loss"] = loss_vec[1].item()
                 if peak:
-                    metrics["perf/mfu"] = counts.train_flops_per_token * tps / (peak * dist.world_size)
+                    metrics["perf/mfu"] = counts.train_flops_per_token_causal * tps / (peak * dist.world_size)
                 metrics.update(model.metrics())
                 tracker.log(metrics, step)
                 window_t0, window_tokens = time.time(), 0
