@@ -50,10 +50,13 @@ class ModelConfig:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"model.n_branches must be an integer >= 1, got {n!r}")
         engram = self.engram
-        mem_n = engram.get("n_branches") if isinstance(engram, Mapping) else getattr(engram, "n_branches", None)
+        if isinstance(engram, Mapping):
+            mem_n = engram.get("n_branches")
+        else:
+            mem_n = getattr(engram, "n_branches", None)
         if mem_n is not None and mem_n != n:
-            raise ValueError(f"model.engram.n_branches={mem_n!r} disagrees with model.n_branches={n}: the branch "
-                             f"count belongs to the backbone; set model.n_branches and drop engram.n_branches")
+            raise ValueError(f"model.engram.n_branches={mem_n!r} disagrees with model.n_branches={n}: the "
+                             f"branch count belongs to the backbone; set model.n_branches, drop engram's")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

@@ -13,17 +13,20 @@ shared value projection, as in deepseek-ai/Engram's engram_demo_v1.py) and is no
 Dynamic, not static. The weights are ``static + scale * tanh(RMSNorm(H_i) W)``, per token, as the
 paper's DHC: stream i's features set its read weight a_i, its write weight b_i and its row R_i.
 Zhu et al. find DHC better than static HC at equal tokens, and DeepSeek-V3-style backbones
-(hc_mult = 4; DeepSeek's manifold-constrained mHC) are dynamic too; the extra cost is one
-d -> n + 2 projection per branch and sublayer (counted below; well under 1% of a block's FLOPs at
-the paper's shapes). We keep Zhu's unconstrained tanh form, not mHC's Sinkhorn-projected R: mHC
-addresses signal blow-up at 27B scale with 60+ layers, and its sigmoid/Sinkhorn parametrisation
-cannot start exactly at the identity, which the initialisation below relies on.
+(hc_mult = 4; DeepSeek's manifold-constrained mHC) are dynamic too. The whole connection costs
+2 n d (n + 2) + 2 n d + 2 n^2 d FLOPs per token and sublayer (counted below): about 0.6% of a
+layer at the paper's 2e20 shape (n = 4, d = 2560), but 6% of the tiny test model's (d = 64),
+where the budget solver charges it like any other FLOP. We keep Zhu's unconstrained tanh form,
+not mHC's Sinkhorn-projected R: mHC addresses signal blow-up at 27B scale with 60+ layers, and its
+sigmoid/Sinkhorn parametrisation cannot start exactly at the identity, which the initialisation
+below relies on.
 
 Initialisation: R = I, b = 1, a = one-hot at (sublayer index mod n), W = 0 (drawn from no random
 generator). Every branch then starts equal to the single-stream residual h (the read picks h
 exactly, I @ H keeps it, b adds f to every branch), so a freshly built n-branch model computes
-the 1-branch model's function (exactly so without Engram, whose per-branch keys differ) and
-consumes the same random numbers: the same seed gives the same backbone weights.
+the 1-branch model's function (up to rounding in the final mean; Engram's per-branch keys make
+its branches differ from the first step) and consumes the same random numbers: the same seed
+gives the same backbone weights.
 """
 from __future__ import annotations
 

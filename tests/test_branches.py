@@ -112,12 +112,10 @@ def test_multi_branch_model_is_causal():
             for hc in (blk.attn_hc, blk.ffn_hc):
                 hc.dyn_weight.normal_(std=0.1)
     idx = torch.randint(0, 512, (2, 24))
-    base = model(idx).logits
-    idx2 = idx.clone()
-    idx2[:, 13] = (idx2[:, 13] + 7) % 512
-    new = model(idx2).logits
-    torch.testing.assert_close(new[:, :13], base[:, :13], rtol=0, atol=0)
-    assert not torch.allclose(new[:, 13], base[:, 13])
+    later = idx.clone()
+    later[:, 13] = (later[:, 13] + 7) % 512
+    moved = (model(idx).logits - model(later).logits).abs().amax(dim=(0, 2))  # [T]: change per position
+    assert moved[:13].eq(0).all() and moved[13] > 0, moved
 
 
 # ---- forward / backward / training ------------------------------------------------------------------
