@@ -55,8 +55,8 @@ class ModelConfig:
         else:
             mem_n = getattr(engram, "n_branches", None)
         if mem_n is not None and mem_n != n:
-            raise ValueError(f"model.engram.n_branches={mem_n!r} disagrees with model.n_branches={n}: the "
-                             f"branch count belongs to the backbone; set model.n_branches, drop engram's")
+            raise ValueError(f"model.engram.n_branches={mem_n!r} disagrees with model.n_branches={n}: the branch "
+                             f"count is the backbone's (set model.n_branches, leave engram.n_branches null)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":

@@ -103,7 +103,8 @@ def expand_streams(h: torch.Tensor, n_branches: int) -> torch.Tensor:
 def merge_streams(h: torch.Tensor) -> torch.Tensor:
     """Branches [B, T, n, d] -> [B, T, d] before the final norm.
 
-    The mean, not the paper's sum: identical at init up to the norm's eps (the norm removes the
-    scale), and it keeps the pre-norm magnitude of the single-stream model. A reduction, 0 FLOPs.
+    The mean, not the paper's sum: after the scale-free final norm the two differ only through its
+    eps, and the mean keeps the single-stream magnitude, so a fresh model's logits equal the
+    1-branch model's. A reduction, 0 FLOPs.
     """
     return h.mean(dim=2)
