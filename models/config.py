@@ -11,6 +11,9 @@ from typing import Any, Mapping, Optional
 from models.config_utils import checked_kwargs
 
 
+_OMITTED_AT = {"n_branches": 1}  # field -> value at which it is left out of to_dict()
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 8192
@@ -25,6 +28,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = False
+    n_branches: int = 1  # residual branches; > 1: hyper-connections (models.hyper_connections)
     moe: Optional[dict] = None  # fields of models.moe.MoEConfig; None = dense FFN everywhere
     engram: Optional[dict] = None  # fields of memory.EngramConfig; None = no memory
 
@@ -38,6 +42,21 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        self._check_branches()
+
+    def _check_branches(self) -> None:
+        """The branch count is the backbone's: Engram, if set, must agree (or leave it unset)."""
+        n = self.n_branches
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"model.n_branches must be an integer >= 1, got {n!r}")
+        engram = self.engram
+        if isinstance(engram, Mapping):
+            mem_n = engram.get("n_branches")
+        else:
+            mem_n = getattr(engram, "n_branches", None)
+        if mem_n is not None and mem_n != n:
+            raise ValueError(f"model.engram.n_branches={mem_n!r} disagrees with model.n_branches={n}: the branch "
+                             f"count is the backbone's (set model.n_branches, leave engram.n_branches null)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -46,7 +65,13 @@ class ModelConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """All fields, except those added later while at the value that reproduces the older model
+        (``_OMITTED_AT``): older checkpoints keep their fingerprint and shipped plans stay unchanged."""
+        d = asdict(self)
+        for key, value in _OMITTED_AT.items():
+            if d[key] == value:
+                del d[key]
+        return d
 
     def fingerprint(self) -> str:
         """Stable hash of the architecture: a checkpoint only loads into the same fingerprint."""

@@ -1,4 +1,7 @@
-"""Decoder-only transformer: token embedding -> blocks -> RMSNorm -> output head."""
+"""Decoder-only transformer: token embedding -> blocks -> RMSNorm -> output head.
+
+With ``n_branches > 1`` the residual stream is hyper-connected (:mod:`models.hyper_connections`):
+expanded to [B, T, n, d] after the embedding, merged back to [B, T, d] before the final norm."""
 from __future__ import annotations
 
 import math
@@ -14,6 +17,7 @@ from models.attention import Attention
 from models.block import Block
 from models.config import ModelConfig
 from models.ffn import SwiGLU
+from models.hyper_connections import HyperConnection, expand_streams, merge_streams
 from models.layers import RMSNorm
 from models.param_groups import tag
 
@@ -36,6 +40,13 @@ def build_ffn(cfg: ModelConfig, layer_id: int, init_std: float, out_std: float) 
     return SwiGLU(cfg.d_model, cfg.ffn_hidden, init_std, out_std)
 
 
+def build_hyper_connections(cfg: ModelConfig, layer_id: int) -> tuple:
+    """(attention HC, FFN HC) of block ``layer_id``; () for a single-branch residual."""
+    if cfg.n_branches == 1:
+        return ()
+    return tuple(HyperConnection(cfg.n_branches, cfg.d_model, 2 * layer_id + k, cfg.norm_eps) for k in (0, 1))
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -50,7 +61,8 @@ class Transformer(nn.Module):
             attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.max_seq_len,
                              cfg.rope_theta, std, out_std)
             self.layers.append(Block(i, attn, build_ffn(cfg, i, std, out_std),
-                                     RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)))
+                                     RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps),
+                                     *build_hyper_connections(cfg, i)))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.tie_embeddings:
             self.head = None
@@ -75,13 +87,17 @@ class Transformer(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         mem = self.memory_indexer(idx) if self.memory_indexer is not None else {}
-        h = self.tok_emb(idx)
+        h = self.tok_emb(idx)  # [B, T, d]
+        if self.cfg.n_branches > 1:
+            h = expand_streams(h, self.cfg.n_branches)  # [B, T, n, d]
         aux = None
         for blk in self.layers:
             h = blk(h, mem.get(blk.layer_id))
             a = getattr(blk.ffn, "aux_loss", None)
             if a is not None:
                 aux = a if aux is None else aux + a
+        if self.cfg.n_branches > 1:
+            h = merge_streams(h)
         h = self.norm(h)
         logits = F.linear(h, self.tok_emb.weight) if self.head is None else self.head(h)
         if targets is None:
