@@ -21,7 +21,7 @@ class RunSpec:
     model: dict  # full ModelConfig mapping (moe and engram included), as the trainer receives it
     seq_len: int
     global_batch_size: int
-    steps: int
+    train_sequences: int  # the run's sequences; the last optimizer step may be short (train/data.py)
     train: dict  # further train.* settings (micro_batch_size, precision, zero_stage, ...)
     optim: dict  # optim.* settings of the family (warmup_steps derived from warmup_frac)
     data_dir: Optional[str]
@@ -35,6 +35,7 @@ class RunSpec:
     forward_flops_per_token: float
     flops_drift: float  # flops_per_token / flops_per_token(rho = 1) - 1
     total_params_error: float  # total_params / total_params(rho = 1) - 1
+    active_params_error: float = 0.0  # active_params / active_params(rho = 1) - 1 (Engram's dense parts)
     engram_dim_reduced_from: Optional[int] = None  # drift compensation (b), if it was needed
 
     @property
@@ -51,8 +52,17 @@ class RunSpec:
         return 3.0 * self.forward_flops_per_token
 
     @property
+    def steps(self) -> int:
+        """Optimizer steps (the trainer's ``train.data.run_length`` of ``train_tokens``)."""
+        return -(-self.train_sequences // self.global_batch_size)
+
+    @property
+    def last_step_sequences(self) -> int:
+        return self.train_sequences - (self.steps - 1) * self.global_batch_size
+
+    @property
     def train_tokens(self) -> int:
-        return self.steps * self.global_batch_size * self.seq_len
+        return self.train_sequences * self.seq_len
 
     @property
     def train_flops(self) -> float:
@@ -65,6 +75,21 @@ class RunSpec:
     @property
     def tokens_per_active_param(self) -> float:
         return self.train_tokens / self.active_params
+
+    @property
+    def tokens_per_total_param(self) -> float:
+        return self.train_tokens / self.total_params
+
+    @property
+    def lookups_per_row(self) -> Optional[float]:
+        """Engram lookups per table row over the run, mean over rows (None without Engram): each token
+        looks up one row per hash head, order and Engram layer; a row holds ``head_dim`` parameters."""
+        eng = self.model.get("engram")
+        if not eng or not self.engram_params:
+            return None
+        heads, orders = int(eng["heads_per_ngram"]), int(eng["max_ngram"]) - 1
+        rows = self.engram_params / (int(eng["embed_dim_per_ngram"]) // heads)
+        return self.train_tokens * len(eng["layer_ids"]) * orders * heads / rows
 
     @property
     def name(self) -> str:
@@ -103,8 +128,11 @@ class RunSpec:
             "engram_dim_reduced_from": self.engram_dim_reduced_from,
             "flops_per_token": self.flops_per_token, "forward_flops_per_token": self.forward_flops_per_token,
             "flops_drift": self.flops_drift, "total_params_error": self.total_params_error,
+            "active_params_error": self.active_params_error,
             "seq_len": self.seq_len, "global_batch_size": self.global_batch_size, "steps": self.steps,
+            "train_sequences": self.train_sequences, "last_step_sequences": self.last_step_sequences,
             "train_tokens": self.train_tokens, "tokens_per_active_param": self.tokens_per_active_param,
+            "tokens_per_total_param": self.tokens_per_total_param, "lookups_per_row": self.lookups_per_row,
             "train_flops": self.train_flops, "train_flops_error": self.train_flops_error,
             "model": self.model, "train": dict(self.train), "optim": dict(self.optim), "data_dir": self.data_dir,
             "overrides": self.overrides(),
