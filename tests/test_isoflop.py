@@ -214,3 +214,24 @@ def test_results_tables_written_before_the_iso_columns_still_read(tmp_path):
     (rec,) = read_results(tmp_path / "old.parquet")
     assert rec.rho_eff == 0.79 and rec.planned_flops == 1e13
     assert math.isclose(rec.flops_error, 0.004) and rec.excluded is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_trainer_spends_exactly_the_planned_tokens_on_a_short_last_step(tiny_data, tmp_path, nproc):
+    """train_tokens of 5 full steps + 3 sequences: 6 steps, the last one short (2 slots of 4-sequence
+    micro-batches: 2 + 1 sequences, over accumulation on 1 rank or over ranks on 2); final.json
+    holds exactly those tokens and their FLOPs."""
+    from trainer_utils import final, losses, run_train
+
+    tokens = (5 * 8 + 3) * 64
+    run_dir = tmp_path / "run"
+    run_train(tiny_data, run_dir, f"train.train_tokens={tokens}", "train.eval_interval=1000",
+              "train.ckpt_interval=1000", nproc=nproc)
+    f = final(run_dir)
+    assert f["steps"] == 6 and f["tokens"] == tokens
+    assert f["train_flops"] == pytest.approx(f["flops_per_token"] * tokens, rel=1e-12)
+    ls = losses(run_dir)
+    assert sorted(ls) == list(range(1, 7)) and all(math.isfinite(v) for v in ls.values())
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train/tokens"] for m in logged if "train/tokens" in m][-1] == tokens
