@@ -20,17 +20,21 @@ Procedure for a family, a budget C and a list of rho values:
    convolution) is subtracted from P_tot(rho = 1), and :func:`memory.sizing.solve_table_sizes`
    turns the remainder into prime table sizes. P_tot stays within the family's tolerance of the
    rho = 1 model (prime gaps leave a few rows per head).
-4. Tokens. Each run trains for the whole number of optimizer steps whose training FLOPs
-   (3 x forward FLOPs per token x tokens, attention and head included, lookups 0) are closest to
-   C, so every run of a plan spends C within the family's tolerance.
+4. Tokens. Each run trains the whole number of *sequences* whose training FLOPs (3 x forward
+   FLOPs per token x tokens, attention and head included, lookups 0) are closest to C; the last
+   optimizer step may be short (:func:`sweeps.solver.sequences_for_budget` says why, train/data.py
+   how), so every run spends C to a few hundredths of a percent (``tolerances.train_flops``, 0.2%
+   by default) and the trainer's ``final.json`` spends exactly what was planned.
 
-Active FLOPs drift. At rho < 1 the Engram value/key projections, gate and convolution are active
-(+FLOPs per token) while the removed experts' router columns are gone (-FLOPs); the net drift is
-reported per run. Compensation: (a) the iso-FLOP token solve of step 4 charges the drift to the
-token count, so every run spends exactly the same compute; (b) if the per-token drift still
-exceeds the family's ``tolerances.flops_drift``, the Engram memory width (embed_dim_per_ngram) is
-lowered in steps of heads_per_ngram until it fits, and the freed projection parameters go to the
-tables; the reduction is reported. A plan that cannot be brought within every tolerance raises.
+Active FLOPs drift and active parameters. At rho < 1 the Engram value/key projections, gate and
+convolution are active (+FLOPs per token, +P_act) while the removed experts' router columns are
+gone (-FLOPs); both differences are reported per run (``flops_drift``, ``active_params_error``).
+Compensation: (a) the iso-FLOP token solve of step 4 charges the drift to the token count, and the
+table solve of step 3 charges the extra active parameters to the tables (P_tot stays equal); (b)
+if the drift or the P_act difference still exceeds the family's ``tolerances.flops_drift`` /
+``tolerances.active_params``, the Engram memory width (embed_dim_per_ngram) is lowered in steps of
+heads_per_ngram until both fit, and the freed projection parameters go to the tables; the
+reduction is reported. A plan that cannot be brought within every tolerance raises.
 
 All counts come from the modules' own ``counts()`` / ``table_params``; nothing here re-derives a
 per-module parameter or FLOP formula (only the activation-memory estimate of the cost report is a

@@ -37,7 +37,11 @@ def solve_memory_points(family: Family, budget: float, slots: Sequence[int],
                        engram_params=m.table_params, engram_dense_params=m.total - m.table_params - base.total_params,
                        forward_flops_per_token=m.forward_flops,
                        flops_drift=m.train_flops / (3.0 * base.forward_flops_per_token) - 1.0,
-                       total_params_error=m.total / base.total_params - 1.0)
+                       total_params_error=m.total / base.total_params - 1.0,
+                       active_params_error=m.active / base.active_params - 1.0,
+                       # the experts' share of P_sparse falls as the tables join it
+                       rho_effective=base.rho_effective * (base.total_params - base.active_params)
+                       / (m.total - m.active))
         out.append((spec, int(exact // head_dim)))
     if len({n for _, n in out}) != len(out):
         raise ValueError(f"slot counts {slots} round to the same prime-sized tables; space them further apart")

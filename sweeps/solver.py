@@ -151,7 +151,8 @@ def solve_point(family: Family, backbone: Backbone, budget: float, rho: float, e
     return RunSpec(
         family=family.name, rung=backbone.name, budget=float(budget), rho=float(rho),
         rho_effective=(n - k) * backbone.expert_sparse_params / (final.total - final.active),
-        model=model, seq_len=family.seq_len, global_batch_size=batch, train_sequences=sequences, train=train, optim=optim,
+        model=model, seq_len=family.seq_len, global_batch_size=batch, train_sequences=sequences, train=train,
+        optim=optim,
         data_dir=data_dir if data_dir is not None else family.data_dir,
         total_params=final.total, active_params=final.active,
         embedding_params=final.counts.embedding_params, head_params=final.counts.head_params,

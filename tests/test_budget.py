@@ -25,13 +25,7 @@ REQUIRED_KEYS = ("rho", "total_params", "active_params", "n_routed_experts", "to
                  "flops_per_token", "train_tokens", "train_flops")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small CPU workloads: one thread (two threads on a busy 2-core machine stall each other)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

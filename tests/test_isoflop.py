@@ -22,12 +22,7 @@ PAPER_RHOS = [1.0, 0.8, 0.6, 0.4]
 RUN_TOL, SWEEP_TOL = 0.001, 0.002  # the limits: planned vs spent, and every run vs the budget
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
