@@ -1,6 +1,7 @@
 """Iso-FLOP allocation sweeps: families (conf/family/*.yaml), the budget solver, planning, fitting.
 
-The budget math lives in :mod:`sweeps.budget` alone; :mod:`sweeps.families` loads family configs and
+The budget math lives in :mod:`sweeps.budget` (which assembles backbone, solver, runspec, resources
+and memory_points); :mod:`sweeps.families` loads family configs and
 ``python -m sweeps.plan`` prints a plan. Names below are imported lazily so that light modules of
 this package (fits, plots, results) do not pull in torch.
 """

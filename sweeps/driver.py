@@ -588,8 +588,9 @@ def describe_plan(sweep: Sweep) -> str:
 
     lines = [f"sweep {sweep.name} ({sweep.mode}): {len(sweep.runs)} runs in {sweep.dir}"]
     lines += [f"warning: {w}" for w in sweep.warnings]
-    head = (f"{'run':<24} {'state':<11} {'P_tot':>9} {'P_act':>9} {'experts':>7} {'engram':>9} {'tokens':>9} "
-            f"{'FLOPs':>8} {'drift':>7} {'GPU-h':>8} {'GiB/dev':>7}")
+    head = (f"{'run':<24} {'state':<11} {'rho_eff':>7} {'P_tot':>9} {'P_act':>9} {'experts':>7} {'engram':>9} "
+            f"{'tokens':>9} {'tok/Pact':>8} {'tok/Ptot':>8} {'lkp/row':>8} {'FLOPs':>10} {'C err':>8} {'drift':>7} "
+            f"{'GPU-h':>8} {'GiB/dev':>7}")
     lines += [head, "-" * len(head)]
     total_hours = 0.0
     for run in sweep.runs:
@@ -597,10 +598,13 @@ def describe_plan(sweep: Sweep) -> str:
         est = s.get("estimates") or {}
         total_hours += est.get("gpu_hours", 0.0)
         rec = sweep.record(run)
-        lines.append(f"{run.run_dir.name:<24} {rec.status:<11} {s.get('total_params', 0):>9.3g} "
-                     f"{s.get('active_params', 0):>9.3g} {s.get('n_routed_experts', '-'):>7} "
-                     f"{s.get('engram_params', 0):>9.3g} {s.get('train_tokens', 0):>9.3g} "
-                     f"{s.get('train_flops', 0):>8.3g} {s.get('flops_drift', 0):>+7.2%} "
+        lines.append(f"{run.run_dir.name:<24} {rec.status:<11} {s.get('rho_effective', math.nan):>7.3f} "
+                     f"{s.get('total_params', 0):>9.3g} {s.get('active_params', 0):>9.3g} "
+                     f"{s.get('n_routed_experts', '-'):>7} {s.get('engram_params', 0):>9.3g} "
+                     f"{s.get('train_tokens', 0):>9.3g} {s.get('tokens_per_active_param', math.nan):>8.3g} "
+                     f"{s.get('tokens_per_total_param', math.nan):>8.3g} "
+                     f"{s.get('lookups_per_row') or math.nan:>8.3g} {s.get('train_flops', 0):>10.5g} "
+                     f"{s.get('train_flops_error', math.nan):>+8.3%} {s.get('flops_drift', 0):>+7.2%} "
                      f"{est.get('gpu_hours', math.nan):>8.3g} {est.get('mem_per_gpu_gib', math.nan):>7.3g}")
     if total_hours:
         est = sweep.runs[0].spec["estimates"]

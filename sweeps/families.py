@@ -101,11 +101,12 @@ class Tolerances:
     """What every plan must satisfy (the solver raises rather than return a plan outside them)."""
 
     total_params: float = 0.005  # |P_tot(rho) / P_tot(rho = 1) - 1|
-    train_flops: float = 0.01  # |training FLOPs / budget - 1|
+    train_flops: float = 0.002  # |training FLOPs / budget - 1| (tokens are solved to the sequence)
     flops_drift: float = 0.02  # |FLOPs per token(rho) / FLOPs per token(rho = 1) - 1|
+    active_params: float = 0.01  # |P_act(rho) / P_act(rho = 1) - 1| (Engram's projections are active)
 
     def __post_init__(self):
-        for name in ("total_params", "train_flops", "flops_drift"):
+        for name in ("total_params", "train_flops", "flops_drift", "active_params"):
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ValueError(f"tolerances.{name} must lie in (0, 1), got {v}")

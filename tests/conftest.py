@@ -1,4 +1,5 @@
-"""Shared fixtures: one small real dataset (this machine's Python stdlib, BPE-1k) per test session."""
+"""Shared fixtures: one small real dataset (this machine's Python stdlib, BPE-1k) per test session, and
+one torch thread for modules of small CPU workloads."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small CPU workloads: one thread (two threads on a busy 2-core machine stall each other). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -25,13 +25,7 @@ REQUIRED_KEYS = ("rho", "total_params", "active_params", "n_routed_experts", "to
                  "flops_per_token", "train_tokens", "train_flops")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small CPU workloads: one thread (two threads on a busy 2-core machine stall each other)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,12 @@ def check_plan_invariants(plan: Plan) -> None:
         assert abs(run.train_flops / plan.budget - 1) <= tol.train_flops
         assert abs(run.flops_per_token / ref.train_flops - 1) <= tol.flops_drift
         assert run.train_flops == pytest.approx(run.flops_per_token * run.train_tokens, rel=1e-12)
-        assert run.train_tokens == run.steps * run.global_batch_size * run.seq_len
+        assert run.train_tokens == run.train_sequences * run.seq_len
+        assert (run.steps - 1) * run.global_batch_size + run.last_step_sequences == run.train_sequences
+        slots = run.global_batch_size // int(run.train.get("micro_batch_size", 1))
+        assert slots <= run.last_step_sequences <= run.global_batch_size  # the trainer can split it
+        assert abs(run.active_params / ref.active - 1) <= tol.active_params
+        assert run.active_params_error == pytest.approx(run.active_params / ref.active - 1)
         assert run.top_k <= run.n_routed_experts <= plan.backbone.n_routed
         if run.rho == 1.0:
             assert run.model["engram"] is None and run.engram_params == 0
@@ -285,14 +284,14 @@ def test_overrides_compose_into_the_trainer_config(cpu, paper):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from train.trainer import total_steps
+    from train.trainer import step_schedule
 
     runs = solve_plan(cpu, 1e13, [1.0, 0.4]).runs + solve_plan(paper, 2e20, [0.8]).runs
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for run in runs:
             cfg = compose("config", overrides=run.overrides())
             assert OmegaConf.to_container(cfg.model, resolve=True) == run.model
-            assert total_steps(cfg) == run.steps
+            assert step_schedule(cfg) == (run.steps, run.last_step_sequences)
             assert (cfg.train.seq_len, cfg.train.global_batch_size) == (run.seq_len, run.global_batch_size)
             assert cfg.train.train_tokens == run.train_tokens
             assert cfg.experiment_name == run.name

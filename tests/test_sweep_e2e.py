@@ -90,6 +90,8 @@ def test_cli_sweep_with_the_real_trainer_survives_a_kill(tiny_data, tmp_path):
     for r in rows:
         final = json.loads((Path(r.run_dir) / "final.json").read_text())
         assert r.val_loss == final["val_loss"] and r.tokens == final["tokens"] and r.total_params > 0
+        # iso-FLOP: spent (final.json) == planned to 0.1%, within 0.5% of the budget (~190 sequences)
+        assert abs(final["train_flops"] / r.planned_flops - 1) <= 1e-3 and r.excluded is None, r
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert [p["rho"] for p in summary["points"]] == [1.0, 0.5, 0.2]
     assert summary["fit"]["n_points"] == 3 and 0.2 <= summary["fit"]["rho_star"] <= 1.0

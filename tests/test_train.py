@@ -56,10 +56,13 @@ def test_two_rank_zero2_loss_decreases(tiny_data, tmp_path):
     assert final(run_dir)["steps"] == 30
 
 
-def test_kill_and_resume_is_exact(tiny_data, tmp_path):
-    """2N uninterrupted steps == N steps, SIGKILL, resume to 2N (fp32, CPU): identical losses."""
+@pytest.mark.parametrize("length", ["train.max_steps=24", f"train.train_tokens={(23 * 8 + 3) * 64}"],
+                         ids=["whole-steps", "short-last-step"])
+def test_kill_and_resume_is_exact(tiny_data, tmp_path, length):
+    """2N uninterrupted steps == N steps, SIGKILL, resume to 2N (fp32, CPU): identical losses, also when
+    the run ends on a short last step (train_tokens to the sequence)."""
     n = 12
-    common = [f"train.max_steps={2 * n}", f"train.ckpt_interval={n}", "train.eval_interval=1000"]
+    common = [length, f"train.ckpt_interval={n}", "train.eval_interval=1000"]
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     run_train(tiny_data, ref_dir, *common)
 

@@ -6,18 +6,49 @@ The train split's token stream is cut into non-overlapping windows of ``seq_len 
 indices ``[s * G, (s + 1) * G)`` (G = global batch size in sequences); micro-step ``m`` of rank
 ``r`` takes its ``micro_batch_size`` slice of those, so the data seen per step is independent of
 how the global batch is split over ranks and accumulation steps.
+
+Exact token counts. A run may end on a partial optimizer step (``last_step_sequences`` < G), so an
+iso-FLOP plan can train its budget's tokens to the sequence rather than to the step. The last step
+keeps every micro-batch *slot* (G / micro_batch_size of them over ranks and accumulation steps),
+only smaller: its sequences are spread over the slots (sizes differ by at most one, at least one
+each), so DeepSpeed's gradient-accumulation boundary and the all-reduce are the same as on any
+other step. DeepSpeed averages the slots' mean losses; :meth:`TrainBatches.loss_weight` rescales
+each slot's loss by its share of the step's sequences, so the step's gradient is the mean over its
+sequences exactly as on a full step (weight 1 there). The data order does not change: step ``s``
+still starts at sample ``s * G``, so exact resume is unaffected.
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 import torch
 
 
+def run_length(train_tokens: float, seq_len: int, global_batch_size: int, micro_batch_size: int) -> tuple[int, int]:
+    """(optimizer steps, sequences of the last step) that train ``train_tokens`` tokens.
+
+    Rounded up to whole sequences, and the last step up to one sequence per micro-batch slot
+    (``global_batch_size // micro_batch_size`` slots, whatever the world size); a plan that wants an
+    exact count passes a feasible one (:mod:`sweeps.solver` does), so no rounding happens.
+    """
+    if not (math.isfinite(train_tokens) and train_tokens > 0):
+        raise ValueError(f"train.train_tokens must be a positive number of tokens, got {train_tokens}")
+    if global_batch_size % micro_batch_size:
+        raise ValueError(f"train.global_batch_size={global_batch_size} is not a multiple of "
+                         f"micro_batch_size={micro_batch_size}")
+    sequences = -(-math.ceil(train_tokens) // seq_len)
+    steps = -(-sequences // global_batch_size)
+    last = max(sequences - (steps - 1) * global_batch_size, global_batch_size // micro_batch_size)
+    return steps, last
+
+
 class TrainBatches:
     def __init__(self, split, seq_len: int, micro_batch_size: int, global_batch_size: int,
-                 rank: int, world_size: int, seed: int):
+                 rank: int, world_size: int, seed: int, total_steps: Optional[int] = None,
+                 last_step_sequences: Optional[int] = None):
         if global_batch_size % (micro_batch_size * world_size):
             raise ValueError(
                 f"train.global_batch_size={global_batch_size} is not a multiple of "
@@ -26,6 +57,12 @@ class TrainBatches:
         self.micro, self.global_bs = micro_batch_size, global_batch_size
         self.rank, self.world, self.seed = rank, world_size, seed
         self.accum_steps = global_batch_size // (micro_batch_size * world_size)
+        self.slots = global_batch_size // micro_batch_size  # micro-batches per step over all ranks
+        self.total_steps = total_steps
+        self.last = global_batch_size if last_step_sequences is None else int(last_step_sequences)
+        if not self.slots <= self.last <= global_batch_size or (self.last < global_batch_size and not total_steps):
+            raise ValueError(f"last step of {self.last} sequences: needs total_steps and between "
+                             f"{self.slots} (one per micro-batch) and {global_batch_size} sequences")
         self.n_windows = (split.n_tokens - 1) // seq_len
         if self.n_windows < global_batch_size:
             raise ValueError(f"train split has {split.n_tokens} tokens: fewer than one global batch of "
@@ -35,9 +72,32 @@ class TrainBatches:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
 
+    def sequences_in(self, step: int) -> int:
+        """Sequences of optimizer step ``step`` (0-based): G, or the last step's count."""
+        return self.last if self.total_steps is not None and step == self.total_steps - 1 else self.global_bs
+
+    def tokens_through(self, steps_done: int) -> int:
+        """Tokens trained by the first ``steps_done`` optimizer steps."""
+        if steps_done <= 0:
+            return 0
+        return ((steps_done - 1) * self.global_bs + self.sequences_in(steps_done - 1)) * self.seq_len
+
+    def _slot(self, step: int, micro_step: int) -> tuple[int, int]:
+        """(first sequence within the step, sequences) of this rank's micro-batch ``micro_step``."""
+        base, extra = divmod(self.sequences_in(step), self.slots)
+        j = micro_step * self.world + self.rank
+        return j * base + min(j, extra), base + (j < extra)
+
+    def loss_weight(self, step: int, micro_step: int) -> float:
+        """Factor on this micro-batch's mean loss so the step's gradient is the mean over its sequences
+        (1 on full steps; on a short last step, the slot's share of the step's sequences x slots)."""
+        n = self._slot(step, micro_step)[1]
+        return n * self.slots / self.sequences_in(step)
+
     def sample_ids(self, step: int, micro_step: int) -> np.ndarray:
-        first = step * self.global_bs + (micro_step * self.world + self.rank) * self.micro
-        return np.arange(first, first + self.micro)
+        offset, n = self._slot(step, micro_step)
+        first = step * self.global_bs + offset
+        return np.arange(first, first + n)
 
     def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []

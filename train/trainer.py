@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_prep.reader import open_split, load_manifest
 from models import ModelConfig, Transformer
 from train import checkpoint as ckpt
-from train.data import TrainBatches
+from train.data import TrainBatches, run_length
 from train.distributed import DistInfo, all_reduce_sum, barrier
 from train.evaluate import evaluate
 from train.hardware import peak_flops
@@ -76,13 +76,19 @@ def stream_fingerprint(data_dir: Path, cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def total_steps(cfg: DictConfig) -> int:
+def step_schedule(cfg: DictConfig) -> tuple[int, int]:
+    """(optimizer steps, sequences of the last step): ``train.train_tokens`` to the sequence (the last
+    step may be short, see train/data.py), else ``train.max_steps`` full steps."""
     t = cfg.train
     if t.get("train_tokens"):
-        return max(1, math.ceil(float(t.train_tokens) / (t.global_batch_size * t.seq_len)))
+        return run_length(float(t.train_tokens), int(t.seq_len), int(t.global_batch_size), int(t.micro_batch_size))
     if t.max_steps <= 0:
         raise ValueError(f"train.max_steps must be positive, got {t.max_steps}")
-    return int(t.max_steps)
+    return int(t.max_steps), int(t.global_batch_size)
+
+
+def total_steps(cfg: DictConfig) -> int:
+    return step_schedule(cfg)[0]
 
 
 def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
@@ -132,9 +138,9 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
     fingerprints = {"model_fingerprint": mcfg.fingerprint(), "stream_fingerprint": stream_fingerprint(data_dir, cfg)}
     if latest is not None:
         ckpt.check_compatible(latest, fingerprints, ckpt_dir)
-    steps = total_steps(cfg)
+    steps, last_sequences = step_schedule(cfg)
     batches = TrainBatches(train_split, t.seq_len, t.micro_batch_size, t.global_batch_size,
-                           dist.rank, dist.world_size, t.seed)
+                           dist.rank, dist.world_size, t.seed, steps, last_sequences)
     if dist.is_main and (run_dir / FAILED).exists():
         (run_dir / FAILED).unlink()  # this attempt supersedes the recorded failure
 
@@ -167,12 +173,11 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
                  f"{counts.total_params:,}", f"{counts.active_params:,}", counts.train_flops_per_token, steps,
                  t.global_batch_size * t.seq_len)
 
-    tokens_per_step = t.global_batch_size * t.seq_len
     peak = peak_flops(dist.device, cfg.logging.get("peak_tflops"))
     base_lr = float(cfg.optim.lr)
 
     def checkpoint_meta(step: int) -> dict:
-        return {**fingerprints, "step": step, "wandb_run_id": tracker.run_id, "tokens": step * tokens_per_step}
+        return {**fingerprints, "step": step, "wandb_run_id": tracker.run_id, "tokens": batches.tokens_through(step)}
 
     def eval_now() -> float:
         return evaluate(engine, val_split, t.seq_len, t.eval_tokens, t.micro_batch_size, dist.rank,
@@ -195,26 +200,27 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
             loss_sum = torch.zeros(2, dtype=torch.float64)  # [ce, aux]
             for micro in range(batches.accum_steps):
                 x, y = batches.get(step, micro)
+                weight = batches.loss_weight(step, micro)  # 1 except on a short last step
                 out = engine(x.to(dist.device), y.to(dist.device))
-                engine.backward(out.loss)
+                engine.backward(out.loss if weight == 1 else out.loss * weight)
                 engine.step()
-                loss_sum[0] += out.ce_loss.detach().double().cpu()
+                loss_sum[0] += weight * out.ce_loss.detach().double().cpu()
                 if out.aux_loss is not None:
-                    loss_sum[1] += out.aux_loss.detach().double().cpu()
+                    loss_sum[1] += weight * out.aux_loss.detach().double().cpu()
             model.on_optimizer_step()
             step += 1
             loss_vec = all_reduce_sum(loss_sum.to(dist.device)).cpu() / (batches.accum_steps * dist.world_size)
             loss = loss_vec[0].item()
             if not math.isfinite(loss) or loss > t.max_loss:
                 raise Diverged(f"training loss {loss} at step {step} (limit train.max_loss={t.max_loss})")
-            window_tokens += tokens_per_step
+            window_tokens += batches.sequences_in(step - 1) * t.seq_len
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if step % t.log_interval == 0 or step == steps:
                 dt = max(time.time() - window_t0, 1e-9)
                 tps = window_tokens / dt
-                metrics = {"train/loss": loss, "train/lr": lr, "train/tokens": step * tokens_per_step,
+                metrics = {"train/loss": loss, "train/lr": lr, "train/tokens": batches.tokens_through(step),
                            "train/tokens_per_s": tps, "train/epoch": batches.epochs_at(step),
                            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0)}
                 if out.aux_loss is not None:
@@ -236,8 +242,9 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
         val = eval_now()
         tracker.log({"val/loss": val}, step)
         ckpt.save(engine, ckpt_dir, step, checkpoint_meta(step), dist.is_main, t.keep_checkpoints)
-        final = {"status": "completed", "val_loss": val, "steps": step, "tokens": step * tokens_per_step,
-                 "train_flops": counts.train_flops_per_token * step * tokens_per_step,
+        tokens = batches.tokens_through(step)  # exactly the tokens trained (a short last step included)
+        final = {"status": "completed", "val_loss": val, "steps": step, "tokens": tokens,
+                 "train_flops": counts.train_flops_per_token * tokens,
                  "flops_per_token": counts.train_flops_per_token, "total_params": counts.total_params,
                  "active_params": counts.active_params, "wall_time_s": time.time() - started,
                  "wandb_run_id": tracker.run_id}
