@@ -15,7 +15,6 @@ instead of running on unattended next to a re-launched copy.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import os
 import shlex
@@ -29,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from train.run_files import atomic_write_json
+from train.run_files import LOCK_FD_ENV, LOCK_NAME, atomic_write_json, is_locked, try_lock
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = "train/main.py"
-LOCK_NAME = ".run.lock"
 LAUNCH_RECORD = "launcher.json"
 RUNNERS = ("python", "torchrun", "deepspeed")
 
@@ -41,30 +39,6 @@ RUNNERS = ("python", "torchrun", "deepspeed")
 # --------------------------------------------------------------------------------------------------
 # Run-directory lock
 # --------------------------------------------------------------------------------------------------
-def try_lock(run_dir: Path) -> Optional[int]:
-    """Open and exclusively lock ``run_dir/.run.lock``; the descriptor, or None if another process holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def is_locked(run_dir: Path) -> bool:
-    """Whether a live process holds the run's lock (a trainer is running in it)."""
-    if not (run_dir / LOCK_NAME).exists():
-        return False
-    fd = try_lock(run_dir)
-    if fd is None:
-        return True
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-    return False
-
-
 def _die_with_parent() -> None:
     """preexec_fn: deliver SIGTERM to this child when the thread that spawned it dies (Linux only)."""
     try:
@@ -136,7 +110,7 @@ def spawn_locked(cmd: Sequence[str], run_dir: Path, log_path: Path, env: dict[st
         with open(log_path, "a") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} launch: {shlex.join(cmd)}\n")
             log.flush()
-            return subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **env}, stdout=log,
+            return subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **env, LOCK_FD_ENV: str(fd)}, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(fd,),
                                     start_new_session=True, preexec_fn=_die_with_parent)
     finally:
