@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python train/main.py` from a checkout without installing
     sys.path.insert(0, str(REPO))
 CONF = REPO / "conf"
+STARTED = time.time()  # this attempt's start: a failed.json newer than this was written by a peer rank
 
 
 def _check_group_choices(argv: list[str]) -> None:
@@ -33,7 +34,7 @@ def _check_group_choices(argv: list[str]) -> None:
             raise SystemExit(f"error: unknown {key} '{value}' (available: {', '.join(options)})")
 
 
-def _compose_and_validate(argv: list[str]) -> None:
+def _compose_and_validate(argv: list[str]):
     """Compose the config as Hydra will and check it against train/schema.py, before torch is imported,
     so a typo'd key or a bad value costs a second, not a checkpoint (and fails in one line)."""
     if any(a.startswith("-") for a in argv):  # Hydra's own flags (--cfg, --multirun): leave it to Hydra
@@ -50,6 +51,7 @@ def _compose_and_validate(argv: list[str]) -> None:
             cfg = compose("config", overrides=overrides)
         check_schema(cfg)
         validate(cfg)
+        return cfg
     except ConfigError as e:
         _fail(str(e))
         raise SystemExit(2) from None
@@ -57,6 +59,22 @@ def _compose_and_validate(argv: list[str]) -> None:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         _fail("; ".join(lines[:2]) or type(e).__name__)
         raise SystemExit(2) from None
+
+
+def _lock_run_dir(run_dir: Path) -> None:
+    """Rank 0 takes run_dir/.run.lock before Hydra writes its logs there, and keeps it until it exits
+    (the descriptor is passed on to the trainer in ISOFLOP_RUN_LOCK_FD). A second launch into a live run
+    stops here, touching nothing in the directory; under torchrun its launcher then stops the peers."""
+    from train.run_files import LOCK_FD_ENV, LOCK_NAME, try_lock
+
+    if int(os.environ.get("RANK", "0")) != 0 or os.environ.get(LOCK_FD_ENV):
+        return  # a peer rank, or a launcher (the sweep driver) holds the lock for us
+    fd = try_lock(run_dir)
+    if fd is None:
+        _fail(f"run_dir {run_dir} is in use by another live trainer ({run_dir / LOCK_NAME}); "
+              f"wait for it, stop it, or use another run_dir")
+        raise SystemExit(2)
+    os.environ[LOCK_FD_ENV] = str(fd)
 
 
 def _fail(msg: str) -> None:
@@ -73,8 +91,9 @@ def _report_rank_failure(cfg, status: str, msg: str) -> None:
     who = f"rank {rank}: " if world > 1 else ""
     print(f"error: {who}{msg}", file=sys.stderr, flush=True)
     run_dir = Path(cfg.run_dir)
-    if (run_dir / FINAL).exists() or (rank != 0 and (run_dir / FAILED).exists()):
-        return
+    failed = run_dir / FAILED
+    if (run_dir / FINAL).exists() or (failed.exists() and failed.stat().st_mtime >= STARTED):
+        return  # the first failure of this attempt is the cause; later ones (peers losing it) are echoes
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / FAILED, {"status": status, "reason": f"{who}{msg}", "step": None, "rank": rank})
 
@@ -97,7 +116,9 @@ def main() -> int:
     from train.schema import register
 
     register()
-    _compose_and_validate(sys.argv[1:])  # every rank: all stop, rank 0 says why
+    cfg = _compose_and_validate(sys.argv[1:])  # every rank: all stop, rank 0 says why
+    if cfg is not None:
+        _lock_run_dir(Path(cfg.run_dir))
     import hydra
     from omegaconf import DictConfig
 
@@ -108,13 +129,16 @@ def main() -> int:
         from data_prep.reader import DataError
         from train.checkpoint import CheckpointError
         from train.distributed import setup, teardown
-        from train.trainer import Diverged, train
+        from train.trainer import Diverged, RunLocked, train
 
         from train.schema import ConfigError
 
         dist = setup(float(cfg.train.dist_timeout_s))
         try:
             exit_code["code"] = train(cfg, dist)
+        except RunLocked as e:
+            _fail(str(e))
+            exit_code["code"] = 2
         except (ConfigError, DataError, CheckpointError, ValueError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if not dist.is_main:  # usually raised alike on every rank: then the launcher stops this

@@ -35,6 +35,10 @@ class Diverged(RuntimeError):
     pass
 
 
+class RunLocked(ConfigError):
+    """Another live trainer owns the run directory: say so, and write nothing into it."""
+
+
 def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int) -> ModelConfig:
     model_dict = OmegaConf.to_container(cfg.model, resolve=True)
     engram = model_dict.get("engram")
@@ -104,7 +108,7 @@ def _hold_run_lock(run_dir: Path, dist: DistInfo) -> Optional[int]:
         fd = try_lock(run_dir)
     ok = broadcast_object(held_by_launcher or not dist.is_main or fd is not None)
     if not ok:
-        raise ConfigError(f"run_dir {run_dir} is in use by another live trainer ({run_dir / LOCK_NAME}); "
+        raise RunLocked(f"run_dir {run_dir} is in use by another live trainer ({run_dir / LOCK_NAME}); "
                           f"wait for it, stop it, or use another run_dir")
     return fd
 
