@@ -122,6 +122,21 @@ def merge_overrides(*groups: Sequence[str]) -> list[str]:
     return list(merged.values())
 
 
+# Overrides that would move a run off its iso-FLOP / iso-parameter point (shapes, tokens per step, steps).
+ISO_KEYS = ("model.", "memory", "train.seq_len", "train.global_batch_size", "train.train_tokens", "train.max_steps",
+            "data.dir")
+
+
+def refuse_planned_overrides(extra: Sequence[str]) -> None:
+    """``--set`` may tune how runs train (lr, micro batch, eval cadence) but not what the plan solved:
+    a changed shape or token count would break P_tot / FLOPs equality between the sweep's runs silently."""
+    for o in extra:
+        key = _key(o)
+        if key.startswith(ISO_KEYS):
+            raise ValueError(f"--set {o}: {key} is solved by the iso-FLOP plan (P_tot, P_act, tokens, FLOPs); "
+                             f"change the family config (conf/family) or --data-dir instead")
+
+
 def build_sweep(specs: Sequence[Any], *, out: Path, family: str, budget: float, seeds: Sequence[int],
                 mode: str = ALLOCATION, extra_overrides: Sequence[str] = (), wandb_mode: Optional[str] = None,
                 wandb_project: Optional[str] = None, warnings: Sequence[str] = ()) -> Sweep:
@@ -285,6 +300,15 @@ def _record_failure(run: SweepRun, reason: str) -> None:
                                               "source": "sweep driver"})
 
 
+def _supersede_outcome(run_dir: Path) -> None:
+    """A retried run starts without its recorded failure. A diverged run's final.json (a NaN validation
+    loss) is kept as final.diverged.json: with final.json in place the trainer would not run again."""
+    (run_dir / run_files.FAILED).unlink(missing_ok=True)
+    final = run_dir / run_files.FINAL
+    if final.exists():
+        os.replace(final, run_dir / "final.diverged.json")
+
+
 def _last_step(run_dir: Path) -> Optional[int]:
     latest = run_files.latest_checkpoint_index(run_dir)
     try:
@@ -368,6 +392,7 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
     active: dict[str, tuple[Handle, float]] = {}
     queue: list[str] = []
     resumed: set[str] = set()  # runs this invocation continued from a checkpoint
+    running_since: dict[str, float] = {}  # when each active run was first seen running (out of any queue)
     for name, rec in records.items():
         run = by_name[name]
         handle = launcher.reattach(run.run_dir) if not rec.is_terminal else None
@@ -431,7 +456,7 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
                 name = queue.pop(0)
                 run = by_name[name]
                 if records[name].status in (FAILED, DIVERGED):
-                    (run.run_dir / run_files.FAILED).unlink(missing_ok=True)  # this attempt supersedes it
+                    _supersede_outcome(run.run_dir)
                 run.run_dir.mkdir(parents=True, exist_ok=True)
                 was_resumed = run_files.latest_checkpoint_index(run.run_dir).exists()
                 if was_resumed:
@@ -459,14 +484,18 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
             for name, (handle, started) in list(active.items()):
                 outcome = handle.poll()
                 if outcome is None:
-                    if (run_timeout_s is not None and not isinstance(handle, ForeignHandle)
-                            and time.monotonic() - started > run_timeout_s):
+                    if name not in running_since and handle.is_running():
+                        running_since[name] = time.monotonic()  # the timeout counts run time, not queue time
+                    if (run_timeout_s is not None and not isinstance(handle, ForeignHandle) and name in running_since
+                            and time.monotonic() - running_since[name] > run_timeout_s):
                         handle.stop()
                         del active[name]
+                        running_since.pop(name, None)
                         finish(name, None, None, started, timed_out=True)
                         changed = True
                     continue
                 del active[name]
+                running_since.pop(name, None)
                 finish(name, outcome.exit_code, outcome.reason, started)
                 changed = True
             now = time.monotonic()

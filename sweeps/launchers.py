@@ -168,6 +168,10 @@ class Handle(ABC):
         """Whether the driver should stop it when the driver itself is interrupted."""
         return True
 
+    def is_running(self) -> bool:
+        """Whether it has left any scheduler queue and runs (what a run timeout counts from)."""
+        return True
+
 
 class Launcher(ABC):
     name: str = "launcher"
@@ -377,6 +381,28 @@ class NodeTask:
         return submitit.helpers.DelayedSubmission(self)
 
 
+QUEUED_STATES = ("PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED", "UNKNOWN", "REQUEUE_HOLD",
+                 "REQUEUE_FED")
+ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT")
+
+
+def _settled_state(job, tries: int = 3, wait_s: float = 5.0) -> str:
+    """The job's Slurm state, re-queried while it reads UNKNOWN (sacct lags behind a fresh or busy
+    controller); "UNKNOWN" if it never settles. ``CANCELLED by 123`` reads as CANCELLED."""
+    state = "UNKNOWN"
+    for attempt in range(tries):
+        try:
+            state = str(job.state).upper().split()[0] if str(job.state).strip() else "UNKNOWN"
+        except Exception:  # squeue/sacct failed to answer
+            state = "UNKNOWN"
+        if state != "UNKNOWN":
+            return state
+        if attempt < tries - 1:
+            time.sleep(wait_s)
+    return state
+
+
 class SubmititHandle(Handle):
     def __init__(self, job, description: str, cancel_on_exit: bool):
         self.job, self.description, self.cancel_on_exit = job, description, cancel_on_exit
@@ -389,6 +415,12 @@ class SubmititHandle(Handle):
         except Exception as e:  # job failed outside the trainer (node failure, cancelled, time-out)
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             return Outcome(1, reason=f"{self.description}: {lines[-1] if lines else type(e).__name__}")
+
+    def is_running(self) -> bool:
+        try:
+            return self.job.state.upper() not in QUEUED_STATES
+        except Exception:  # a scheduler query that failed: count from the next answer
+            return False
 
     def stop(self) -> None:
         self.job.cancel(check=False)
@@ -467,7 +499,9 @@ class SubmititLauncher(Launcher):
         from submitit.slurm.slurm import SlurmJob
 
         job = SlurmJob(folder=record["folder"], job_id=record["job_id"])
-        if job.state.upper() in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING",
-                                 "SUSPENDED"):
-            return SubmititHandle(job, f"slurm job {job.job_id} (re-attached)", cancel_on_exit=False)
-        return None
+        state = _settled_state(job)
+        if state in ENDED_STATES:
+            return None
+        # alive, or still unknown after re-querying: wait for it; never submit a duplicate blind
+        how = "re-attached" if state != "UNKNOWN" else "state unknown to Slurm; waiting, not resubmitting"
+        return SubmititHandle(job, f"slurm job {job.job_id} ({how})", cancel_on_exit=False)

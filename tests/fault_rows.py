@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 BEGIN, END = "<!-- fault-table:begin (python tests/fault_rows.py) -->", "<!-- fault-table:end -->"
-MODULES = ("test_faults", "test_faults_train")
+MODULES = ("test_faults", "test_faults_train", "test_sweep_driver")
 ROWS: list[tuple[str, str, str]] = []  # (when, outcome, test)
 
 
