@@ -104,6 +104,26 @@ class Sweep:
     def records(self) -> list[RunRecord]:
         return [self.record(r) for r in self.runs]
 
+    def label(self, run: SweepRun) -> str:
+        return f"[{self.name}] {run.run_dir.name}"
+
+
+class _Queue:
+    """The runs of several sweeps (the budgets of one command) driven as one queue: a free launcher slot
+    or Slurm submission goes to the next run of any budget, not after the previous budget finished."""
+
+    def __init__(self, parts: Sequence[Sweep]):
+        self.parts = list(parts)
+        self.owner = {r.name: s for s in self.parts for r in s.runs}
+        self.name = "+".join(s.name for s in self.parts)
+        self.runs = [r for s in self.parts for r in s.runs]
+
+    def record(self, run: SweepRun) -> RunRecord:
+        return self.owner[run.name].record(run)
+
+    def label(self, run: SweepRun) -> str:
+        return self.owner[run.name].label(run)
+
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
@@ -326,26 +346,38 @@ def _mark_launch(run: SweepRun) -> int:
     return attempts
 
 
-def run_sweep(sweep: Sweep, launcher: Launcher, *, retry_failed: bool = False,
-              run_timeout_s: Optional[float] = None, poll_s: float = 1.0, report_every_s: float = 30.0,
-              emit: Callable[[str], None] = print) -> list[RunRecord]:
-    """Launch every run of ``sweep`` that is not finished, wait for all, return the final records.
+def run_sweep(sweep: Sweep, launcher: Launcher, **kwargs) -> list[RunRecord]:
+    """Launch every run of ``sweep`` that is not finished, wait for all, return the final records
+    (:func:`run_sweeps` with one sweep)."""
+    return run_sweeps([sweep], launcher, **kwargs)[0]
+
+
+def run_sweeps(sweeps: Sequence[Sweep], launcher: Launcher, *, retry_failed: bool = False,
+               run_timeout_s: Optional[float] = None, poll_s: float = 1.0, report_every_s: float = 30.0,
+               emit: Callable[[str], None] = print) -> list[list[RunRecord]]:
+    """Launch every unfinished run of ``sweeps`` from one queue, wait for all; the final records per sweep.
 
     SIGINT / SIGTERM stop the runs this driver started (they stay resumable) and re-raise
-    KeyboardInterrupt after the results table is written. Runs held by another live process are
+    KeyboardInterrupt after the results tables are written. Runs held by another live process are
     waited for, never launched twice.
     """
-    lock = _SweepLock(sweep.dir)
+    locks: list[_SweepLock] = []
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
-    if main_thread:
-        signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _drive(sweep, launcher, retry_failed, run_timeout_s, poll_s, report_every_s, emit)
+        for sweep in sweeps:
+            locks.append(_SweepLock(sweep.dir))
+        if main_thread:
+            signal.signal(signal.SIGTERM, _interrupt)
+        queue = _Queue(sweeps)
+        records = {r.run_name: r for r in _drive(queue, launcher, retry_failed, run_timeout_s, poll_s,
+                                                   report_every_s, emit)}
+        return [[records[r.name] for r in sweep.runs] for sweep in sweeps]
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-        lock.release()
+        for lock in locks:
+            lock.release()
 
 
 def _interrupt(signum, frame):
@@ -379,10 +411,10 @@ def check_plan_unchanged(sweep: Sweep) -> None:
                          f"{'; '.join(changed)}; use a new --out, or remove those run directories to redo them")
 
 
-def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: Optional[float], poll_s: float,
+def _drive(sweep: _Queue, launcher: Launcher, retry_failed: bool, run_timeout_s: Optional[float], poll_s: float,
            report_every_s: float, emit: Callable[[str], None]) -> list[RunRecord]:
-    check_plan_unchanged(sweep)
-    results_path = sweep.dir / "results.parquet"
+    for part in sweep.parts:
+        check_plan_unchanged(part)
     by_name = {r.name: r for r in sweep.runs}
     records = {r.name: sweep.record(r) for r in sweep.runs}
     progress = Progress(sweep.name, launcher.capacity, emit)
@@ -402,7 +434,7 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
             active[name] = (handle, time.monotonic())
             records[name].status = RUNNING
             progress.run_started(name)
-            emit(f"[{sweep.name}] {run.run_dir.name}: already running ({handle.description}); waiting for it")
+            emit(f"{sweep.label(run)}: already running ({handle.description}); waiting for it")
         elif rec.status in (PENDING, INTERRUPTED) or (retry_failed and rec.status in (FAILED, DIVERGED)):
             queue.append(name)
     skipped = sum(r.status == COMPLETED for r in records.values())
@@ -412,7 +444,8 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
          f"launcher: {launcher.describe()}")
 
     def save() -> None:
-        write_results([records[r.name] for r in sweep.runs], results_path)
+        for part in sweep.parts:
+            write_results([records[r.name] for r in part.runs], part.dir / "results.parquet")
 
     def own_in_flight() -> int:
         return sum(not isinstance(h, ForeignHandle) for h, _ in active.values())
@@ -429,7 +462,7 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
             records[name] = rec
             if rec.status in (PENDING, INTERRUPTED):
                 queue.insert(0, name)
-            emit(f"[{sweep.name}] {run.run_dir.name}: released by the other process ({rec.status})")
+            emit(f"{sweep.label(run)}: released by the other process ({rec.status})")
             return
         if status not in TERMINAL:
             if exit_code == 0:
@@ -443,9 +476,9 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
         if rec.status == COMPLETED:
             # launch to finish as the driver saw it (start-up included); a resumed run's is partial
             progress.record_duration(None if name in resumed else time.monotonic() - started)
-            emit(f"[{sweep.name}] {run.run_dir.name}: completed, val_loss {rec.val_loss:.4f} ({took})")
+            emit(f"{sweep.label(run)}: completed, val_loss {rec.val_loss:.4f} ({took})")
         else:
-            emit(f"[{sweep.name}] {run.run_dir.name}: {rec.status.upper()} after {took}: {rec.reason}")
+            emit(f"{sweep.label(run)}: {rec.status.upper()} after {took}: {rec.reason}")
         save()
 
     try:
@@ -467,16 +500,16 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
                 except (OSError, RuntimeError, ValueError) as e:  # e.g. sbatch refused the job
                     _record_failure(run, f"launch failed: {type(e).__name__}: {e}")
                     records[name] = sweep.record(run)
-                    emit(f"[{sweep.name}] {run.run_dir.name}: FAILED to launch: {e}")
+                    emit(f"{sweep.label(run)}: FAILED to launch: {e}")
                     save()
                     continue
                 if handle is None:
                     handle = ForeignHandle(run.run_dir)
-                    emit(f"[{sweep.name}] {run.run_dir.name}: locked by another process; waiting for it")
+                    emit(f"{sweep.label(run)}: locked by another process; waiting for it")
                 else:
                     _mark_launch(run)
                     how = f"resuming from step {_last_step(run.run_dir)}" if was_resumed else "starting"
-                    emit(f"[{sweep.name}] {run.run_dir.name}: {how} ({handle.description})")
+                    emit(f"{sweep.label(run)}: {how} ({handle.description})")
                 active[name] = (handle, time.monotonic())
                 records[name] = replace(sweep.record(run), status=RUNNING)
                 progress.run_started(name)
@@ -511,11 +544,12 @@ def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: 
                 handle.stop()
                 records[name] = sweep.record(by_name[name])
             else:
-                emit(f"[{sweep.name}] {by_name[name].run_dir.name}: left running ({handle.description})")
+                emit(f"{sweep.label(by_name[name])}: left running ({handle.description})")
         save()
         raise
     final = [records[r.name] for r in sweep.runs]
-    emit(table(final))
+    for part in sweep.parts:
+        emit(table([records[r.name] for r in part.runs]))
     return final
 
 

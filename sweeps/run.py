@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sweeps.driver import (ALLOCATION, MEMORY, SweepLocked, build_sweep, check_plan_unchanged, describe_plan,
-                           overlay_allocation_sweeps, plan_allocation, plan_memory, refuse_planned_overrides, run_sweep,
+                           overlay_allocation_sweeps, plan_allocation, plan_memory, refuse_planned_overrides, run_sweeps,
                            summarize, write_plan)
 from sweeps.plan import parse_numbers
 
@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_launcher(args: argparse.Namespace, sweep_dir: Path):
+def make_launcher(args: argparse.Namespace, out_dir: Path):
     from sweeps.launchers import LocalLauncher, SubmititLauncher
 
     if args.launcher == "local":
@@ -111,7 +111,7 @@ def make_launcher(args: argparse.Namespace, sweep_dir: Path):
     cluster = "local" if args.launcher == "submitit-local" else "slurm"
     runner = args.runner if args.runner != "auto" else ("python" if args.procs_per_run == 1 and args.nodes == 1
                                                         else "torchrun")
-    return SubmititLauncher(sweep_dir / "submitit", cluster=cluster, nodes=args.nodes,
+    return SubmititLauncher(out_dir / "submitit", cluster=cluster, nodes=args.nodes,
                             gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_run, runner=runner,
                             timeout_min=args.timeout_min, max_parallel=args.max_jobs, threads=args.threads,
                             slurm=dict(args.slurm_params) or None)
@@ -201,10 +201,10 @@ def _main(args: argparse.Namespace) -> int:
     for sweep in sweeps:  # the plan record is written only once the plan is accepted
         write_plan(sweep)
     exit_code = 0
-    for sweep in sweeps:
-        launcher = make_launcher(args, sweep.dir)
-        records = run_sweep(sweep, launcher, retry_failed=args.retry_failed, run_timeout_s=args.run_timeout,
-                            report_every_s=args.report_every)
+    launcher = make_launcher(args, Path(args.out).resolve())  # one queue: every budget's runs share the slots
+    all_records = run_sweeps(sweeps, launcher, retry_failed=args.retry_failed, run_timeout_s=args.run_timeout,
+                             report_every_s=args.report_every)
+    for sweep, records in zip(sweeps, all_records):
         summary = summarize(sweep, records, n_boot=args.n_boot, level=args.level, wandb_mode=args.wandb_mode,
                             wandb_project=args.wandb_project, wandb_entity=args.wandb_entity)
         print(f"[{sweep.name}] summary: {sweep.dir / 'summary.json'}")

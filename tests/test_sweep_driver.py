@@ -14,7 +14,7 @@ import pytest
 
 from fault_rows import row
 from sweep_contract_trainer import RHO_STAR, ContractSpec, MemoryContractSpec, contract_loss, contract_memory_loss
-from sweeps.driver import build_sweep, run_sweep, summarize
+from sweeps.driver import build_sweep, run_sweep, run_sweeps, summarize
 from sweeps.launchers import Handle, LocalLauncher, SubmititLauncher, spawn_locked
 from sweeps.results import read_results
 
@@ -372,3 +372,18 @@ def test_changed_plan_leaves_plan_json_alone(tmp_path, monkeypatch):
     code, err = _cli(tmp_path, "--budget", "6e12", "--family", "cpu", "--rho", "1")
     assert code == 2 and "plan changed since these runs were launched" in err
     assert (sweep_dir / "plan.json").read_text() == '{"the": "old plan"}'
+
+
+@row("several budgets in one command (`--budget 6e12 2e13`)",
+     "one queue of runs: a free slot takes the next run of any budget, not after the previous budget finished")
+def test_budgets_of_one_command_share_one_queue(tmp_path):
+    sweeps = [build_sweep([ContractSpec(0.5, 6)], out=tmp_path, family="contract", budget=b, seeds=[0],
+                          extra_overrides=["+contract.step_s=0.2"], wandb_mode="disabled") for b in (1e9, 2e9)]
+    lines = []
+    per_sweep = run_sweeps(sweeps, LocalLauncher(script=SCRIPT, parallel=2, threads=1), poll_s=0.05,
+                           emit=lines.append)
+    assert [[r.status for r in recs] for recs in per_sweep] == [["completed"], ["completed"]]
+    t_a, t_b = (starts(s.runs[0].run_dir)[0]["time"] for s in sweeps)
+    assert abs(t_a - t_b) < 1.0  # both ran at once (each takes about 1.2 s)
+    assert all((s.dir / "results.parquet").exists() for s in sweeps)
+    assert any(ln.startswith("[contract-2e+09]") or "contract-2e" in ln for ln in lines)
