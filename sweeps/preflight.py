@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 GPU_PEAK_TFLOPS = 20.0  # a plan whose hardware peaks above this assumes accelerators (CPUs peak far below)
+CPU_FLOPS = 5e10  # model FLOP/s a CPU-only machine sustains in training (conf/family/cpu.yaml measured ~4.6e10)
+MAX_CPU_HOURS = 24.0  # an accelerator plan that would take longer than this on CPUs is refused
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,15 @@ def check_fits(sweeps: Sequence, machine: Machine, cluster_hint: str) -> None:
         need = max(e.get("mem_per_gpu_gib", 0.0) for e in est)
         hours = sum(e.get("gpu_hours", 0.0) for e in est)
         hw, peak = est[0].get("hardware", "?"), float(est[0].get("peak_tflops") or 0.0)
+        flops = hours * 3600 * peak * 1e12 * float(est[0].get("mfu") or 0.0)
+        cpu_hours = flops / CPU_FLOPS / 3600
         problem = None
-        if peak > GPU_PEAK_TFLOPS and machine.gpus == 0:
-            problem = f"it assumes {hw} accelerators and this machine has {machine.what}"
+        if peak > GPU_PEAK_TFLOPS and machine.gpus == 0 and cpu_hours > MAX_CPU_HOURS:
+            problem = (f"it assumes {hw} accelerators, this machine has {machine.what}, and on CPUs it would "
+                       f"take about {cpu_hours:.3g} hours")
         elif need > machine.mem_per_rank_gib:
-            problem = f"a run needs {need:.3g} GiB per rank and a rank gets {machine.mem_per_rank_gib:.3g} GiB here ({machine.what})"
+            problem = (f"a run needs {need:.3g} GiB per rank and a rank gets {machine.mem_per_rank_gib:.3g} GiB "
+                       f"here ({machine.what})")
         if problem:
             raise ValueError(f"sweep {sweep.name} will not run on this machine: {problem}; its cost: "
                              f"{hours:.4g} GPU-hours on {hw}, {need:.3g} GiB per rank. Launch it on a cluster "

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sweeps.driver import (ALLOCATION, MEMORY, SweepLocked, build_sweep, check_plan_unchanged, describe_plan,
-                           overlay_allocation_sweeps, plan_allocation, plan_memory, refuse_planned_overrides, run_sweeps,
-                           summarize, write_plan)
+                           overlay_allocation_sweeps, plan_allocation, plan_memory, refuse_planned_overrides,
+                           run_sweeps, summarize, write_plan)
 from sweeps.plan import parse_numbers
 
 DEFAULT_RHOS = (1.0, 0.8, 0.6, 0.4, 0.2)

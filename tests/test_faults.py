@@ -172,8 +172,9 @@ def test_trajectory_settings_cover_optimizer_schedule_budget_data_and_model_only
     base = trajectory_settings(_compose())
     for override, key in [("optim.lr=0.3", "optim.lr"), ("optim.schedule=wsd", "optim.schedule"),
                           ("train.max_steps=7", "train.max_steps"), ("train.train_tokens=1e6", "train.train_tokens"),
-                          ("train.seed=1", "train.seed"), ("data.dir=x", "data.dir"), ("model.d_model=96", "model.d_model"),
-                          ("train.precision=bf16", "train.precision"), ("optim.groups.embed.lr_mult=2", "optim.groups.embed.lr_mult")]:
+                          ("train.seed=1", "train.seed"), ("data.dir=x", "data.dir"),
+                          ("model.d_model=96", "model.d_model"), ("train.precision=bf16", "train.precision"),
+                          ("optim.groups.embed.lr_mult=2", "optim.groups.embed.lr_mult")]:
         assert [c.split(":")[0] for c in changes(base, trajectory_settings(_compose(override)))] == [key], override
     for override in ("train.eval_interval=7", "train.log_interval=3", "train.micro_batch_size=2",
                      "logging.wandb.mode=disabled", "train.keep_checkpoints=5", "train.allow_config_change=true"):

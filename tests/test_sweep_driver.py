@@ -387,3 +387,22 @@ def test_budgets_of_one_command_share_one_queue(tmp_path):
     assert abs(t_a - t_b) < 1.0  # both ran at once (each takes about 1.2 s)
     assert all((s.dir / "results.parquet").exists() for s in sweeps)
     assert any(ln.startswith("[contract-2e+09]") or "contract-2e" in ln for ln in lines)
+
+
+def test_preflight_refuses_only_what_this_machine_cannot_run():
+    from types import SimpleNamespace
+
+    from sweeps.preflight import Machine, check_fits
+
+    def plan(gpu_hours, mem, peak=989.0):
+        est = {"hardware": "H100", "peak_tflops": peak, "mfu": 0.3, "gpu_hours": gpu_hours, "mem_per_gpu_gib": mem}
+        return [SimpleNamespace(name="s", runs=[SimpleNamespace(spec={"estimates": est})])]
+
+    cpu = Machine(0, 20.0, "no GPU, 20 GiB RAM")
+    check_fits(plan(1e-6, 0.1), cpu, "hint")  # a tiny plan made for GPUs still runs here in seconds
+    check_fits(plan(100.0, 1.0, peak=0.16), cpu, "hint")  # a CPU plan is the family's own estimate
+    with pytest.raises(ValueError, match=r"assumes H100 accelerators.*about [\d.e+]+ hours.*100 GPU-hours"):
+        check_fits(plan(100.0, 1.0), cpu, "hint")
+    with pytest.raises(ValueError, match=r"needs 40 GiB per rank and a rank gets 20 GiB"):
+        check_fits(plan(1e-6, 40.0), cpu, "hint")
+    check_fits(plan(100.0, 40.0), Machine(8, 80.0, "8 GPUs"), "hint")

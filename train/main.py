@@ -45,7 +45,7 @@ def _compose_and_validate(argv: list[str]):
 
     from train.schema import ConfigError, check_schema, validate
 
-    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.")]
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("config", overrides=overrides)

@@ -43,7 +43,8 @@ def changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = 
     """``["optim.lr: 0.003 -> 0.3", ...]`` for every key whose value differs (or exists on one side only)."""
     keys = sorted((set(old) | set(new)) - set(ignore))
     missing = "(unset)"
-    return [f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}" for k in keys if old.get(k, missing) != new.get(k, missing)]
+    return [f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}" for k in keys
+            if old.get(k, missing) != new.get(k, missing)]
 
 
 def describe(diff: list[str], limit: int = 4) -> str:
