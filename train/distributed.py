@@ -51,7 +51,7 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def setup(timeout_s: float = 600.0) -> DistInfo:
+def setup(timeout_s: float = 1800.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (a single process gets a world of one).
 
     ``timeout_s`` bounds every collective: if a peer died without its launcher noticing (ranks

@@ -79,7 +79,7 @@ class TrainConfig:
     max_loss: float = 20.0
     progress: bool = True
     allow_config_change: bool = False  # resume although a trajectory setting changed (recorded in run.json)
-    dist_timeout_s: float = 600.0  # a collective that waits longer than this fails every rank
+    dist_timeout_s: float = 1800.0  # a collective waiting longer fails every rank (ranks without a launcher)
 
 
 @dataclass
