@@ -31,7 +31,9 @@ def table() -> str:
     for name in MODULES:
         importlib.import_module(name)
     seen, lines = set(), ["| when | what happens | checked by |", "|---|---|---|"]
-    for when, outcome, test in ROWS:
+    order = {name: i for i, name in enumerate(MODULES)}  # suite order, whatever order pytest imported them in
+    rows = sorted(enumerate(ROWS), key=lambda ir: (order.get(ir[1][2].split(".py::")[0], len(order)), ir[0]))
+    for _, (when, outcome, test) in rows:
         if (when, test) not in seen:
             seen.add((when, test))
             lines.append(f"| {when} | {outcome} | `tests/{test}` |")
