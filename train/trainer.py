@@ -109,8 +109,18 @@ def _hold_run_lock(run_dir: Path, dist: DistInfo) -> Optional[int]:
     ok = broadcast_object(held_by_launcher or not dist.is_main or fd is not None)
     if not ok:
         raise RunLocked(f"run_dir {run_dir} is in use by another live trainer ({run_dir / LOCK_NAME}); "
-                          f"wait for it, stop it, or use another run_dir")
+                        f"wait for it, stop it, or use another run_dir")
     return fd
+
+
+def _read_json(path: Path) -> dict:
+    """A run-directory JSON file, or {} if absent; a damaged one is a one-line error naming it."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); repair or delete it") from None
 
 
 def _check_finished(cfg: DictConfig, run_dir: Path, run_state: dict) -> None:
@@ -162,11 +172,11 @@ def prepare(cfg: DictConfig, dist: DistInfo) -> Optional[Prepared]:
     validate(cfg)
     t, run_dir = cfg.train, Path(cfg.run_dir)
     ckpt_dir = run_dir / CHECKPOINTS
-    run_state = json.loads((run_dir / RUN_STATE).read_text()) if (run_dir / RUN_STATE).exists() else {}
+    run_state = _read_json(run_dir / RUN_STATE)
     if (run_dir / FINAL).exists():
         _check_finished(cfg, run_dir, run_state)
+        final = _read_json(run_dir / FINAL)
         if dist.is_main:
-            final = json.loads((run_dir / FINAL).read_text())
             print(f"run already completed: val_loss={final.get('val_loss'):.4f} ({run_dir / FINAL})")
         return None
     latest = ckpt.read_latest(ckpt_dir)
