@@ -120,24 +120,35 @@ def prepare(source_kind: str, tokenizer_kind: str, out: str | Path, *, inputs=()
     return manifest
 
 
-def _check_stats(stats, val_fraction: float, source_kind: str) -> None:
+def _too_few_documents_hint(source: dict) -> str:
+    """The fix for a corpus of few documents: a few big text files are split at blank lines with
+    --split-paragraphs (a book as one file is one document, so it cannot be split into train and val)."""
+    if source.get("kind") == "files" and not source.get("split_paragraphs"):
+        return (": each input file is one document; pass --split-paragraphs to make each paragraph a "
+                "document (or raise --val-fraction, or add files)")
+    return ": raise --val-fraction or the corpus size"
+
+
+def _check_stats(stats, val_fraction: float, source: dict) -> None:
+    source_kind = source.get("kind")
     if stats.n_kept == 0:
         raise ValueError(f"source {source_kind} yielded no usable documents "
                          f"({stats.n_read} read, {stats.n_empty} empty, "
                          f"{stats.n_duplicates} duplicates)")
     if val_fraction > 0 and stats.docs["val"] == 0:
         raise ValueError(f"no document fell in the validation split ({stats.n_kept} documents, "
-                         f"val_fraction={val_fraction}): raise --val-fraction or the corpus size")
+                         f"val_fraction={val_fraction}){_too_few_documents_hint(source)}")
     if stats.docs["train"] == 0:
         raise ValueError(f"no document fell in the train split ({stats.n_kept} documents, "
-                         f"val_fraction={val_fraction})")
+                         f"val_fraction={val_fraction}){_too_few_documents_hint(source)}")
 
 
 def _build(out: Path, source, corpus: Corpus, tokenizer_kind: str, vocab_size: int,
            min_frequency: int, shard_tokens: int, log: Callable[[str], None]) -> dict:
     """Tokenizer, shards and tokenizer.json in ``out``; returns the manifest without params."""
     val_fraction, seed = corpus.val_fraction, corpus.seed
-    source_kind = source.describe()["kind"]
+    described = source.describe()
+    source_kind = described["kind"]
 
     # ---- tokenizer ---------------------------------------------------------------------------
     t_tok = time.perf_counter()
@@ -147,7 +158,7 @@ def _build(out: Path, source, corpus: Corpus, tokenizer_kind: str, vocab_size: i
     t_tok = time.perf_counter() - t_tok
     first_pass = corpus.stats.as_dict() if tokenizer_kind == "bpe" else None
     if first_pass:  # the corpus is known already: fail before writing anything
-        _check_stats(corpus.stats, val_fraction, source_kind)
+        _check_stats(corpus.stats, val_fraction, described)
     if tokenizer_kind == "bpe" and spec.vocab_size < vocab_size:
         log(f"note: the corpus supports only {spec.vocab_size} of the {vocab_size} requested "
             f"BPE ids (min_frequency={min_frequency})")
@@ -185,7 +196,7 @@ def _build(out: Path, source, corpus: Corpus, tokenizer_kind: str, vocab_size: i
         if batch[split]:
             flush(split)
     stats = corpus.stats
-    _check_stats(stats, val_fraction, source_kind)
+    _check_stats(stats, val_fraction, described)
     if first_pass and first_pass != stats.as_dict():
         raise ValueError(f"source {source_kind} changed between the tokenizer pass and the "
                          f"encoding pass ({first_pass} vs {stats.as_dict()})")

@@ -18,27 +18,19 @@ every finished run, so nothing finished is lost when the driver itself dies.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
-import signal
-import threading
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from sweeps.fit import json_safe
-from train import run_files
-from sweeps.launchers import ForeignHandle, Handle, LaunchRequest, Launcher, is_locked
-from sweeps.progress import Progress, fmt_duration, table
-from sweeps.results import (COMPLETED, DIVERGED, FAILED, INTERRUPTED, LAUNCH_MARKER, PENDING, RUNNING, TERMINAL,
+from sweeps.runloop import (RUN_LOG, SWEEP_LOCK, SweepLocked, _SweepLock, _write_json,  # noqa: F401  re-exported
+                            check_plan_unchanged, log_tail_reason, run_sweep, run_sweeps)
+from sweeps.results import (COMPLETED, DIVERGED, FAILED, INTERRUPTED, LAUNCH_MARKER, PENDING, RUNNING,
                             RunRecord, read_outcome, spec_json, write_results)
 
 ALLOCATION, MEMORY = "allocation", "memory"
-SWEEP_LOCK = ".sweep.lock"
-RUN_LOG = "launch.log"  # the trainer's stdout/stderr, appended per attempt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,6 +96,9 @@ class Sweep:
     def records(self) -> list[RunRecord]:
         return [self.record(r) for r in self.runs]
 
+    def label(self, run: SweepRun) -> str:
+        return f"[{self.name}] {run.run_dir.name}"
+
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
@@ -120,6 +115,21 @@ def merge_overrides(*groups: Sequence[str]) -> list[str]:
             merged.pop(_key(o), None)
             merged[_key(o)] = o
     return list(merged.values())
+
+
+# Overrides that would move a run off its iso-FLOP / iso-parameter point (shapes, tokens per step, steps).
+ISO_KEYS = ("model.", "memory", "train.seq_len", "train.global_batch_size", "train.train_tokens", "train.max_steps",
+            "data.dir")
+
+
+def refuse_planned_overrides(extra: Sequence[str]) -> None:
+    """``--set`` may tune how runs train (lr, micro batch, eval cadence) but not what the plan solved:
+    a changed shape or token count would break P_tot / FLOPs equality between the sweep's runs silently."""
+    for o in extra:
+        key = _key(o)
+        if key.startswith(ISO_KEYS):
+            raise ValueError(f"--set {o}: {key} is solved by the iso-FLOP plan (P_tot, P_act, tokens, FLOPs); "
+                             f"change the family config (conf/family) or --data-dir instead")
 
 
 def build_sweep(specs: Sequence[Any], *, out: Path, family: str, budget: float, seeds: Sequence[int],
@@ -228,266 +238,6 @@ def plan_memory(family: str, budget: float, slots: Sequence[int], *,
                "gpu_hours": res.gpu_hours, "mem_per_gpu_gib": res.total_gib, "fits": res.fits}
         out.append(MemorySpec(spec, exact_slots, requested, est))
     return out, []
-
-
-# --------------------------------------------------------------------------------------------------
-# Running
-# --------------------------------------------------------------------------------------------------
-class SweepLocked(RuntimeError):
-    pass
-
-
-class _SweepLock:
-    def __init__(self, sweep_dir: Path):
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        self.path = sweep_dir / SWEEP_LOCK
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.path.read_text().strip() or "?"
-            os.close(self.fd)
-            raise SweepLocked(f"another driver (pid {holder}) is running sweep {sweep_dir}; wait for it or stop it")
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
-
-    def release(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    run_files.atomic_write_json(path, obj, default=str, allow_nan=False)
-
-
-def log_tail_reason(log_path: Path, max_chars: int = 400) -> str:
-    """The most telling line near the end of a run's log: an ``error:`` line, else a Python exception,
-    else the last line."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-    except FileNotFoundError:
-        return "no log"
-    lines = [ln for ln in lines if not ln.startswith("=== ")]
-    for pred in (lambda ln: ln.startswith("error:"),
-                 lambda ln: ("Error" in ln or "Exception" in ln) and not ln.startswith("File ")):
-        hits = [ln for ln in lines if pred(ln)]
-        if hits:
-            return hits[-1][:max_chars]
-    return lines[-1][:max_chars] if lines else "empty log"
-
-
-def _record_failure(run: SweepRun, reason: str) -> None:
-    """failed.json for a run whose trainer died without writing one (killed, crashed in C, timed out)."""
-    _write_json(run.run_dir / run_files.FAILED, {"status": FAILED, "reason": reason, "step": _last_step(run.run_dir),
-                                              "source": "sweep driver"})
-
-
-def _last_step(run_dir: Path) -> Optional[int]:
-    latest = run_files.latest_checkpoint_index(run_dir)
-    try:
-        return int(json.loads(latest.read_text())["step"])
-    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError):
-        return None
-
-
-def _mark_launch(run: SweepRun) -> int:
-    marker = run.run_dir / LAUNCH_MARKER
-    state = json.loads(marker.read_text()) if marker.exists() else {}
-    attempts = int(state.get("attempts", 0)) + 1
-    _write_json(marker, {"attempts": attempts, "name": run.name, "last_launch": time.time(),
-                         "overrides": run.overrides})
-    return attempts
-
-
-def run_sweep(sweep: Sweep, launcher: Launcher, *, retry_failed: bool = False,
-              run_timeout_s: Optional[float] = None, poll_s: float = 1.0, report_every_s: float = 30.0,
-              emit: Callable[[str], None] = print) -> list[RunRecord]:
-    """Launch every run of ``sweep`` that is not finished, wait for all, return the final records.
-
-    SIGINT / SIGTERM stop the runs this driver started (they stay resumable) and re-raise
-    KeyboardInterrupt after the results table is written. Runs held by another live process are
-    waited for, never launched twice.
-    """
-    lock = _SweepLock(sweep.dir)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
-    if main_thread:
-        signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return _drive(sweep, launcher, retry_failed, run_timeout_s, poll_s, report_every_s, emit)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-        lock.release()
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-# Overrides that decide what a run computes; a re-run whose plan changes any of them must not reuse it.
-_DEFINING = ("model.", "train.", "optim.", "data.")
-
-
-def _defining(overrides: Sequence[str]) -> dict[str, str]:
-    return {_key(o): o.split("=", 1)[1] for o in overrides
-            if _key(o).startswith(_DEFINING) and _key(o) != "train.progress"}
-
-
-def check_plan_unchanged(sweep: Sweep) -> None:
-    """Refuse to continue a sweep whose runs were launched under a different plan (say, the family
-    config changed): their finished results would be mixed with the new plan's, silently."""
-    changed = []
-    for run in sweep.runs:
-        marker = run.run_dir / LAUNCH_MARKER
-        if not marker.exists():
-            continue
-        before = _defining(json.loads(marker.read_text()).get("overrides", []))
-        now = _defining(run.overrides)
-        keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        if keys:
-            changed.append(f"{run.run_dir.name} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
-    if changed:
-        raise ValueError(f"sweep {sweep.name} in {sweep.dir}: the plan changed since these runs were launched: "
-                         f"{'; '.join(changed)}; use a new --out, or remove those run directories to redo them")
-
-
-def _drive(sweep: Sweep, launcher: Launcher, retry_failed: bool, run_timeout_s: Optional[float], poll_s: float,
-           report_every_s: float, emit: Callable[[str], None]) -> list[RunRecord]:
-    check_plan_unchanged(sweep)
-    results_path = sweep.dir / "results.parquet"
-    by_name = {r.name: r for r in sweep.runs}
-    records = {r.name: sweep.record(r) for r in sweep.runs}
-    progress = Progress(sweep.name, launcher.capacity, emit)
-    for rec in records.values():
-        if rec.status == COMPLETED:
-            progress.record_duration(rec.wall_time_s)
-    active: dict[str, tuple[Handle, float]] = {}
-    queue: list[str] = []
-    resumed: set[str] = set()  # runs this invocation continued from a checkpoint
-    for name, rec in records.items():
-        run = by_name[name]
-        handle = launcher.reattach(run.run_dir) if not rec.is_terminal else None
-        if handle is None and not rec.is_terminal and is_locked(run.run_dir):
-            handle = ForeignHandle(run.run_dir)
-        if handle is not None:
-            active[name] = (handle, time.monotonic())
-            records[name].status = RUNNING
-            progress.run_started(name)
-            emit(f"[{sweep.name}] {run.run_dir.name}: already running ({handle.description}); waiting for it")
-        elif rec.status in (PENDING, INTERRUPTED) or (retry_failed and rec.status in (FAILED, DIVERGED)):
-            queue.append(name)
-    skipped = sum(r.status == COMPLETED for r in records.values())
-    failed_kept = sum(r.status in (FAILED, DIVERGED) for r in records.values()) if not retry_failed else 0
-    emit(f"[{sweep.name}] {len(sweep.runs)} runs: {skipped} already completed, {failed_kept} failed earlier "
-         f"(kept; --retry-failed relaunches them), {len(queue)} to launch, {len(active)} running elsewhere; "
-         f"launcher: {launcher.describe()}")
-
-    def save() -> None:
-        write_results([records[r.name] for r in sweep.runs], results_path)
-
-    def own_in_flight() -> int:
-        return sum(not isinstance(h, ForeignHandle) for h, _ in active.values())
-
-    def finish(name: str, exit_code: Optional[int], reason: Optional[str], started: float,
-               timed_out: bool = False) -> None:
-        run = by_name[name]
-        progress.run_ended(name)
-        if timed_out:
-            _record_failure(run, f"timed out after {fmt_duration(run_timeout_s)} (resumable with --retry-failed)")
-        status, _ = read_outcome(run.run_dir)
-        if reason == "released":  # a foreign trainer let go of the run: look at it afresh
-            rec = sweep.record(run)
-            records[name] = rec
-            if rec.status in (PENDING, INTERRUPTED):
-                queue.insert(0, name)
-            emit(f"[{sweep.name}] {run.run_dir.name}: released by the other process ({rec.status})")
-            return
-        if status not in TERMINAL:
-            if exit_code == 0:
-                _record_failure(run, "trainer exited 0 without writing final.json")
-            else:
-                detail = reason or log_tail_reason(run.run_dir / RUN_LOG)
-                _record_failure(run, f"exit code {exit_code}: {detail}")
-        rec = sweep.record(run)
-        records[name] = rec
-        took = fmt_duration(time.monotonic() - started)
-        if rec.status == COMPLETED:
-            # launch to finish as the driver saw it (start-up included); a resumed run's is partial
-            progress.record_duration(None if name in resumed else time.monotonic() - started)
-            emit(f"[{sweep.name}] {run.run_dir.name}: completed, val_loss {rec.val_loss:.4f} ({took})")
-        else:
-            emit(f"[{sweep.name}] {run.run_dir.name}: {rec.status.upper()} after {took}: {rec.reason}")
-        save()
-
-    try:
-        save()
-        last_report = time.monotonic()
-        while queue or active:
-            while queue and own_in_flight() < launcher.capacity:
-                name = queue.pop(0)
-                run = by_name[name]
-                if records[name].status in (FAILED, DIVERGED):
-                    (run.run_dir / run_files.FAILED).unlink(missing_ok=True)  # this attempt supersedes it
-                run.run_dir.mkdir(parents=True, exist_ok=True)
-                was_resumed = run_files.latest_checkpoint_index(run.run_dir).exists()
-                if was_resumed:
-                    resumed.add(name)
-                try:
-                    handle = launcher.launch(LaunchRequest(run.name, run.run_dir, run.overrides,
-                                                           run.run_dir / RUN_LOG))
-                except (OSError, RuntimeError, ValueError) as e:  # e.g. sbatch refused the job
-                    _record_failure(run, f"launch failed: {type(e).__name__}: {e}")
-                    records[name] = sweep.record(run)
-                    emit(f"[{sweep.name}] {run.run_dir.name}: FAILED to launch: {e}")
-                    save()
-                    continue
-                if handle is None:
-                    handle = ForeignHandle(run.run_dir)
-                    emit(f"[{sweep.name}] {run.run_dir.name}: locked by another process; waiting for it")
-                else:
-                    _mark_launch(run)
-                    how = f"resuming from step {_last_step(run.run_dir)}" if was_resumed else "starting"
-                    emit(f"[{sweep.name}] {run.run_dir.name}: {how} ({handle.description})")
-                active[name] = (handle, time.monotonic())
-                records[name] = replace(sweep.record(run), status=RUNNING)
-                progress.run_started(name)
-            changed = False
-            for name, (handle, started) in list(active.items()):
-                outcome = handle.poll()
-                if outcome is None:
-                    if (run_timeout_s is not None and not isinstance(handle, ForeignHandle)
-                            and time.monotonic() - started > run_timeout_s):
-                        handle.stop()
-                        del active[name]
-                        finish(name, None, None, started, timed_out=True)
-                        changed = True
-                    continue
-                del active[name]
-                finish(name, outcome.exit_code, outcome.reason, started)
-                changed = True
-            now = time.monotonic()
-            if changed or now - last_report >= report_every_s:
-                progress.report(list(records.values()))
-                last_report = now
-            if queue or active:
-                time.sleep(poll_s)
-    except KeyboardInterrupt:
-        emit(f"[{sweep.name}] interrupted: stopping {len(active)} run(s); re-run the same command to resume")
-        for name, (handle, _) in active.items():
-            if handle.stoppable_on_exit:
-                handle.stop()
-                records[name] = sweep.record(by_name[name])
-            else:
-                emit(f"[{sweep.name}] {by_name[name].run_dir.name}: left running ({handle.description})")
-        save()
-        raise
-    final = [records[r.name] for r in sweep.runs]
-    emit(table(final))
-    return final
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ instead of running on unattended next to a re-launched copy.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import json
 import os
 import shlex
@@ -29,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from train.run_files import atomic_write_json
+from train.run_files import LOCK_FD_ENV, LOCK_NAME, atomic_write_json, is_locked, try_lock
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = "train/main.py"
-LOCK_NAME = ".run.lock"
 LAUNCH_RECORD = "launcher.json"
 RUNNERS = ("python", "torchrun", "deepspeed")
 
@@ -41,30 +39,6 @@ RUNNERS = ("python", "torchrun", "deepspeed")
 # --------------------------------------------------------------------------------------------------
 # Run-directory lock
 # --------------------------------------------------------------------------------------------------
-def try_lock(run_dir: Path) -> Optional[int]:
-    """Open and exclusively lock ``run_dir/.run.lock``; the descriptor, or None if another process holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def is_locked(run_dir: Path) -> bool:
-    """Whether a live process holds the run's lock (a trainer is running in it)."""
-    if not (run_dir / LOCK_NAME).exists():
-        return False
-    fd = try_lock(run_dir)
-    if fd is None:
-        return True
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-    return False
-
-
 def _die_with_parent() -> None:
     """preexec_fn: deliver SIGTERM to this child when the thread that spawned it dies (Linux only)."""
     try:
@@ -136,7 +110,7 @@ def spawn_locked(cmd: Sequence[str], run_dir: Path, log_path: Path, env: dict[st
         with open(log_path, "a") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} launch: {shlex.join(cmd)}\n")
             log.flush()
-            return subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **env}, stdout=log,
+            return subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **env, LOCK_FD_ENV: str(fd)}, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(fd,),
                                     start_new_session=True, preexec_fn=_die_with_parent)
     finally:
@@ -192,6 +166,10 @@ class Handle(ABC):
     @property
     def stoppable_on_exit(self) -> bool:
         """Whether the driver should stop it when the driver itself is interrupted."""
+        return True
+
+    def is_running(self) -> bool:
+        """Whether it has left any scheduler queue and runs (what a run timeout counts from)."""
         return True
 
 
@@ -403,6 +381,28 @@ class NodeTask:
         return submitit.helpers.DelayedSubmission(self)
 
 
+QUEUED_STATES = ("PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED", "UNKNOWN", "REQUEUE_HOLD",
+                 "REQUEUE_FED")
+ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT")
+
+
+def _settled_state(job, tries: int = 3, wait_s: float = 5.0) -> str:
+    """The job's Slurm state, re-queried while it reads UNKNOWN (sacct lags behind a fresh or busy
+    controller); "UNKNOWN" if it never settles. ``CANCELLED by 123`` reads as CANCELLED."""
+    state = "UNKNOWN"
+    for attempt in range(tries):
+        try:
+            state = str(job.state).upper().split()[0] if str(job.state).strip() else "UNKNOWN"
+        except Exception:  # squeue/sacct failed to answer
+            state = "UNKNOWN"
+        if state != "UNKNOWN":
+            return state
+        if attempt < tries - 1:
+            time.sleep(wait_s)
+    return state
+
+
 class SubmititHandle(Handle):
     def __init__(self, job, description: str, cancel_on_exit: bool):
         self.job, self.description, self.cancel_on_exit = job, description, cancel_on_exit
@@ -415,6 +415,12 @@ class SubmititHandle(Handle):
         except Exception as e:  # job failed outside the trainer (node failure, cancelled, time-out)
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             return Outcome(1, reason=f"{self.description}: {lines[-1] if lines else type(e).__name__}")
+
+    def is_running(self) -> bool:
+        try:
+            return self.job.state.upper() not in QUEUED_STATES
+        except Exception:  # a scheduler query that failed: count from the next answer
+            return False
 
     def stop(self) -> None:
         self.job.cancel(check=False)
@@ -493,7 +499,9 @@ class SubmititLauncher(Launcher):
         from submitit.slurm.slurm import SlurmJob
 
         job = SlurmJob(folder=record["folder"], job_id=record["job_id"])
-        if job.state.upper() in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING",
-                                 "SUSPENDED"):
-            return SubmititHandle(job, f"slurm job {job.job_id} (re-attached)", cancel_on_exit=False)
-        return None
+        state = _settled_state(job)
+        if state in ENDED_STATES:
+            return None
+        # alive, or still unknown after re-querying: wait for it; never submit a duplicate blind
+        how = "re-attached" if state != "UNKNOWN" else "state unknown to Slurm; waiting, not resubmitting"
+        return SubmititHandle(job, f"slurm job {job.job_id} ({how})", cancel_on_exit=False)

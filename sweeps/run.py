@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sweeps.driver import (ALLOCATION, MEMORY, SweepLocked, build_sweep, describe_plan, overlay_allocation_sweeps,
-                           plan_allocation, plan_memory, run_sweep, summarize, write_plan)
+from sweeps.driver import (ALLOCATION, MEMORY, SweepLocked, build_sweep, check_plan_unchanged, describe_plan,
+                           overlay_allocation_sweeps, plan_allocation, plan_memory, refuse_planned_overrides,
+                           run_sweeps, summarize, write_plan)
 from sweeps.plan import parse_numbers
 
 DEFAULT_RHOS = (1.0, 0.8, 0.6, 0.4, 0.2)
@@ -87,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--run-timeout", type=float, help="seconds before a run is stopped and recorded as failed")
     g.add_argument("--retry-failed", action="store_true", help="relaunch runs recorded as failed or diverged")
     g.add_argument("--dry-run", action="store_true", help="print the plan (shapes, cost, state) and launch nothing")
+    g.add_argument("--force", action="store_true",
+                   help="launch locally even if the plan does not fit this machine (memory per rank, accelerators)")
     g.add_argument("--report-every", type=float, default=30.0, help="seconds between progress lines")
     g = p.add_argument_group("fit and logging")
     g.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
@@ -97,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_launcher(args: argparse.Namespace, sweep_dir: Path):
+def make_launcher(args: argparse.Namespace, out_dir: Path):
     from sweeps.launchers import LocalLauncher, SubmititLauncher
 
     if args.launcher == "local":
@@ -108,7 +111,7 @@ def make_launcher(args: argparse.Namespace, sweep_dir: Path):
     cluster = "local" if args.launcher == "submitit-local" else "slurm"
     runner = args.runner if args.runner != "auto" else ("python" if args.procs_per_run == 1 and args.nodes == 1
                                                         else "torchrun")
-    return SubmititLauncher(sweep_dir / "submitit", cluster=cluster, nodes=args.nodes,
+    return SubmititLauncher(out_dir / "submitit", cluster=cluster, nodes=args.nodes,
                             gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_run, runner=runner,
                             timeout_min=args.timeout_min, max_parallel=args.max_jobs, threads=args.threads,
                             slurm=dict(args.slurm_params) or None)
@@ -146,6 +149,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+def _plan(args: argparse.Namespace, family: str, budget: float, seeds: list[int]):
+    """One budget's sweep (raises on a budget the family refuses, or on --set over a planned field)."""
+    if args.mode == MEMORY:
+        specs, warnings = plan_memory(args.family, budget, [int(s) for s in args.slots], data_dir=args.data_dir)
+    else:
+        specs, warnings = plan_allocation(args.family, budget, args.rhos, data_dir=args.data_dir,
+                                          ep_size=args.ep_size, round_experts_to_ep=args.round_experts_to_ep)
+    refuse_planned_overrides(args.overrides)
+    return build_sweep(specs, out=args.out, family=family, budget=budget, seeds=seeds, mode=args.mode,
+                       extra_overrides=args.overrides, wandb_mode=args.wandb_mode,
+                       wandb_project=args.wandb_project, warnings=warnings)
+
+
+def _check_machine(args: argparse.Namespace, sweeps) -> None:
+    from sweeps.preflight import check_fits, local_machine
+
+    devices = [d.strip() for d in (args.devices or "").split(",") if d.strip()]
+    ranks = args.procs_per_run * (args.parallel if args.launcher == "local" else 1)
+    hint = (f"python -m sweeps.run --budget {' '.join(f'{b:g}' for b in args.budget)} --family {args.family} "
+            f"--launcher slurm --nodes N --gpus-per-node 8 --slurm partition=P --data-dir D")
+    check_fits(sweeps, local_machine(ranks, devices), hint)
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.seed_offset < 0:
         raise ValueError(f"--seeds must be >= 1 and --seed-offset >= 0, got {args.seeds} and {args.seed_offset}")
@@ -166,23 +192,22 @@ def _main(args: argparse.Namespace) -> int:
     family = fam.name  # a family given as a path is named by its own `name`
     if not args.dry_run:
         fam.launch_data_dir(args.data_dir)  # refuse before planning: runs would train on the default corpus
-    exit_code = 0
-    for budget in args.budget:
-        if args.mode == MEMORY:
-            specs, warnings = plan_memory(args.family, budget, [int(s) for s in args.slots], data_dir=args.data_dir)
-        else:
-            specs, warnings = plan_allocation(args.family, budget, args.rhos, data_dir=args.data_dir,
-                                              ep_size=args.ep_size, round_experts_to_ep=args.round_experts_to_ep)
-        sweep = build_sweep(specs, out=args.out, family=family, budget=budget, seeds=seeds, mode=args.mode,
-                            extra_overrides=args.overrides, wandb_mode=args.wandb_mode,
-                            wandb_project=args.wandb_project, warnings=warnings)
-        if args.dry_run:
+    sweeps = [_plan(args, family, budget, seeds) for budget in args.budget]  # every budget, before any run
+    if args.dry_run:
+        for sweep in sweeps:
             print(describe_plan(sweep))
-            continue
+        return 0
+    for sweep in sweeps:
+        check_plan_unchanged(sweep)
+    if args.launcher in ("local", "gpus") and not args.force:
+        _check_machine(args, sweeps)
+    for sweep in sweeps:  # the plan record is written only once the plan is accepted
         write_plan(sweep)
-        launcher = make_launcher(args, sweep.dir)
-        records = run_sweep(sweep, launcher, retry_failed=args.retry_failed, run_timeout_s=args.run_timeout,
-                            report_every_s=args.report_every)
+    exit_code = 0
+    launcher = make_launcher(args, Path(args.out).resolve())  # one queue: every budget's runs share the slots
+    all_records = run_sweeps(sweeps, launcher, retry_failed=args.retry_failed, run_timeout_s=args.run_timeout,
+                             report_every_s=args.report_every)
+    for sweep, records in zip(sweeps, all_records):
         summary = summarize(sweep, records, n_boot=args.n_boot, level=args.level, wandb_mode=args.wandb_mode,
                             wandb_project=args.wandb_project, wandb_entity=args.wandb_entity)
         print(f"[{sweep.name}] summary: {sweep.dir / 'summary.json'}")
@@ -193,7 +218,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"  W&B: project {args.wandb_project}, group {sweep.name}")
         if not summary["counts"]["completed"]:
             exit_code = 1
-    if not args.dry_run and args.mode == ALLOCATION:
+    if args.mode == ALLOCATION:
         overlay = overlay_allocation_sweeps(args.out)
         if overlay:
             print(f"all budgets: {overlay}")

@@ -12,9 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from fault_rows import row
 from sweep_contract_trainer import RHO_STAR, ContractSpec, MemoryContractSpec, contract_loss, contract_memory_loss
-from sweeps.driver import build_sweep, run_sweep, summarize
-from sweeps.launchers import LocalLauncher, SubmititLauncher, spawn_locked
+from sweeps.driver import build_sweep, run_sweep, run_sweeps, summarize
+from sweeps.launchers import Handle, LocalLauncher, SubmititLauncher, spawn_locked
 from sweeps.results import read_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,3 +236,173 @@ def test_memory_sweep_fits_a_power_law_in_slots(tmp_path):
     assert fit["c"] == pytest.approx(0.3, abs=0.05) and fit["beta"] < 0 and fit["decreasing"]
     assert (sweep.dir / "memory_scaling.png").exists()
     assert [p["slots"] for p in summary["points"]] == list(slots)
+
+
+@row("a diverged run (NaN validation loss in `final.json`) and `--retry-failed`",
+     "relaunched; its old record kept as `final.diverged.json`")
+def test_retry_failed_retries_a_diverged_run(tmp_path):
+    sweep = make_sweep(tmp_path, rhos=(0.5,), steps=4)
+    run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), poll_s=0.05, emit=quiet)
+    final_path = sweep.runs[0].run_dir / "final.json"
+    final_path.write_text(final_path.read_text().replace('"val_loss": ', '"val_loss": NaN, "was": '))
+    assert run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), poll_s=0.05, emit=quiet)[0].status == "diverged"
+    records = run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), retry_failed=True, poll_s=0.05, emit=quiet)
+    assert records[0].status == "completed" and len(starts(sweep.runs[0].run_dir)) == 2
+    assert "NaN" in (sweep.runs[0].run_dir / "final.diverged.json").read_text()
+
+
+class _QueuedLauncher(LocalLauncher):
+    """A scheduler stand-in: each run waits ``queue_s`` in a queue before its process starts."""
+
+    def __init__(self, queue_s: float, **kw):
+        super().__init__(**kw)
+        self.queue_s = queue_s
+
+    def launch(self, req):
+        return _QueuedHandle(self, req)
+
+
+class _QueuedHandle(Handle):
+    def __init__(self, launcher, req):
+        self.launcher, self.req, self.t0, self.inner = launcher, req, time.monotonic(), None
+        self.description = "queued"
+
+    def poll(self):
+        if self.inner is None:
+            if time.monotonic() - self.t0 > self.launcher.queue_s:
+                self.inner = LocalLauncher.launch(self.launcher, self.req)
+            return None
+        return self.inner.poll()
+
+    def is_running(self) -> bool:
+        return self.inner is not None
+
+    def stop(self) -> None:
+        if self.inner is not None:
+            self.inner.stop()
+
+
+@row("`--run-timeout` with runs waiting in a scheduler queue", "the timeout counts run time only")
+def test_run_timeout_counts_run_time_not_queue_time(tmp_path):
+    sweep = make_sweep(tmp_path, rhos=(0.5,), steps=5)  # about 0.1 s of steps, well under the timeout
+    records = run_sweep(sweep, _QueuedLauncher(2.0, script=SCRIPT, threads=1), run_timeout_s=1.5, poll_s=0.05,
+                        emit=quiet)
+    assert records[0].status == "completed", records[0].reason
+
+
+class _FakeSlurmJob:
+    states: list = []
+
+    def __init__(self, folder, job_id):
+        self.job_id = job_id
+
+    @property
+    def state(self):
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+
+@row("a Slurm job whose state comes back UNKNOWN when the driver re-attaches",
+     "re-queried; if it stays unknown the driver waits for it, never submits a duplicate")
+@pytest.mark.parametrize("states,attached", [(["UNKNOWN", "UNKNOWN", "RUNNING"], "re-attached"),
+                                             (["UNKNOWN"], "waiting, not resubmitting"),
+                                             (["UNKNOWN", "CANCELLED by 42"], None)])
+def test_unknown_slurm_state_is_requeried_never_resubmitted(tmp_path, monkeypatch, states, attached):
+    import submitit.slurm.slurm as slurm_mod
+
+    from sweeps import launchers
+
+    monkeypatch.setattr(slurm_mod, "SlurmJob", _FakeSlurmJob)
+    monkeypatch.setattr(_FakeSlurmJob, "states", list(states))
+    monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
+    (tmp_path / "launcher.json").write_text(json.dumps({"cluster": "slurm", "folder": str(tmp_path), "job_id": "7"}))
+    launcher = SubmititLauncher.__new__(SubmititLauncher)
+    launcher.cluster = "slurm"
+    handle = launcher.reattach(tmp_path)
+    assert (handle is None) if attached is None else (attached in handle.description)
+
+
+def _cli(tmp_path, *argv) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from sweeps.run import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([*argv, "--out", str(tmp_path / "out")])
+    return code, err.getvalue()
+
+
+@row("`--budget 6e12 1e20` (the second budget out of the family's range)",
+     "refused before the first run; nothing written")
+def test_every_budget_is_validated_before_the_first_run(tmp_path):
+    code, err = _cli(tmp_path, "--budget", "6e12", "1e20", "--family", "cpu")
+    assert code == 2 and "budget 1e+20 FLOPs is above family cpu" in err
+    assert not (tmp_path / "out").exists()
+
+
+@row("`make sweep BUDGET=1e20 FAMILY=paper` on a machine without the plan's GPUs or memory",
+     "refused in one line with the plan's GPU-hours and memory per rank and a Slurm command; `--force` overrides")
+def test_plan_that_does_not_fit_this_machine_is_refused_with_its_cost(tmp_path, monkeypatch):
+    from sweeps import preflight
+
+    monkeypatch.setattr(preflight, "_gpu_memory_gib", lambda: [])
+    code, err = _cli(tmp_path, "--budget", "1e20", "--family", "paper", "--data-dir", str(tmp_path / "ds_corpus"))
+    assert code == 2 and "will not run on this machine" in err
+    assert "GPU-hours on H100" in err and "GiB per rank" in err and "--launcher slurm" in err and "--force" in err
+    assert not (tmp_path / "out").exists()
+
+
+@row("`--set model.d_model=96` (a field the iso-FLOP plan solved)", "refused in one line naming the key")
+def test_set_on_a_planned_field_is_refused(tmp_path):
+    code, err = _cli(tmp_path, "--budget", "6e12", "--family", "cpu", "--set", "model.d_model=96")
+    assert code == 2 and "--set model.d_model=96: model.d_model is solved by the iso-FLOP plan" in err
+    code, err = _cli(tmp_path, "--budget", "6e12", "--family", "cpu", "--set", "optim.lr=1e-2", "--dry-run")
+    assert code == 0
+
+
+@row("a sweep re-run under a changed plan", "refused; `plan.json` keeps the plan the runs were launched under")
+def test_changed_plan_leaves_plan_json_alone(tmp_path, monkeypatch):
+    code, _ = _cli(tmp_path, "--budget", "6e12", "--family", "cpu", "--rho", "1", "--dry-run")
+    sweep_dir = tmp_path / "out" / "cpu-6e12"
+    run_dir = sweep_dir / "rho1.00-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "sweep_run.json").write_text(json.dumps({"attempts": 1, "overrides": ["train.train_tokens=1"]}))
+    (sweep_dir / "plan.json").write_text('{"the": "old plan"}')
+    code, err = _cli(tmp_path, "--budget", "6e12", "--family", "cpu", "--rho", "1")
+    assert code == 2 and "plan changed since these runs were launched" in err
+    assert (sweep_dir / "plan.json").read_text() == '{"the": "old plan"}'
+
+
+@row("several budgets in one command (`--budget 6e12 2e13`)",
+     "one queue of runs: a free slot takes the next run of any budget, not after the previous budget finished")
+def test_budgets_of_one_command_share_one_queue(tmp_path):
+    sweeps = [build_sweep([ContractSpec(0.5, 6)], out=tmp_path, family="contract", budget=b, seeds=[0],
+                          extra_overrides=["+contract.step_s=0.2"], wandb_mode="disabled") for b in (1e9, 2e9)]
+    lines = []
+    per_sweep = run_sweeps(sweeps, LocalLauncher(script=SCRIPT, parallel=2, threads=1), poll_s=0.05,
+                           emit=lines.append)
+    assert [[r.status for r in recs] for recs in per_sweep] == [["completed"], ["completed"]]
+    t_a, t_b = (starts(s.runs[0].run_dir)[0]["time"] for s in sweeps)
+    assert abs(t_a - t_b) < 1.0  # both ran at once (each takes about 1.2 s)
+    assert all((s.dir / "results.parquet").exists() for s in sweeps)
+    assert any(ln.startswith("[contract-2e+09]") or "contract-2e" in ln for ln in lines)
+
+
+def test_preflight_refuses_only_what_this_machine_cannot_run():
+    from types import SimpleNamespace
+
+    from sweeps.preflight import Machine, check_fits
+
+    def plan(gpu_hours, mem, peak=989.0):
+        est = {"hardware": "H100", "peak_tflops": peak, "mfu": 0.3, "gpu_hours": gpu_hours, "mem_per_gpu_gib": mem}
+        return [SimpleNamespace(name="s", runs=[SimpleNamespace(spec={"estimates": est})])]
+
+    cpu = Machine(0, 20.0, "no GPU, 20 GiB RAM")
+    check_fits(plan(1e-6, 0.1), cpu, "hint")  # a tiny plan made for GPUs still runs here in seconds
+    check_fits(plan(100.0, 1.0, peak=0.16), cpu, "hint")  # a CPU plan is the family's own estimate
+    with pytest.raises(ValueError, match=r"assumes H100 accelerators.*about [\d.e+]+ hours.*100 GPU-hours"):
+        check_fits(plan(100.0, 1.0), cpu, "hint")
+    with pytest.raises(ValueError, match=r"needs 40 GiB per rank and a rank gets 20 GiB"):
+        check_fits(plan(1e-6, 40.0), cpu, "hint")
+    check_fits(plan(100.0, 40.0), Machine(8, 80.0, "8 GPUs"), "hint")

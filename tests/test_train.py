@@ -95,7 +95,7 @@ def test_wandb_offline_run_id_survives_resume(tiny_data, tmp_path):
     first_id = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["wandb_run_id"]
     assert first_id and list(run_dir.glob(f"wandb/offline-run-*-{first_id}"))
     os.unlink(run_dir / "final.json")  # extend the finished run: it resumes from its checkpoint
-    run_train(tiny_data, run_dir, "train.max_steps=8", *common, extra_env=extra)
+    run_train(tiny_data, run_dir, "train.max_steps=8", "train.allow_config_change=true", *common, extra_env=extra)
     assert final(run_dir)["wandb_run_id"] == first_id
 
 

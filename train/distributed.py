@@ -1,7 +1,10 @@
 """Process-group setup for torchrun / the DeepSpeed launcher, on CPU (gloo) or GPU (nccl)."""
 from __future__ import annotations
 
+import ctypes
+import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +37,26 @@ def _skip_cpu_shm_build() -> None:
     ds_torch_comm.build_shm_op = lambda: None
 
 
-def setup() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (a single process gets a world of one)."""
+def die_with_launcher() -> None:
+    """A worker started by torchrun / the DeepSpeed launcher gets SIGTERM when its launcher dies (even
+    by SIGKILL) instead of training on, unattended, into a run directory someone may relaunch (Linux)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return  # a plain `python train/main.py`: nobody to outlive
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        return
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def setup(timeout_s: float = 1800.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (a single process gets a world of one).
+
+    ``timeout_s`` bounds every collective: if a peer died without its launcher noticing (ranks
+    started by srun or by hand), the others fail after this long instead of hanging forever."""
+    die_with_launcher()
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -52,7 +73,8 @@ def setup() -> DistInfo:
     local_rank = int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
@@ -81,3 +103,17 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+FAULT_ENV = "ISOFLOP_FAULT"  # fault injection for tests/test_faults*: "<rank>:<step>" raises there
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def maybe_inject_fault(rank: int, step: int) -> None:
+    """Raise on rank ``r`` before step ``s`` when ``ISOFLOP_FAULT=r:s`` (how the suite makes one rank fail)."""
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{rank}:{step}":
+        raise InjectedFault(f"injected fault on rank {rank} at step {step} ({FAULT_ENV}={spec})")

@@ -9,14 +9,17 @@ Every rank agrees on ``run_dir`` (from the config, never the clock) and writes i
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python train/main.py` from a checkout without installing
     sys.path.insert(0, str(REPO))
 CONF = REPO / "conf"
+STARTED = time.time()  # this attempt's start: a failed.json newer than this was written by a peer rank
 
 
 def _check_group_choices(argv: list[str]) -> None:
@@ -31,27 +34,91 @@ def _check_group_choices(argv: list[str]) -> None:
             raise SystemExit(f"error: unknown {key} '{value}' (available: {', '.join(options)})")
 
 
+def _compose_and_validate(argv: list[str]):
+    """Compose the config as Hydra will and check it against train/schema.py, before torch is imported,
+    so a typo'd key or a bad value costs a second, not a checkpoint (and fails in one line)."""
+    if any(a.startswith("-") for a in argv):  # Hydra's own flags (--cfg, --multirun): leave it to Hydra
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from train.schema import ConfigError, check_schema, validate
+
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        check_schema(cfg)
+        validate(cfg)
+        return cfg
+    except ConfigError as e:
+        _fail(str(e))
+        raise SystemExit(2) from None
+    except (HydraException, OmegaConfBaseException) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        _fail("; ".join(lines[:2]) or type(e).__name__)
+        raise SystemExit(2) from None
+
+
+def _lock_run_dir(run_dir: Path) -> None:
+    """Rank 0 takes run_dir/.run.lock before Hydra writes its logs there, and keeps it until it exits
+    (the descriptor is passed on to the trainer in ISOFLOP_RUN_LOCK_FD). A second launch into a live run
+    stops here, touching nothing in the directory; under torchrun its launcher then stops the peers."""
+    from train.run_files import LOCK_FD_ENV, LOCK_NAME, try_lock
+
+    if int(os.environ.get("RANK", "0")) != 0 or os.environ.get(LOCK_FD_ENV):
+        return  # a peer rank, or a launcher (the sweep driver) holds the lock for us
+    fd = try_lock(run_dir)
+    if fd is None:
+        _fail(f"run_dir {run_dir} is in use by another live trainer ({run_dir / LOCK_NAME}); "
+              f"wait for it, stop it, or use another run_dir")
+        raise SystemExit(2)
+    os.environ[LOCK_FD_ENV] = str(fd)
+
+
 def _fail(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
-def _record_failure(cfg, status: str, reason: str) -> None:
-    """Leave the reason in run_dir/failed.json (rank 0) so a sweep can report it."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
+def _report_rank_failure(cfg, status: str, msg: str) -> None:
+    """Any rank that fails says so on stderr and in run_dir/failed.json (rank 0's record wins), so a
+    failure on one rank is never silent. Without FINAL: a finished run's record is not overwritten."""
     from train.run_files import FAILED, FINAL, atomic_write_json
 
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"rank {rank}: " if world > 1 else ""
+    print(f"error: {who}{msg}", file=sys.stderr, flush=True)
     run_dir = Path(cfg.run_dir)
-    if (run_dir / FINAL).exists():
-        return
+    failed = run_dir / FAILED
+    if (run_dir / FINAL).exists() or (failed.exists() and failed.stat().st_mtime >= STARTED):
+        return  # the first failure of this attempt is the cause; later ones (peers losing it) are echoes
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / FAILED, {"status": status, "reason": reason, "step": None})
+    atomic_write_json(run_dir / FAILED, {"status": status, "reason": f"{who}{msg}", "step": None, "rank": rank})
+
+
+def _exit_now(code: int) -> None:
+    """Leave without a barrier or process-group teardown: peers may be blocked in a collective that will
+    never complete. The launcher (torchrun, deepspeed) sees this rank exit and stops the others; ranks
+    without such a launcher give up after train.dist_timeout_s."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> int:
     _check_group_choices(sys.argv[1:])
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    from train.schema import register
+
+    register()
+    cfg = _compose_and_validate(sys.argv[1:])  # every rank: all stop, rank 0 says why
+    if cfg is not None:
+        _lock_run_dir(Path(cfg.run_dir))
     import hydra
     from omegaconf import DictConfig
 
@@ -62,23 +129,34 @@ def main() -> int:
         from data_prep.reader import DataError
         from train.checkpoint import CheckpointError
         from train.distributed import setup, teardown
-        from train.trainer import Diverged, train
+        from train.trainer import Diverged, RunLocked, train
 
-        dist = setup()
+        from train.schema import ConfigError
+
+        dist = setup(float(cfg.train.dist_timeout_s))
         try:
             exit_code["code"] = train(cfg, dist)
-        except (DataError, CheckpointError, ValueError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            _record_failure(cfg, "failed", msg)
-            _fail(msg)
+        except RunLocked as e:
+            _fail(str(e))
             exit_code["code"] = 2
-        except Diverged as e:  # the trainer has recorded it in failed.json
+        except (ConfigError, DataError, CheckpointError, ValueError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not dist.is_main:  # usually raised alike on every rank: then the launcher stops this
+                time.sleep(2.0)  # one while it waits, once rank 0 exited, and only rank 0 speaks
+            _report_rank_failure(cfg, "failed", msg)
+            exit_code["code"] = 2
+        except Diverged as e:  # every rank sees the same all-reduced loss; the trainer wrote failed.json
             _fail(f"run diverged: {e}")
             exit_code["code"] = 3
-        except BaseException as e:
-            _record_failure(cfg, "failed", f"{type(e).__name__}: {e}")
-            teardown(clean=False)  # peers may be stuck in a collective: no barrier
-            raise
+        except Exception as e:  # possibly this rank alone: report it here, do not wait for peers
+            lines = str(e).splitlines()
+            _report_rank_failure(cfg, "failed", f"{type(e).__name__}: {lines[0] if lines else ''}")
+            logging.getLogger("train").exception("rank %d failed", dist.rank)  # the traceback, in rank<N>.log
+            teardown(clean=False) if dist.world_size == 1 else _exit_now(1)
+            exit_code["code"] = 1
+            return
+        if exit_code["code"] == 2 and dist.world_size > 1:
+            _exit_now(2)
         teardown()
 
     _run()

@@ -2,17 +2,36 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import string
+import sys
 from pathlib import Path
 from typing import Optional
+
+log = logging.getLogger("train")
 
 
 def new_run_id() -> str:
     """An 8-character W&B-style run id (random: two fresh runs never share one)."""
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` for each line of a metrics.jsonl. A half-written last line (a kill mid-write)
+    is dropped with a warning naming the file; a bad line before it is corruption and is an error."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    out = []
+    for i, ln in enumerate(lines):
+        try:
+            out.append((ln, json.loads(ln)))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path} line {i + 1} is not JSON ({e}); repair or delete the file") from None
+            log.warning("%s: dropping its half-written last line (%d chars)", path, len(ln))
+    return out
 
 
 class Tracker:
@@ -32,6 +51,9 @@ class Tracker:
             return
         self._truncate_metrics_after(resume_step)
         mode = os.environ.get("WANDB_MODE") or wandb_cfg.get("mode", "offline")
+        if mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"W&B mode {mode!r} (WANDB_MODE or logging.wandb.mode) is not one of "
+                             f"offline, online, disabled")
         if mode == "disabled":
             return
         import wandb
@@ -48,8 +70,7 @@ class Tracker:
         """A killed run may have logged steps past its last checkpoint: drop them before redoing."""
         if not self.metrics_path.exists():
             return
-        keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        keep = [ln for ln, rec in read_metrics(self.metrics_path) if rec.get("step", 0) <= step]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.metrics_path)
@@ -76,3 +97,30 @@ class Tracker:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+class Progress:
+    """Rank 0's progress: a tqdm bar on a terminal; on a pipe or log file, where a bar's carriage-return
+    frames would fill the file, one plain line every ``every`` steps (and at the last step)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, every: int, stream=None):
+        self.total, self.every, self.bar = total, max(int(every), 1), None
+        self.enabled = enabled
+        stream = stream or sys.stderr
+        if enabled and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=stream)
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: Optional[float] = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        elif self.enabled and (step % self.every == 0 or step == self.total):
+            rate = f" {tokens_per_s:,.0f} tok/s" if tokens_per_s else ""
+            log.info("step %d/%d loss %.4f lr %.2e%s", step, self.total, loss, lr, rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

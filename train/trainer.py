@@ -5,8 +5,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -14,14 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 from data_prep.reader import open_split, load_manifest
 from models import ModelConfig, Transformer
 from train import checkpoint as ckpt
-from train.data import TrainBatches, run_length
-from train.distributed import DistInfo, all_reduce_sum, barrier
+from train.data import TrainBatches, eval_windows, run_length
+from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, maybe_inject_fault
 from train.evaluate import evaluate
 from train.hardware import peak_flops
 from train.optim import build_optimizer, set_lr
 from train.schedule import lr_factor
-from train.run_files import CHECKPOINTS, FAILED, FINAL, atomic_write_json
-from train.tracking import Tracker
+from train.resume import DATA_DIR, changes, describe, trajectory_settings
+from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
+from train.schema import ConfigError, check_schema, validate
+from train.tracking import Progress, Tracker
 
 log = logging.getLogger("train")
 
@@ -31,6 +36,10 @@ class Diverged(RuntimeError):
 
 
 VOCAB_PAD_MULTIPLE = 128  # a model vocabulary may pad the data's up to the next multiple of this
+
+
+class RunLocked(ConfigError):
+    """Another live trainer owns the run directory: say so, and write nothing into it."""
 
 
 def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int) -> ModelConfig:
@@ -92,11 +101,7 @@ def total_steps(cfg: DictConfig) -> int:
 
 
 def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
-    t = cfg.train
-    if t.precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision must be fp32 or bf16, got {t.precision}")
-    if t.zero_stage not in (0, 1, 2):
-        raise ValueError(f"train.zero_stage must be 0, 1 or 2, got {t.zero_stage}")
+    t = cfg.train  # values checked by train.schema.validate
     return {
         "train_batch_size": int(t.global_batch_size),
         "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
@@ -110,160 +115,291 @@ def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
     }
 
 
-def train(cfg: DictConfig, dist: DistInfo) -> int:
-    """Run (or resume) one training run; returns a process exit code."""
-    started = time.time()
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / CHECKPOINTS
-    t = cfg.train
+@dataclass
+class Prepared:
+    """Everything checked before any compute: data, model config, resume point, step count."""
+    run_dir: Path
+    ckpt_dir: Path
+    train_split: Any
+    val_split: Any
+    mcfg: ModelConfig
+    fingerprints: dict
+    run_state: dict
+    tags: list  # checkpoint tags to resume from, newest first (empty: a fresh start)
+    steps: int
+    batches: TrainBatches
 
-    # ---- validate everything before any compute ---------------------------------------------
+
+def _hold_run_lock(run_dir: Path, dist: DistInfo) -> Optional[int]:
+    """Rank 0 takes run_dir/.run.lock for the trainer's life (unless its launcher holds it for us);
+    every rank learns the outcome, so a second launch into a live run stops on all ranks at once."""
+    fd, held_by_launcher = None, os.environ.get(LOCK_FD_ENV) is not None
+    if dist.is_main and not held_by_launcher:
+        fd = try_lock(run_dir)
+    ok = broadcast_object(held_by_launcher or not dist.is_main or fd is not None)
+    if not ok:
+        raise RunLocked(f"run_dir {run_dir} is in use by another live trainer ({run_dir / LOCK_NAME}); "
+                        f"wait for it, stop it, or use another run_dir")
+    return fd
+
+
+def _read_json(path: Path) -> dict:
+    """A run-directory JSON file, or {} if absent; a damaged one is a one-line error naming it."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); repair or delete it") from None
+
+
+def _check_finished(cfg: DictConfig, run_dir: Path, run_state: dict) -> None:
+    """A finished run is a result: relaunching it is a no-op only under the settings it finished with."""
+    if cfg.train.resume == "never":
+        raise ConfigError(f"run_dir {run_dir} already holds a finished run (train.resume=never)")
+    saved = run_state.get("settings")
+    diff = changes(saved, trajectory_settings(cfg)) if saved is not None else []
+    if diff:
+        raise ConfigError(f"run_dir {run_dir} holds a finished run trained with other settings ({describe(diff)}); "
+                          f"use a new run_dir")
+
+
+def _vet_settings(cfg: DictConfig, meta: dict, p: Prepared, where: Path) -> list[str]:
+    """The trajectory changes from a checkpoint's ``meta`` to this launch; raises unless they may be resumed
+    across. A model change never can (the weights do not fit); others need train.allow_config_change=true."""
+    saved = meta.get("settings")
+    if saved is None:  # written before settings were recorded: the fingerprints still guard it
+        if not cfg.train.allow_config_change:
+            ckpt.check_compatible(meta, p.fingerprints, where)
+        return []
+    diff = changes(saved, p.run_state["settings"], ignore=(DATA_DIR,))
+    stream = meta.get("stream_fingerprint")
+    if stream and stream != p.fingerprints["stream_fingerprint"]:
+        diff.append(f"data content ({DATA_DIR}): stream {stream} -> {p.fingerprints['stream_fingerprint']}")
+    model = [d for d in diff if d.startswith("model.")]
+    if model:
+        raise ConfigError(f"checkpoint in {where} was written with a different model config ({describe(model)}); "
+                          f"use a new run_dir or restore the original config")
+    if diff and not cfg.train.allow_config_change:
+        raise ConfigError(f"checkpoint in {where} was trained with other settings ({describe(diff)}); "
+                          f"restore them, use a new run_dir, or set train.allow_config_change=true")
+    return diff
+
+
+def _check_resume(cfg: DictConfig, p: Prepared, latest: dict, dist: DistInfo) -> None:
+    """Layout and trajectory settings of the committed checkpoint against this launch's."""
+    ckpt.check_layout(latest.get("layout"), ckpt.layout(dist.world_size, cfg.train.zero_stage), p.ckpt_dir)
+    diff = _vet_settings(cfg, latest, p, p.ckpt_dir)
+    if diff:
+        log.warning("resuming at step %s under changed settings (train.allow_config_change=true): %s",
+                    latest.get("step"), "; ".join(diff))
+        p.run_state.setdefault("config_changes", []).append({"step": latest.get("step"), "changes": diff})
+
+
+def prepare(cfg: DictConfig, dist: DistInfo) -> Optional[Prepared]:
+    """Validate config, run directory, data and resume point; None when the run already finished."""
+    check_schema(cfg)
+    validate(cfg)
+    t, run_dir = cfg.train, Path(cfg.run_dir)
+    ckpt_dir = run_dir / CHECKPOINTS
+    run_state = _read_json(run_dir / RUN_STATE)
     if (run_dir / FINAL).exists():
-        final = json.loads((run_dir / FINAL).read_text())
-        if t.resume == "never":
-            raise ValueError(f"run_dir {run_dir} already holds a finished run (train.resume=never)")
+        _check_finished(cfg, run_dir, run_state)
+        final = _read_json(run_dir / FINAL)
         if dist.is_main:
             print(f"run already completed: val_loss={final.get('val_loss'):.4f} ({run_dir / FINAL})")
-        return 0
+        return None
     latest = ckpt.read_latest(ckpt_dir)
     if latest is not None and t.resume == "never":
-        raise ValueError(f"run_dir {run_dir} already holds checkpoints (train.resume=never); use a new run_dir")
-    if t.resume not in ("auto", "never"):
-        raise ValueError(f"train.resume must be auto or never, got {t.resume}")
-
+        raise ConfigError(f"run_dir {run_dir} already holds checkpoints (train.resume=never); use a new run_dir")
     data_dir = Path(cfg.data.dir)
-    train_split = open_split(data_dir, "train")
-    val_split = open_split(data_dir, "val")
+    train_split, val_split = open_split(data_dir, "train"), open_split(data_dir, "val")
     mcfg = resolve_model_config(cfg, data_dir, train_split.vocab_size)
     fingerprints = {"model_fingerprint": mcfg.fingerprint(), "stream_fingerprint": stream_fingerprint(data_dir, cfg)}
-    if latest is not None:
-        ckpt.check_compatible(latest, fingerprints, ckpt_dir)
     steps, last_sequences = step_schedule(cfg)
     batches = TrainBatches(train_split, t.seq_len, t.micro_batch_size, t.global_batch_size,
                            dist.rank, dist.world_size, t.seed, steps, last_sequences)
+    eval_windows(val_split, t.seq_len, t.eval_tokens)  # the held-out set can hold one window: fail now, not at the end
+    p = Prepared(run_dir, ckpt_dir, train_split, val_split, mcfg, fingerprints, run_state,
+                 ckpt.candidates(ckpt_dir, latest) if latest is not None else [], steps, batches)
+    saved_settings = run_state.get("settings")
+    p.run_state.update({**fingerprints, "settings": trajectory_settings(cfg)})
+    if latest is not None and latest.get("tag"):
+        _check_resume(cfg, p, {"settings": saved_settings, **latest}, dist)
     if dist.is_main and (run_dir / FAILED).exists():
         (run_dir / FAILED).unlink()  # this attempt supersedes the recorded failure
+    return p
 
+
+def train(cfg: DictConfig, dist: DistInfo) -> int:
+    """Run (or resume) one training run; returns a process exit code."""
+    run_dir = Path(cfg.run_dir)
+    lock_fd = _hold_run_lock(run_dir, dist)
+    try:
+        p = prepare(cfg, dist)
+        return 0 if p is None else _run(cfg, dist, p)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def _loaded_check(cfg: DictConfig, p: Prepared, dist: DistInfo):
+    """Vets the meta of the checkpoint actually loaded (an older one, after a fallback, has its own)."""
+    def check(meta: dict, where: Path) -> None:
+        ckpt.check_layout(meta.get("layout"), ckpt.layout(dist.world_size, cfg.train.zero_stage), where)
+        _vet_settings(cfg, meta, p, where)
+    return check
+
+
+def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
+    started = time.time()
+    t = cfg.train
     # ---- model, optimizer, engine -----------------------------------------------------------
     torch.manual_seed(t.seed)
-    model = Transformer(mcfg)
+    model = Transformer(p.mcfg)
     counts = model.model_counts(t.seq_len)
     optimizer = build_optimizer(model, cfg.optim)
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, batches.accum_steps))
+                                           config=deepspeed_config(cfg, p.batches.accum_steps))
     start_step, meta = 0, {}
-    if latest is not None:
-        meta = ckpt.load(engine, ckpt_dir, latest)
+    if p.tags:
+        meta = ckpt.load(engine, p.ckpt_dir, p.tags, dist.device, _loaded_check(cfg, p, dist))
         start_step = int(meta["step"])
-        log.info("resumed from %s at step %d", ckpt_dir / latest["tag"], start_step)
+        log.info("resumed from %s at step %d", p.ckpt_dir / ckpt.tag_for(start_step), start_step)
 
-    run_state_path = run_dir / "run.json"
-    run_state = json.loads(run_state_path.read_text()) if run_state_path.exists() else {}
-    wandb_id = meta.get("wandb_run_id") or run_state.get("wandb_run_id")
+    wandb_id = meta.get("wandb_run_id") or p.run_state.get("wandb_run_id")
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     config_dict["counts"] = {"total_params": counts.total_params, "active_params": counts.active_params,
                              "embedding_params": counts.embedding_params,
-                             "flops_per_token": counts.flops_per_token, "total_steps": steps}
-    tracker = Tracker(run_dir, dict(cfg.logging.wandb), config_dict, wandb_id, dist.is_main, start_step)
+                             "flops_per_token": counts.flops_per_token, "total_steps": p.steps}
+    tracker = Tracker(p.run_dir, dict(cfg.logging.wandb), config_dict, wandb_id, dist.is_main, start_step)
     if dist.is_main:
-        atomic_write_json(run_state_path, {**run_state, "wandb_run_id": tracker.run_id, **fingerprints})
+        atomic_write_json(p.run_dir / RUN_STATE, {**p.run_state, "wandb_run_id": tracker.run_id})
         log.info("model: %s non-embedding params (%s active), %.3g train FLOPs/token, %d steps of %d tokens",
-                 f"{counts.total_params:,}", f"{counts.active_params:,}", counts.train_flops_per_token, steps,
+                 f"{counts.total_params:,}", f"{counts.active_params:,}", counts.train_flops_per_token, p.steps,
                  t.global_batch_size * t.seq_len)
-
-    peak = peak_flops(dist.device, cfg.logging.get("peak_tflops"))
-    base_lr = float(cfg.optim.lr)
-
-    def checkpoint_meta(step: int) -> dict:
-        return {**fingerprints, "step": step, "wandb_run_id": tracker.run_id, "tokens": batches.tokens_through(step)}
-
-    def eval_now() -> float:
-        return evaluate(engine, val_split, t.seq_len, t.eval_tokens, t.micro_batch_size, dist.rank,
-                        dist.world_size, dist.device)
-
-    bar = None
-    if dist.is_main and t.get("progress", True):
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-
-    engine.train()
-    window_t0, window_tokens = time.time(), 0
-    step = start_step
+    loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts)
     try:
-        while step < steps:
-            factor = lr_factor(step, steps, cfg.optim.schedule, cfg.optim.warmup_steps,
-                               cfg.optim.min_lr_ratio, cfg.optim.get("decay_frac", 0.2))
-            lr = set_lr(optimizer, base_lr, factor)
-            loss_sum = torch.zeros(2, dtype=torch.float64)  # [ce, aux]
-            for micro in range(batches.accum_steps):
-                x, y = batches.get(step, micro)
-                weight = batches.loss_weight(step, micro)  # 1 except on a short last step
-                out = engine(x.to(dist.device), y.to(dist.device))
-                engine.backward(out.loss if weight == 1 else out.loss * weight)
-                engine.step()
-                loss_sum[0] += weight * out.ce_loss.detach().double().cpu()
-                if out.aux_loss is not None:
-                    loss_sum[1] += weight * out.aux_loss.detach().double().cpu()
-            model.on_optimizer_step()
-            step += 1
-            loss_vec = all_reduce_sum(loss_sum.to(dist.device)).cpu() / (batches.accum_steps * dist.world_size)
-            loss = loss_vec[0].item()
-            if not math.isfinite(loss) or loss > t.max_loss:
-                raise Diverged(f"training loss {loss} at step {step} (limit train.max_loss={t.max_loss})")
-            window_tokens += batches.sequences_in(step - 1) * t.seq_len
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if step % t.log_interval == 0 or step == steps:
-                dt = max(time.time() - window_t0, 1e-9)
-                tps = window_tokens / dt
-                metrics = {"train/loss": loss, "train/lr": lr, "train/tokens": batches.tokens_through(step),
-                           "train/tokens_per_s": tps, "train/epoch": batches.epochs_at(step),
-                           "train/grad_norm": float(engine.get_global_grad_norm() or 0.0)}
-                if out.aux_loss is not None:
-                    metrics["train/aux_loss"] = loss_vec[1].item()
-                if peak:
-                    metrics["perf/mfu"] = counts.train_flops_per_token_causal * tps / (peak * dist.world_size)
-                metrics.update(model.metrics())
-                tracker.log(metrics, step)
-                window_t0, window_tokens = time.time(), 0
-            if step % t.eval_interval == 0 and step < steps:
-                val = eval_now()
-                tracker.log({"val/loss": val}, step)
-                log.info("step %d: val_loss %.4f", step, val)
-            if step % t.ckpt_interval == 0 and step < steps:
-                ckpt.save(engine, ckpt_dir, step, checkpoint_meta(step), dist.is_main, t.keep_checkpoints)
-                window_t0 = time.time()  # do not charge checkpoint time to throughput
-        if bar is not None:
-            bar.close()
-        val = eval_now()
-        tracker.log({"val/loss": val}, step)
-        ckpt.save(engine, ckpt_dir, step, checkpoint_meta(step), dist.is_main, t.keep_checkpoints)
-        tokens = batches.tokens_through(step)  # exactly the tokens trained (a short last step included)
-        final = {"status": "completed", "val_loss": val, "steps": step, "tokens": tokens,
-                 "train_flops": counts.train_flops_per_token * tokens,
-                 "flops_per_token": counts.train_flops_per_token, "total_params": counts.total_params,
-                 "active_params": counts.active_params, "wall_time_s": time.time() - started,
-                 "wandb_run_id": tracker.run_id}
-        if dist.is_main:
-            atomic_write_json(run_dir / FINAL, final)
-            tracker.summary({"final/val_loss": val, "final/tokens": final["tokens"],
-                             "final/train_flops": final["train_flops"]})
-            print(f"final validation loss {val:.4f} after {step} steps ({final['tokens']:,} tokens)")
-            print(f"checkpoint: {ckpt_dir / ckpt.tag_for(step)}")
-            if tracker.location:
-                print(f"W&B run ({cfg.logging.wandb.mode}): {Path(tracker.location).parent}"
-                      f"  (upload with: wandb sync {Path(tracker.location).parent})")
-        tracker.finish(0)
-        barrier()
-        return 0
+        step = loop.run(start_step)
+        return _finish(cfg, dist, p, loop, step, started)
     except Diverged as e:
-        if bar is not None:
-            bar.close()
+        loop.progress.close()
         if dist.is_main:
-            atomic_write_json(run_dir / FAILED, {"status": "diverged", "reason": str(e), "step": step})
+            atomic_write_json(p.run_dir / FAILED, {"status": "diverged", "reason": str(e), "step": loop.step})
         tracker.finish(1)
         raise
+
+
+class Loop:
+    """The optimizer-step loop: one step, its logging, periodic evaluation and checkpoints."""
+
+    def __init__(self, cfg, dist, p: Prepared, engine, model, optimizer, tracker, counts):
+        self.cfg, self.t, self.dist, self.p = cfg, cfg.train, dist, p
+        self.engine, self.model, self.optimizer, self.tracker, self.counts = engine, model, optimizer, tracker, counts
+        self.peak = peak_flops(dist.device, cfg.logging.get("peak_tflops"))
+        self.base_lr = float(cfg.optim.lr)
+        self.step = 0
+        self.progress = Progress(False, p.steps, 0, self.t.log_interval)  # replaced by run()
+
+    def checkpoint_meta(self, step: int) -> dict:
+        return {**self.p.fingerprints, "settings": self.p.run_state["settings"], "step": step,
+                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage),
+                "wandb_run_id": self.tracker.run_id, "tokens": self.p.batches.tokens_through(step)}
+
+    def save(self, step: int) -> None:
+        ckpt.save(self.engine, self.p.ckpt_dir, step, self.checkpoint_meta(step), self.dist.is_main,
+                  self.t.keep_checkpoints)
+
+    def evaluate(self) -> float:
+        t, d = self.t, self.dist
+        return evaluate(self.engine, self.p.val_split, t.seq_len, t.eval_tokens, t.micro_batch_size, d.rank,
+                        d.world_size, d.device)
+
+    def one_step(self, step: int):
+        """Forward/backward over the accumulation micro-steps and the optimizer step; (loss_vec, lr, out)."""
+        o, b, d = self.cfg.optim, self.p.batches, self.dist
+        factor = lr_factor(step, self.p.steps, o.schedule, o.warmup_steps, o.min_lr_ratio, o.get("decay_frac", 0.2))
+        lr = set_lr(self.optimizer, self.base_lr, factor)
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # [ce, aux]
+        for micro in range(b.accum_steps):
+            maybe_inject_fault(d.rank, step)
+            x, y = b.get(step, micro)
+            weight = b.loss_weight(step, micro)  # 1 except on a short last step
+            out = self.engine(x.to(d.device), y.to(d.device))
+            self.engine.backward(out.loss if weight == 1 else out.loss * weight)
+            self.engine.step()
+            loss_sum[0] += weight * out.ce_loss.detach().double().cpu()
+            if out.aux_loss is not None:
+                loss_sum[1] += weight * out.aux_loss.detach().double().cpu()
+        self.model.on_optimizer_step()
+        loss_vec = all_reduce_sum(loss_sum.to(d.device)).cpu() / (b.accum_steps * d.world_size)  # [2]
+        return loss_vec, lr, out
+
+    def log_step(self, step: int, loss_vec, lr: float, out, window: list) -> None:
+        t, loss = self.t, loss_vec[0].item()
+        window[1] += self.p.batches.sequences_in(step - 1) * t.seq_len
+        tps = window[1] / max(time.time() - window[0], 1e-9)
+        self.progress.update(step, loss, lr, tps)
+        if step % t.log_interval and step != self.p.steps:
+            return
+        metrics = {"train/loss": loss, "train/lr": lr, "train/tokens": self.p.batches.tokens_through(step),
+                   "train/tokens_per_s": tps, "train/epoch": self.p.batches.epochs_at(step),
+                   "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+        if out.aux_loss is not None:
+            metrics["train/aux_loss"] = loss_vec[1].item()
+        if self.peak:
+            metrics["perf/mfu"] = self.counts.train_flops_per_token_causal * tps / (self.peak * self.dist.world_size)
+        metrics.update(self.model.metrics())
+        self.tracker.log(metrics, step)
+        window[:] = [time.time(), 0]
+
+    def run(self, start_step: int) -> int:
+        t, steps = self.t, self.p.steps
+        self.progress = Progress(self.dist.is_main and bool(t.progress), steps, start_step, t.log_interval)
+        self.engine.train()
+        window = [time.time(), 0]  # [start time, tokens] of the throughput window
+        self.step = start_step
+        while self.step < steps:
+            loss_vec, lr, out = self.one_step(self.step)
+            self.step += 1
+            loss = loss_vec[0].item()
+            if not math.isfinite(loss) or loss > t.max_loss:
+                raise Diverged(f"training loss {loss} at step {self.step} (limit train.max_loss={t.max_loss})")
+            self.log_step(self.step, loss_vec, lr, out, window)
+            if self.step % t.eval_interval == 0 and self.step < steps:
+                val = self.evaluate()
+                self.tracker.log({"val/loss": val}, self.step)
+                log.info("step %d: val_loss %.4f", self.step, val)
+            if self.step % t.ckpt_interval == 0 and self.step < steps:
+                self.save(self.step)
+                window[0] = time.time()  # do not charge checkpoint time to throughput
+        self.progress.close()
+        return self.step
+
+
+def _finish(cfg: DictConfig, dist: DistInfo, p: Prepared, loop: Loop, step: int, started: float) -> int:
+    """Final checkpoint first (an evaluation failure must not cost the trained weights), then eval, final.json."""
+    counts, tracker = loop.counts, loop.tracker
+    loop.save(step)
+    val = loop.evaluate()
+    tracker.log({"val/loss": val}, step)
+    tokens = p.batches.tokens_through(step)  # exactly the tokens trained (a short last step included)
+    final = {"status": "completed", "val_loss": val, "steps": step, "tokens": tokens,
+             "train_flops": counts.train_flops_per_token * tokens,
+             "flops_per_token": counts.train_flops_per_token, "total_params": counts.total_params,
+             "active_params": counts.active_params, "wall_time_s": time.time() - started,
+             "wandb_run_id": tracker.run_id}
+    if dist.is_main:
+        atomic_write_json(p.run_dir / FINAL, final)
+        tracker.summary({"final/val_loss": val, "final/tokens": final["tokens"],
+                         "final/train_flops": final["train_flops"]})
+        print(f"final validation loss {val:.4f} after {step} steps ({final['tokens']:,} tokens)")
+        print(f"checkpoint: {p.ckpt_dir / ckpt.tag_for(step)}")
+        if tracker.location:
+            print(f"W&B run ({cfg.logging.wandb.mode}): {Path(tracker.location).parent}"
+                  f"  (upload with: wandb sync {Path(tracker.location).parent})")
+    tracker.finish(0)
+    barrier()
+    return 0

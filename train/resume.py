@@ -1,0 +1,52 @@
+"""The resume contract: which settings a checkpoint's trajectory depends on, and what changed.
+
+A run resumed under a different learning rate, schedule, token budget, model or data continues a
+trajectory no single config describes (loss 8.68 -> 12.95 for lr x100, silently). So every checkpoint
+and ``run.json`` record the *trajectory settings* (flat ``section.key -> value``); a relaunch compares
+them and refuses a change unless ``train.allow_config_change=true``, which is then recorded in
+``run.json`` under ``config_changes``. Settings that only change how a run is observed or laid out
+(eval/log/checkpoint cadence, W&B, micro batch, ZeRO stage, paths) are not part of it; the layout has
+its own check (:func:`train.checkpoint.check_layout`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# train.* keys that do not change the sequence of parameters a run goes through
+NOT_TRAJECTORY = {"eval_interval", "eval_tokens", "ckpt_interval", "keep_checkpoints", "log_interval", "resume",
+                  "progress", "allow_config_change", "dist_timeout_s", "max_loss", "micro_batch_size", "zero_stage"}
+DATA_DIR = "data.dir"  # compared for finished runs; resumes compare the data's content fingerprint instead
+
+
+def _flatten(prefix: str, node: Any, out: dict) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = node
+
+
+def trajectory_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``{"optim.lr": 0.003, "model.d_model": 128, "train.seed": 1234, ...}`` (JSON-serialisable)."""
+    out: dict[str, Any] = {}
+    for section in ("model", "optim"):
+        _flatten(section, OmegaConf.to_container(cfg[section], resolve=True), out)
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    _flatten("train", {k: v for k, v in train.items() if k not in NOT_TRAJECTORY}, out)
+    out[DATA_DIR] = str(cfg.data.dir)
+    return out
+
+
+def changes(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``["optim.lr: 0.003 -> 0.3", ...]`` for every key whose value differs (or exists on one side only)."""
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    missing = "(unset)"
+    return [f"{k}: {old.get(k, missing)} -> {new.get(k, missing)}" for k in keys
+            if old.get(k, missing) != new.get(k, missing)]
+
+
+def describe(diff: list[str], limit: int = 4) -> str:
+    more = f", and {len(diff) - limit} more" if len(diff) > limit else ""
+    return ", ".join(diff[:limit]) + more
