@@ -78,10 +78,13 @@ class NgramHasher(nn.Module):
         """Hash ids per token and layer."""
         return (self.max_ngram_size - 1) * self.n_head_per_ngram
 
-    def forward(self, ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, ids: torch.Tensor, in_range: bool = False) -> dict[int, torch.Tensor]:
+        """ids: [B, T] compressed ids. ``in_range=True`` skips the range check (a host read on CPU):
+        for callers whose ids are in range by construction, like the indexer's own lookup."""
         if ids.dtype != torch.int64 or ids.ndim != 2:
             raise ValueError(f"NgramHasher expects int64 ids [B, T], got {ids.dtype} {tuple(ids.shape)}")
-        if ids.device.type == "cpu" and ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+        if (not in_range and ids.device.type == "cpu" and ids.numel()
+                and (ids.min() < 0 or ids.max() >= self.vocab_size)):
             raise ValueError(f"NgramHasher: ids outside the compressed vocabulary [0, {self.vocab_size})")
         mult, mods = self.multipliers, self.moduli
         if mult.device != ids.device:

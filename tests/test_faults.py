@@ -120,13 +120,15 @@ def test_progress_bar_only_on_a_tty(caplog):
     with caplog.at_level(logging.INFO, logger="train"):
         bar = Progress(True, total=25, initial=0, every=10, stream=pipe)
         for step in range(1, 26):
-            bar.update(step, 2.0, 1e-3, 1000.0)
+            bar.update(step)
+            bar.report(step, 2.0, 1e-3, 1000.0)
         bar.close()
     assert pipe.getvalue() == ""
     assert [r.getMessage().split(" loss")[0] for r in caplog.records] == ["step 10/25", "step 20/25", "step 25/25"]
     tty = _Tty()
     bar = Progress(True, total=3, initial=0, every=10, stream=tty)
-    bar.update(1, 2.0, 1e-3)
+    bar.update(1)
+    bar.report(1, 2.0, 1e-3)
     bar.close()
     assert "\r" in tty.getvalue()
 

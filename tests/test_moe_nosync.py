@@ -2,33 +2,12 @@
 queue device work only; the load statistics are read at log steps (``metrics()``), not every step."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from models.moe import MoEConfig, MoEFFN
 from models.moe.dispatch import ExpertDispatch, group_sizes
-
-_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    """Make every Tensor -> host conversion raise (what would stall a GPU's queue)."""
-    saved = {name: getattr(torch.Tensor, name) for name in _SYNCS}
-
-    def refuse(self, *a, **k):
-        raise AssertionError("host sync in a region that must not sync")
-
-    try:
-        for name in _SYNCS:
-            setattr(torch.Tensor, name, refuse)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-
+from sync_guard import no_host_sync
 
 def test_the_guard_catches_a_sync():
     with no_host_sync(), pytest.raises(AssertionError, match="host sync"):

@@ -20,6 +20,8 @@ still starts at sample ``s * G``, so exact resume is unaffected.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from functools import lru_cache
 from typing import Optional
 
@@ -110,6 +112,56 @@ class TrainBatches:
 
     def epochs_at(self, step: int) -> float:
         return step * self.global_bs / self.n_windows
+
+
+class Prefetcher:
+    """The micro-batches of steps ``[start, end)`` in (step, micro) order, read ahead by a thread.
+
+    Reading a micro-batch is numpy work on memory-mapped shards, so a background thread overlaps it
+    with the step's compute; on a GPU each batch is pinned, so the copy to the device does not block
+    the host. Batches are a pure function of (step, micro-step): reading ahead changes no value, and
+    ``get`` checks that the caller asks for exactly the next one.
+    """
+
+    def __init__(self, batches: TrainBatches, start: int, end: int, pin: bool, depth: int = 4):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(batches, start, end, pin), daemon=True,
+                                        name="batch-prefetch")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, batches: TrainBatches, start: int, end: int, pin: bool) -> None:
+        try:
+            for step in range(start, end):
+                for micro in range(batches.accum_steps):
+                    x, y = batches.get(step, micro)
+                    if pin:
+                        x, y = x.pin_memory(), y.pin_memory()
+                    if not self._put((step, micro, x, y)):
+                        return
+        except BaseException as e:  # handed to the consumer, raised where the batch was wanted
+            self._put(e)
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item[:2] != (step, micro):
+            raise RuntimeError(f"prefetcher out of order: wanted step {step} micro {micro}, has {item[:2]}")
+        return item[2], item[3]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def eval_windows(split, seq_len: int, eval_tokens: int) -> int:

@@ -112,9 +112,14 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=stream)
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: Optional[float] = None) -> None:
+    def update(self, step: int) -> None:
+        """Every step: advance the bar (no value is read from the device here)."""
         if self.bar is not None:
             self.bar.update(1)
+
+    def report(self, step: int, loss: float, lr: float, tokens_per_s: Optional[float] = None) -> None:
+        """At log steps: the loss and rate on the bar, or one plain line."""
+        if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         elif self.enabled and (step % self.every == 0 or step == self.total):
             rate = f" {tokens_per_s:,.0f} tok/s" if tokens_per_s else ""

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -18,21 +17,15 @@ from data_prep.reader import open_split, load_manifest
 from models import ModelConfig, Transformer
 from train import checkpoint as ckpt
 from train.data import TrainBatches, eval_windows, run_length
-from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, maybe_inject_fault
-from train.evaluate import evaluate
-from train.hardware import peak_flops
-from train.optim import build_optimizer, set_lr
-from train.schedule import lr_factor
+from train.distributed import DistInfo, barrier, broadcast_object
+from train.optim import build_optimizer
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
 from train.schema import ConfigError, check_schema, validate
-from train.tracking import Progress, Tracker
+from train.loop import Diverged, Loop
+from train.tracking import Tracker
 
 log = logging.getLogger("train")
-
-
-class Diverged(RuntimeError):
-    pass
 
 
 VOCAB_PAD_MULTIPLE = 128  # a model vocabulary may pad the data's up to the next multiple of this
@@ -290,93 +283,6 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
             atomic_write_json(p.run_dir / FAILED, {"status": "diverged", "reason": str(e), "step": loop.step})
         tracker.finish(1)
         raise
-
-
-class Loop:
-    """The optimizer-step loop: one step, its logging, periodic evaluation and checkpoints."""
-
-    def __init__(self, cfg, dist, p: Prepared, engine, model, optimizer, tracker, counts):
-        self.cfg, self.t, self.dist, self.p = cfg, cfg.train, dist, p
-        self.engine, self.model, self.optimizer, self.tracker, self.counts = engine, model, optimizer, tracker, counts
-        self.peak = peak_flops(dist.device, cfg.logging.get("peak_tflops"))
-        self.base_lr = float(cfg.optim.lr)
-        self.step = 0
-        self.progress = Progress(False, p.steps, 0, self.t.log_interval)  # replaced by run()
-
-    def checkpoint_meta(self, step: int) -> dict:
-        return {**self.p.fingerprints, "settings": self.p.run_state["settings"], "step": step,
-                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage),
-                "wandb_run_id": self.tracker.run_id, "tokens": self.p.batches.tokens_through(step)}
-
-    def save(self, step: int) -> None:
-        ckpt.save(self.engine, self.p.ckpt_dir, step, self.checkpoint_meta(step), self.dist.is_main,
-                  self.t.keep_checkpoints)
-
-    def evaluate(self) -> float:
-        t, d = self.t, self.dist
-        return evaluate(self.engine, self.p.val_split, t.seq_len, t.eval_tokens, t.micro_batch_size, d.rank,
-                        d.world_size, d.device)
-
-    def one_step(self, step: int):
-        """Forward/backward over the accumulation micro-steps and the optimizer step; (loss_vec, lr, out)."""
-        o, b, d = self.cfg.optim, self.p.batches, self.dist
-        factor = lr_factor(step, self.p.steps, o.schedule, o.warmup_steps, o.min_lr_ratio, o.get("decay_frac", 0.2))
-        lr = set_lr(self.optimizer, self.base_lr, factor)
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # [ce, aux]
-        for micro in range(b.accum_steps):
-            maybe_inject_fault(d.rank, step)
-            x, y = b.get(step, micro)
-            weight = b.loss_weight(step, micro)  # 1 except on a short last step
-            out = self.engine(x.to(d.device), y.to(d.device))
-            self.engine.backward(out.loss if weight == 1 else out.loss * weight)
-            self.engine.step()
-            loss_sum[0] += weight * out.ce_loss.detach().double().cpu()
-            if out.aux_loss is not None:
-                loss_sum[1] += weight * out.aux_loss.detach().double().cpu()
-        self.model.on_optimizer_step()
-        loss_vec = all_reduce_sum(loss_sum.to(d.device)).cpu() / (b.accum_steps * d.world_size)  # [2]
-        return loss_vec, lr, out
-
-    def log_step(self, step: int, loss_vec, lr: float, out, window: list) -> None:
-        t, loss = self.t, loss_vec[0].item()
-        window[1] += self.p.batches.sequences_in(step - 1) * t.seq_len
-        tps = window[1] / max(time.time() - window[0], 1e-9)
-        self.progress.update(step, loss, lr, tps)
-        if step % t.log_interval and step != self.p.steps:
-            return
-        metrics = {"train/loss": loss, "train/lr": lr, "train/tokens": self.p.batches.tokens_through(step),
-                   "train/tokens_per_s": tps, "train/epoch": self.p.batches.epochs_at(step),
-                   "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
-        if out.aux_loss is not None:
-            metrics["train/aux_loss"] = loss_vec[1].item()
-        if self.peak:
-            metrics["perf/mfu"] = self.counts.train_flops_per_token_causal * tps / (self.peak * self.dist.world_size)
-        metrics.update(self.model.metrics())
-        self.tracker.log(metrics, step)
-        window[:] = [time.time(), 0]
-
-    def run(self, start_step: int) -> int:
-        t, steps = self.t, self.p.steps
-        self.progress = Progress(self.dist.is_main and bool(t.progress), steps, start_step, t.log_interval)
-        self.engine.train()
-        window = [time.time(), 0]  # [start time, tokens] of the throughput window
-        self.step = start_step
-        while self.step < steps:
-            loss_vec, lr, out = self.one_step(self.step)
-            self.step += 1
-            loss = loss_vec[0].item()
-            if not math.isfinite(loss) or loss > t.max_loss:
-                raise Diverged(f"training loss {loss} at step {self.step} (limit train.max_loss={t.max_loss})")
-            self.log_step(self.step, loss_vec, lr, out, window)
-            if self.step % t.eval_interval == 0 and self.step < steps:
-                val = self.evaluate()
-                self.tracker.log({"val/loss": val}, self.step)
-                log.info("step %d: val_loss %.4f", self.step, val)
-            if self.step % t.ckpt_interval == 0 and self.step < steps:
-                self.save(self.step)
-                window[0] = time.time()  # do not charge checkpoint time to throughput
-        self.progress.close()
-        return self.step
 
 
 def _finish(cfg: DictConfig, dist: DistInfo, p: Prepared, loop: Loop, step: int, started: float) -> int:

@@ -1,0 +1,172 @@
+"""The optimizer-step loop: steps that never wait on the device, logging once per interval.
+
+On a GPU every value read back to the host (``.item()``, ``.cpu()``, a Python ``if`` on a tensor)
+stalls the host until the device has caught up, and the host can no longer queue the next step's
+kernels ahead. The loop therefore keeps everything it tracks on the device between log steps:
+
+* the step's loss (and aux loss) accumulate in a device tensor, all-reduced on the device;
+* divergence is a device flag (loss not finite or above ``train.max_loss``) with the first step it
+  happened at, read at every log step and before every evaluation and checkpoint, so a diverged
+  state is never saved; a run stops at most ``log_interval`` steps after its loss went bad;
+* the gradient norm is read from the engine where DeepSpeed computes it (ZeRO 1/2, bf16) and
+  computed on the device from the gradients otherwise (fp32 ZeRO-0, where DeepSpeed reports none),
+  on log steps only;
+* micro-batches are read ahead by a thread (pinned on a GPU) and copied without blocking.
+
+``train/tokens_per_s`` (and MFU from it) counts training time only: time spent evaluating or writing
+checkpoints inside a window is taken out of it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from train import checkpoint as ckpt
+from train.data import Prefetcher
+from train.distributed import all_reduce_sum, maybe_inject_fault
+from train.evaluate import evaluate
+from train.hardware import peak_flops
+from train.optim import set_lr
+from train.schedule import lr_factor
+from train.tracking import Progress
+
+log = logging.getLogger("train")
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """L2 norm of all gradients, as a device tensor (no host read)."""
+    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+class Loop:
+    """One run's steps, their logging, periodic evaluation and checkpoints (see the module docstring)."""
+
+    def __init__(self, cfg, dist, p, engine, model, optimizer, tracker, counts):
+        self.cfg, self.t, self.dist, self.p = cfg, cfg.train, dist, p
+        self.engine, self.model, self.optimizer, self.tracker, self.counts = engine, model, optimizer, tracker, counts
+        self.peak = peak_flops(dist.device, cfg.logging.get("peak_tflops"))
+        self.base_lr = float(cfg.optim.lr)
+        self.step = 0
+        self.progress = Progress(False, p.steps, 0, self.t.log_interval)  # replaced by run()
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=dist.device)  # first diverged step
+        self._bad_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
+        # DeepSpeed computes the norm itself under ZeRO 1/2 and its bf16 optimizer; plain fp32 ZeRO-0 does not.
+        self._own_grad_norm = int(self.t.zero_stage) == 0 and self.t.precision == "fp32"
+        self._grad_norm = None
+
+    def checkpoint_meta(self, step: int) -> dict:
+        return {**self.p.fingerprints, "settings": self.p.run_state["settings"], "step": step,
+                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage),
+                "wandb_run_id": self.tracker.run_id, "tokens": self.p.batches.tokens_through(step)}
+
+    def save(self, step: int) -> None:
+        self.check_diverged()
+        ckpt.save(self.engine, self.p.ckpt_dir, step, self.checkpoint_meta(step), self.dist.is_main,
+                  self.t.keep_checkpoints)
+
+    def evaluate(self) -> float:
+        self.check_diverged()
+        t, d = self.t, self.dist
+        return evaluate(self.engine, self.p.val_split, t.seq_len, t.eval_tokens, t.micro_batch_size, d.rank,
+                        d.world_size, d.device)
+
+    def is_log_step(self, step: int) -> bool:
+        """``step`` counts completed steps (1-based)."""
+        return step % self.t.log_interval == 0 or step == self.p.steps
+
+    def one_step(self, step: int, data: Prefetcher) -> tuple[torch.Tensor, float, object]:
+        """Forward/backward over the accumulation micro-steps and the optimizer step.
+        Returns (loss_vec [2] device tensor: mean ce and aux loss over ranks, lr, last output)."""
+        o, b, d = self.cfg.optim, self.p.batches, self.dist
+        factor = lr_factor(step, self.p.steps, o.schedule, o.warmup_steps, o.min_lr_ratio, o.get("decay_frac", 0.2))
+        lr = set_lr(self.optimizer, self.base_lr, factor)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=d.device)  # [ce, aux]
+        for micro in range(b.accum_steps):
+            maybe_inject_fault(d.rank, step)
+            x, y = data.get(step, micro)
+            weight = b.loss_weight(step, micro)  # 1 except on a short last step
+            out = self.engine(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
+            self.engine.backward(out.loss if weight == 1 else out.loss * weight)
+            if micro == b.accum_steps - 1 and self._own_grad_norm and self.is_log_step(step + 1):
+                self._grad_norm = grad_norm(self.model.parameters())  # averaged, before clipping
+            self.engine.step()
+            loss_sum[0] += weight * out.ce_loss.detach().double()
+            if out.aux_loss is not None:
+                loss_sum[1] += weight * out.aux_loss.detach().double()
+        self.model.on_optimizer_step()
+        loss_vec = all_reduce_sum(loss_sum) / (b.accum_steps * d.world_size)
+        self._flag_divergence(loss_vec[0], step + 1)
+        return loss_vec, lr, out
+
+    def _flag_divergence(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss) | (loss > float(self.t.max_loss))
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, torch.full_like(self._bad_step, step), self._bad_step)
+        self._bad_loss = torch.where(first, loss, self._bad_loss)
+
+    def check_diverged(self) -> None:
+        """Read the divergence flag (a host sync): at log steps, before evaluations and checkpoints."""
+        bad_step = int(self._bad_step.item())
+        if bad_step >= 0:
+            raise Diverged(f"training loss {self._bad_loss.item()} at step {bad_step} "
+                           f"(limit train.max_loss={self.t.max_loss})")
+
+    def log_step(self, step: int, loss_vec: torch.Tensor, lr: float, out, window: list) -> None:
+        t = self.t
+        window[1] += self.p.batches.sequences_in(step - 1) * t.seq_len
+        self.progress.update(step)
+        if not self.is_log_step(step):
+            return
+        self.check_diverged()
+        loss_host = loss_vec.tolist()  # waits for the device: the window's time below is honest
+        tps = window[1] / max(time.time() - window[0], 1e-9)
+        norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        metrics = {"train/loss": loss_host[0], "train/lr": lr, "train/tokens": self.p.batches.tokens_through(step),
+                   "train/tokens_per_s": tps, "train/epoch": self.p.batches.epochs_at(step),
+                   "train/grad_norm": float(norm) if norm is not None else math.nan}
+        if out.aux_loss is not None:
+            metrics["train/aux_loss"] = loss_host[1]
+        if self.peak:
+            metrics["perf/mfu"] = self.counts.train_flops_per_token_causal * tps / (self.peak * self.dist.world_size)
+        metrics.update(self.model.metrics())
+        self.tracker.log(metrics, step)
+        self.progress.report(step, loss_host[0], lr, tps)
+        window[:] = [time.time(), 0]
+
+    def _periodic(self, step: int, window: list) -> None:
+        """Evaluation and checkpoint at their intervals; their time is taken out of the throughput window."""
+        t0 = time.time()
+        if step % self.t.eval_interval == 0 and step < self.p.steps:
+            val = self.evaluate()
+            self.tracker.log({"val/loss": val}, step)
+            log.info("step %d: val_loss %.4f", step, val)
+        if step % self.t.ckpt_interval == 0 and step < self.p.steps:
+            self.save(step)
+        window[0] += time.time() - t0
+
+    def run(self, start_step: int) -> int:
+        t, steps = self.t, self.p.steps
+        self.progress = Progress(self.dist.is_main and bool(t.progress), steps, start_step, t.log_interval)
+        self.engine.train()
+        data = Prefetcher(self.p.batches, start_step, steps, pin=self.dist.device.type == "cuda")
+        window = [time.time(), 0]  # [start time, tokens] of the throughput window
+        self.step = start_step
+        try:
+            while self.step < steps:
+                loss_vec, lr, out = self.one_step(self.step, data)
+                self.step += 1
+                self.log_step(self.step, loss_vec, lr, out, window)
+                self._periodic(self.step, window)
+        finally:
+            data.close()
+        self.check_diverged()
+        self.progress.close()
+        return self.step
