@@ -20,19 +20,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sweeps.fitutil import json_safe
+from sweeps.fitutil import ci_text, json_safe
 from sweeps.powerlaw import PowerLawFit, expanded_quantiles, fit_power_law
 from sweeps.trend import fit_trend
 from sweeps.ucurve import UCurveFit, fit_u_curve
 
 __all__ = ["UCurveFit", "PowerLawFit", "fit_u_curve", "fit_power_law", "fit_trend", "json_safe",
            "expanded_quantiles", "verdict_line", "read_csv", "main"]
-
-
-def _ci(v: Sequence[Optional[float]], fmt: str) -> str:
-    lo, hi = v
-    ok = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
-    return f"[{lo:{fmt}}, {hi:{fmt}}]" if ok else "[no interval]"
 
 
 def verdict_line(fit: Optional[dict]) -> str:
@@ -44,9 +38,10 @@ def verdict_line(fit: Optional[dict]) -> str:
         return head
     lvl = f"{100 * fit['level']:.0f}%"
     mde = fit.get("mde")
-    return (f"{head}; rho* = {fit['rho_star']:.3f} {_ci(fit['rho_star_ci'], '.3f')}, gain over rho="
-            f"{fit['rho_ref']:g} = {fit['gain_vs_moe']:+.4f} nats {_ci(fit['gain_vs_moe_ci'], '.4f')} ({lvl}); "
-            f"noise sd {fit['sigma']:.4f} ({fit['sigma_dof']} dof), detectable gain {mde if mde is None else round(mde, 4)}")
+    return (f"{head}; rho* = {fit['rho_star']:.3f} {ci_text(fit['rho_star_ci'], '.3f')}, gain over rho="
+            f"{fit['rho_ref']:g} = {fit['gain_vs_moe']:+.4f} nats {ci_text(fit['gain_vs_moe_ci'], '.4f')} ({lvl}); "
+            f"noise sd {fit['sigma']:.4f} ({fit['sigma_dof']} dof); detectable gain "
+            + ("?" if mde is None else f"{mde:.4f}") + " nats")
 
 
 def read_csv(path: Path) -> dict[Optional[float], tuple[list[float], list[int], list[float]]]:

@@ -34,3 +34,10 @@ def check_xy(x: Sequence[float], y: Sequence[float], xname: str) -> tuple[np.nda
 def nan_list(v) -> list[float]:
     """A JSON interval back as floats (null -> NaN)."""
     return [math.nan if x is None else float(x) for x in (v or [None, None])]
+
+
+def ci_text(v, fmt: str) -> str:
+    """An interval as text, "[lo, hi]", or "[no interval]" when either end is missing."""
+    lo, hi = v if v is not None else (None, None)
+    ok = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+    return f"[{lo:{fmt}}, {hi:{fmt}}]" if ok else "[no interval]"

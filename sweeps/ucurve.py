@@ -84,7 +84,7 @@ class UCurveFit:
     n_rho: int
     n_seeds: int
     seeds_per_rho: list[int]
-    outliers: list[int] = field(default_factory=list)  # input indices with |standardised residual| > 3.5
+    outliers: list[int] = field(default_factory=list)  # input indices, |residual| > 3.5 robust sd (flagged, kept)
     n_draws: int = 0
     boot_interior_frac: float = math.nan  # share of draws whose minimum is interior
     ref_extrapolated: bool = False
@@ -154,7 +154,7 @@ class _Model:
     dof: int
     source: str
     p_effect: float
-    std_resid: np.ndarray  # [n] residuals / sigma of the noise model (zeros when sigma = 0)
+    std_resid: np.ndarray  # [n] residuals of the noise model / their robust scale (zeros when it is 0)
 
 
 def _models(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray) -> _Model:
@@ -181,7 +181,10 @@ def _models(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray) -> _Model:
     else:
         p = 0.0 if dof > 0 and rss_0 > 0 else math.nan  # exact data: any difference is real
     R = levels.size
-    std_resid = (y - fitted) / sigma if sigma and sigma > 0 else np.zeros_like(y)
+    resid = y - fitted
+    # Outliers are flagged against a robust scale (MAD, dof-corrected): the outlier itself inflates sigma.
+    mad = 1.4826 * float(np.median(np.abs(resid))) * math.sqrt(y.size / dof) if dof > 0 else 0.0
+    std_resid = resid / mad if mad > 0 else np.zeros_like(y)
     return _Model(levels, beta_c[:R], inv_c[:R, :R], sigma, dof, source, p, std_resid)
 
 
