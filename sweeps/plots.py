@@ -99,7 +99,7 @@ def plot_u_curves(curves: Sequence[tuple[CurveData, Optional[UCurveFit]]], path:
     axr.set_ylabel("loss - fitted loss at rho = 1")
     axr.set_title("relative to pure MoE (bands: bootstrap CIs of the curve and of rho*)", fontsize=10)
     axr.grid(alpha=0.3)
-    if any(fit is not None for _, fit in curves):
+    if any(fit is not None and fit.verdict != "insufficient" for _, fit in curves):
         axr.legend(fontsize=8)
     return _finish(fig, path)
 
