@@ -28,8 +28,8 @@ rho, so its plug-in estimate is biased upward (never negative: under a flat trut
 gain). The draws measure that selection bias, ``b = mean g(draws) - g(mu_hat)``; the reported gain is
 ``g(mu_hat) - b`` (first-order bootstrap bias correction; it may be negative) and its interval the
 percentile interval of the draws shifted by -b. Measured over 300 sweeps each (tests/test_fit_calibration.py,
-report of issue 10): under a flat truth the mean reported gain is about 0 sd with one seed and +0.3 to
-+0.4 sd of a run's noise with 2-5 seeds, against +0.6 to +1.3 sd for the plug-in; a stronger correction
+report of issue 10): under a flat truth the mean reported gain is +0.07 (5 rho x 1 seed) to +0.8 (9 rho
+x 1 seed) sd of a run's noise, against +0.7 to +1.3 sd for the plug-in (5 rho); a stronger correction
 (2b) removes it but biases real gains near the noise level downward and under-covers them. Known
 weakness: with 2 seeds the gain interval under-covers (nominal 90%: 86-88%; 9 rho x 2 seeds at nominal
 95%: 88%): the selection bias is larger than its first-order estimate when many means are compared
