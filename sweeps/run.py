@@ -151,6 +151,8 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be >= 1 and --seed-offset >= 0, got {args.seeds} and {args.seed_offset}")
     if args.noise is not None and not args.noise > 0:
         raise ValueError(f"--noise must be a positive sd in nats, got {args.noise}")
+    if args.n_boot < 100 or not 0 < args.level < 1:
+        raise ValueError(f"--n-boot must be >= 100 and --level in (0, 1), got {args.n_boot} and {args.level}")
     if args.parallel < 1 or args.procs_per_run < 1:
         raise ValueError("--parallel and --procs-per-run must be >= 1")
     if args.mode == MEMORY and not args.slots:

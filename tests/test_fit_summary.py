@@ -89,3 +89,12 @@ def test_dry_run_reports_power_from_the_given_or_earlier_noise(tmp_path):
     assert "no noise level known" in describe_plan(sweep)
     summarize(sweep, records(sweep, u_loss), n_boot=200, wandb_mode="disabled", emit=lambda m: None)
     assert "earlier sweeps'" in describe_plan(make(tmp_path, budget=1e10))
+
+
+@pytest.mark.parametrize("args,msg", [(["--noise", "-0.01"], "--noise must be a positive"),
+                                      (["--n-boot", "10"], "--n-boot must be >= 100")])
+def test_bad_power_or_fit_flags_are_refused_before_any_run(tmp_path, capsys, args, msg):
+    from sweeps.run import main
+
+    assert main(["--budget", "6e12", "--dry-run", "--out", str(tmp_path), *args]) == 2
+    assert msg in capsys.readouterr().err and not any(tmp_path.iterdir())
