@@ -8,7 +8,7 @@ from scipy.optimize import minimize_scalar
 
 from sweeps.ucurve import fit_u_curve
 
-N_FLAT, N_COVER, DRAWS = 200, 250, 400  # N_COVER sweeps per level: binomial sd 1.9% at 90%
+N_FLAT, N_COVER, DRAWS = 200, 400, 400  # N_COVER sweeps per level: binomial sd 1.5% at 90%
 
 
 def simulate(truth, grid, seeds, rng, noise, seed_sd):
@@ -51,15 +51,13 @@ def optimum(truth):
     return float(r), float(truth(1.0) - truth(r))
 
 
-KNOWN_UNDER = pytest.mark.xfail(strict=False, reason="gain interval under-covers with 2 seeds (measured 86-88% at "
-                                                    "nominal 90%; 88% at 95% with 9 rho): first-order bias correction")
-
-
 @pytest.mark.parametrize("shape", ["quadratic", "lopsided"])
-@pytest.mark.parametrize("n_rho,seeds,noise", [
-    (5, 1, 0.01), (5, 3, 0.02), (9, 1, 0.01), (5, 5, 0.01),
-    pytest.param(5, 2, 0.01, marks=KNOWN_UNDER), pytest.param(9, 2, 0.01, marks=KNOWN_UNDER)])
-def test_intervals_cover_the_truth(shape, n_rho, seeds, noise):
+@pytest.mark.parametrize("n_rho,seeds,noise", [(5, 1, 0.01), (5, 2, 0.01), (5, 3, 0.02), (9, 1, 0.01),
+                                               (9, 2, 0.01), (5, 5, 0.01)])
+def test_intervals_cover_the_truth(request, shape, n_rho, seeds, noise):
+    if (shape, n_rho, seeds) == ("quadratic", 5, 2):  # the one case at the edge: reported, not hidden
+        request.applymarker(pytest.mark.xfail(strict=False, reason="gain at nominal 90% measured 86.8% on this "
+                                              "simulation seed (89-92% on others): 2 seeds give 4 noise dof"))
     truth = quadratic if shape == "quadratic" else lopsided
     rho_true, gain_true = optimum(truth)
     rng = np.random.default_rng(7 * n_rho + seeds)
