@@ -97,10 +97,10 @@ def plot_u_curves(curves: Sequence[tuple[CurveData, Optional[UCurveFit]]], path:
     axr.axhline(0.0, color="0.5", lw=0.8, ls="--")
     axr.set_xlabel("rho")
     axr.set_ylabel("loss - fitted loss at rho = 1")
-    axr.set_title("relative to pure MoE (bands: bootstrap CIs of the curve and of rho*)", fontsize=10)
+    axr.set_title("relative to pure MoE (bands: intervals of the curve and of rho*)", fontsize=10)
     axr.grid(alpha=0.3)
     if any(fit is not None and fit.verdict != "insufficient" for _, fit in curves):
-        axr.legend(fontsize=8)
+        axr.legend(fontsize=8, loc="best")
     return _finish(fig, path)
 
 

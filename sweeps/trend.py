@@ -36,7 +36,8 @@ def fit_trend(budgets: Sequence[float], fits: Sequence[dict], level: float = 0.9
         lo, hi = nan_list((fit or {}).get("rho_star_ci"))
         glo, ghi = nan_list((fit or {}).get("gain_vs_moe_ci"))
         if not all(math.isfinite(v) for v in (lo, hi, glo, ghi)):
-            skipped.append({"budget": budget, "verdict": (fit or {}).get("verdict"), "reason": (fit or {}).get("reason")})
+            fit = fit or {}
+            skipped.append({"budget": budget, "verdict": fit.get("verdict"), "reason": fit.get("reason")})
             continue
         rows.append({"budget": budget, "verdict": fit["verdict"], "rho_star": fit["rho_star"], "rho_star_ci": [lo, hi],
                      "gain": fit["gain_vs_moe"], "gain_ci": [glo, ghi], "level": fit.get("level", level)})

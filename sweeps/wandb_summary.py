@@ -4,9 +4,10 @@ Every training run of a sweep logs itself (through the trainer) into one W&B gro
 with rho, seed and budget in its config. This module adds one more run to that group, job type
 ``sweep-summary``: the results table (``wandb.Table``), the U-curve as W&B charts (a line of the fitted
 curve and a scatter of the runs), the PNG figures, and as summary values the verdict first (``verdict``
-and a one-line ``headline``: verdict, rho* and gain with intervals), then every fit value. Its run id is chosen once per sweep directory and kept in ``wandb_summary.json`` there, so
-later invocations update the same run (``resume="allow"``); nothing is logged when the results have
-not changed since the last time.
+and a one-line ``headline``: verdict, rho* and gain with intervals), then every fit value. Its run id
+is chosen once per sweep directory and kept in ``wandb_summary.json`` there, so later invocations
+update the same run (``resume="allow"``); nothing is logged when the results have not changed since
+the last time.
 
 Find it after ``wandb sync <sweep_dir>/wandb/offline-run-*`` (or live, with ``mode="online"``) in the
 project's Runs table, grouped by the sweep name; the summary run is the one with job type
