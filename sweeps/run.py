@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print the plan (shapes, cost, state) and launch nothing")
     g.add_argument("--force", action="store_true",
                    help="launch locally even if the plan does not fit this machine (memory per rank, accelerators)")
+    g.add_argument("--noise", type=float, help="dry run: seed-noise sd of val loss (nats) for the power report "
+                                                "(default: estimated from finished sweeps of the family in --out)")
     g.add_argument("--report-every", type=float, default=30.0, help="seconds between progress lines")
     g = p.add_argument_group("fit and logging")
     g.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
@@ -125,11 +127,9 @@ def _fit_line(summary: dict) -> str:
         lo, hi = fit["beta_ci"]
         return (f"  loss = {fit['a']:.4f} + {fit['b']:.4f} (slots/{fit['s0']:.3g})^-{fit['c']:.3f};  "
                 f"log-linear slope {fit['beta']:+.4f} per decade [{_f(lo)}, {_f(hi)}]")
-    lo, hi = fit["rho_star_ci"]
-    glo, ghi = fit["gain_vs_moe_ci"]
-    shape = "" if fit["interior"] else "  (no interior minimum: not a U over the sampled range)"
-    return (f"  rho* = {fit['rho_star']:.3f} [{_f(lo)}, {_f(hi)}] ({100 * fit['level']:.0f}% CI), "
-            f"gain over rho=1 = {fit['gain_vs_moe']:.4f} nats [{_f(glo)}, {_f(ghi)}]{shape}")
+    from sweeps.fit import verdict_line
+
+    return f"  {verdict_line(fit)}"
 
 
 def _f(v: Optional[float]) -> str:
@@ -175,6 +175,10 @@ def _check_machine(args: argparse.Namespace, sweeps) -> None:
 def _main(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.seed_offset < 0:
         raise ValueError(f"--seeds must be >= 1 and --seed-offset >= 0, got {args.seeds} and {args.seed_offset}")
+    if args.noise is not None and not args.noise > 0:
+        raise ValueError(f"--noise must be a positive sd in nats, got {args.noise}")
+    if args.n_boot < 100 or not 0 < args.level < 1:
+        raise ValueError(f"--n-boot must be >= 100 and --level in (0, 1), got {args.n_boot} and {args.level}")
     if args.parallel < 1 or args.procs_per_run < 1:
         raise ValueError("--parallel and --procs-per-run must be >= 1")
     if args.mode == MEMORY and not args.slots:
@@ -195,7 +199,7 @@ def _main(args: argparse.Namespace) -> int:
     sweeps = [_plan(args, family, budget, seeds) for budget in args.budget]  # every budget, before any run
     if args.dry_run:
         for sweep in sweeps:
-            print(describe_plan(sweep))
+            print(describe_plan(sweep, noise=args.noise))
         return 0
     for sweep in sweeps:
         check_plan_unchanged(sweep)

@@ -3,10 +3,11 @@
 Every training run of a sweep logs itself (through the trainer) into one W&B group, the sweep name,
 with rho, seed and budget in its config. This module adds one more run to that group, job type
 ``sweep-summary``: the results table (``wandb.Table``), the U-curve as W&B charts (a line of the fitted
-curve and a scatter of the runs), the PNG figures, and rho*, its interval and the gain as summary
-values. Its run id is chosen once per sweep directory and kept in ``wandb_summary.json`` there, so
-later invocations update the same run (``resume="allow"``); nothing is logged when the results have
-not changed since the last time.
+curve and a scatter of the runs), the PNG figures, and as summary values the verdict first (``verdict``
+and a one-line ``headline``: verdict, rho* and gain with intervals), then every fit value. Its run id
+is chosen once per sweep directory and kept in ``wandb_summary.json`` there, so later invocations
+update the same run (``resume="allow"``); nothing is logged when the results have not changed since
+the last time.
 
 Find it after ``wandb sync <sweep_dir>/wandb/offline-run-*`` (or live, with ``mode="online"``) in the
 project's Runs table, grouped by the sweep name; the summary run is the one with job type
@@ -88,6 +89,11 @@ def log_summary(sweep_dir: Path, group: str, records: Sequence[RunRecord], fit: 
         for img in images:
             payload[f"figures/{Path(img).stem}"] = wandb.Image(str(img))
         run.log(payload)
+        if fit and "verdict" in fit:
+            from sweeps.fit import verdict_line
+
+            run.summary["verdict"] = fit["verdict"]
+            run.summary["headline"] = verdict_line(fit)
         for key, value in (fit or {}).items():
             if isinstance(value, (list, tuple)) and len(value) == 2:
                 run.summary[f"{key}_low"], run.summary[f"{key}_high"] = value

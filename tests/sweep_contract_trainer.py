@@ -97,10 +97,11 @@ def main() -> int:
             ckpt.mkdir(exist_ok=True)
             atomic_write_json(latest, {"step": step, "tag": f"step_{step:08d}"})
     val = contract_memory_loss(float(args["sweep.slots"]), seed) if "sweep.slots" in args else contract_loss(rho, seed)
+    spent = float(args.get("sweep.budget", 6e9 * steps))  # an honest run spends its sweep's budget exactly
     atomic_write_json(run_dir / FINAL, {
-        "status": "completed", "val_loss": val, "steps": steps, "tokens": steps * 1024, "train_flops": 6e9 * steps,
-        "flops_per_token": 6e6, "total_params": 1000, "active_params": 100, "wall_time_s": time.time() - t0,
-        "wandb_run_id": None})
+        "status": "completed", "val_loss": val, "steps": steps, "tokens": steps * 1024, "train_flops": spent,
+        "flops_per_token": spent / (steps * 1024), "total_params": 1000, "active_params": 100,
+        "wall_time_s": time.time() - t0, "wandb_run_id": None})
     print(f"final validation loss {val:.4f}")
     return 0
 

@@ -60,6 +60,7 @@ def test_failures_are_recorded_and_the_fit_uses_the_other_runs(tmp_path):
     assert {(p["rho"], p["status"]) for p in saved["points"]} >= {(0.55, "failed"), (0.25, "failed")}
     assert all(set(p) >= {"rho", "seed", "val_loss", "status"} for p in saved["points"])
     fit = saved["fit"]
+    assert fit["verdict"] in ("U", "flat", "monotone") and fit["mde"] > 0 and fit["reason"]
     assert fit["n_points"] == 4 and fit["rho_star"] == pytest.approx(RHO_STAR, abs=0.02)
     lo, hi = fit["rho_star_ci"]
     assert lo <= fit["rho_star"] <= hi
@@ -219,7 +220,10 @@ def test_seeds_give_separate_runs_and_the_fit_uses_all_of_them(tmp_path):
     records = run_sweep(sweep, LocalLauncher(script=SCRIPT, parallel=2, threads=1), poll_s=0.05, emit=quiet)
     assert len({r.val_loss for r in records}) == 9
     summary = summarize(sweep, records, n_boot=200, wandb_mode="disabled", emit=quiet)
-    assert summary["fit"]["n_points"] == 9 and summary["fit"]["bootstrap"] == "strata"
+    fit = summary["fit"]
+    assert fit["n_points"] == 9 and fit["n_seeds"] == 3 and fit["seeds_per_rho"] == [3, 3, 3]
+    assert fit["sigma_source"] == "pure_error" and fit["sigma_dof"] == 4  # (3 rho - 1) x (3 seeds - 1)
+    assert all(p["seeds_at_rho"] == 3 and p["noise_sd"] == fit["sigma"] for p in summary["points"])
 
 
 def test_memory_sweep_fits_a_power_law_in_slots(tmp_path):

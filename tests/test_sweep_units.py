@@ -187,7 +187,7 @@ def test_overlay_reads_every_allocation_summary(tmp_path):
     for budget, shift in ((1e13, 0.0), (3e13, -0.1)):
         rho = [0.2, 0.4, 0.6, 0.8, 1.0]
         loss = [3.0 + shift + 0.3 * (r - 0.7) ** 2 for r in rho]
-        fit = fit_u_curve(rho, [v + 0.001 * (-1) ** i for i, v in enumerate(loss)], n_boot=100)
+        fit = fit_u_curve(rho, [v + 0.001 * (-1) ** i for i, v in enumerate(loss)], n_boot=200)
         d = tmp_path / f"f-{budget_tag(budget)}"
         d.mkdir()
         (d / "summary.json").write_text(json.dumps({
@@ -208,7 +208,7 @@ def test_wandb_summary_run_is_logged_offline_once_per_content(tmp_path, monkeypa
     monkeypatch.setenv("WANDB_SILENT", "true")
     recs = [RunRecord("g", "allocation", "f", 1e13, r, 0, f"g-rho{r}", f"/o/rho{r}", "completed",
                       val_loss=3 + (r - 0.7) ** 2) for r in (0.2, 0.5, 0.8, 1.0)]
-    fit = fit_u_curve([r.rho for r in recs], [r.val_loss for r in recs], n_boot=50).to_dict()
+    fit = fit_u_curve([r.rho for r in recs], [r.val_loss for r in recs], n_boot=200).to_dict()
     curve = {"x": [0.2, 0.6, 1.0], "loss": [3.2, 3.0, 3.1], "lo": [3.1, 2.9, 3.0], "hi": [3.3, 3.1, 3.2],
              "x_name": "rho"}
     where = log_summary(tmp_path, "g", recs, fit, curve, [], {"budget": 1e13}, project="p")
@@ -220,6 +220,8 @@ def test_wandb_summary_run_is_logged_offline_once_per_content(tmp_path, monkeypa
     assert set(tables) >= {"results", "fitted_curve", "runs_scatter_table"}
     assert tables["results"]["columns"][:3] == ["run_name", "rho", "seed"] and len(tables["results"]["data"]) == 4
     assert [row[0] for row in tables["fitted_curve"]["data"]] == [0.2, 0.6, 1.0]
+    log = b"".join(p.read_bytes() for p in Path(where).glob("*.wandb"))  # offline log: summary strings in clear
+    assert b"headline" in log and f"verdict: {fit['verdict']}".encode() in log
     assert log_summary(tmp_path, "g", recs, fit, curve, [], {}, project="p") is None  # unchanged: no new run
     recs[0] = RunRecord("g", "allocation", "f", 1e13, 0.2, 0, "g-rho0.2", "/o/rho0.2", "failed", reason="x")
     again = log_summary(tmp_path, "g", recs, fit, curve, [], {}, project="p")

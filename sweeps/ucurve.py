@@ -1,0 +1,322 @@
+"""Allocation U-curve: loss against the expert share rho, with a verdict and calibrated intervals.
+
+Model. ``y[run] = mu[rho] + s[seed] + e``, e ~ N(0, sigma^2). One free mean per sampled rho (no shape
+assumed) and a fixed effect per seed (effect-coded, so mu is the average over seeds): a seed fixes the
+data order for every rho, so its effect is shared across rho and cancels in every contrast between rho
+values (a paired / blocked analysis). The curve between sampled rho is the not-a-knot cubic spline
+through the seed-adjusted means mu (a parabola through 3 levels, a cubic through 4).
+
+Why this model. The physically motivated U is a sum of power laws in the expert share and the table
+share (``A rho^-a + B (1 - rho + s)^-b``): steep near the ends, lopsided in the middle. A global
+quadratic, and any low-order polynomial fitted by least squares, is pulled by the steep ends (the
+Huber quadratic this replaces misplaced rho* by up to 0.08 on such curves over the default grid
+1.0..0.2); a local quadratic through the three best points by up to 0.05. The interpolating spline of
+the means has no shape to be wrong about: on noise-free lopsided curves with optima in [0.6, 0.9] it
+puts rho* within 0.03 of the truth (tests/test_fit_shape.py), and it reproduces any cubic exactly.
+The price is that it spends one parameter per rho, so the noise needs other degrees of freedom:
+
+Noise. From the residuals of the means-plus-seeds model (pure error, (n_rho - 1)(n_seeds - 1) dof in a
+complete design) when that has >= 3 dof or at least as many as the alternative; otherwise (one seed)
+from the residuals of a quadratic-plus-seeds model (n_rho - 3 dof for one seed). Lack of fit of the
+quadratic can only inflate that estimate: intervals get wider, never falsely narrow.
+
+Intervals. Draws of mu from its exact posterior under a flat prior, a multivariate t with the noise's
+dof (``mu_hat + sqrt(cov) z * sqrt(dof / chi2_dof)``): with 2 dof the tails are as heavy as they must be,
+with no bootstrap quantile beyond its replicates. rho* and the gain L(1) - min L are computed on each
+draw. rho* gets the percentile interval of its draws. The gain ``g = L(1) - min L`` is a maximum over
+rho, so its plug-in estimate is biased upward (never negative: under a flat truth it reports noise as a
+gain). The draws measure that selection bias, ``b = mean g(draws) - g(mu_hat)``; the reported gain is
+``g(mu_hat) - b`` (first-order bootstrap bias correction; it may be negative). Its interval is the
+percentile interval of the draws shifted by -b at the upper end and by -2b at the lower end: b, measured
+around mu_hat, underestimates the selection bias at the truth (most of all when the truth is flat), and
+the lower end is the one that bias pushes past the truth (with a -b shift, 9 rho x 2 seeds covered 84% at
+nominal 90%, the truth falling below the interval in 11% of sweeps). Measured over 250-400 sweeps per
+design (tests/test_fit_calibration.py, report of issue 10): nominal 90% / 95% cover the gain in 86.8-96% /
+93.8-98% on quadratic and lopsided truths (5-9 rho x 1-5 seeds); under a flat truth the mean reported
+gain is +0.07 (5 rho x 1 seed) to +0.8 (9 rho x 1 seed) sd of a run's noise, against +0.7 to +1.3 sd
+for the plug-in (5 rho). A stronger point correction (2b) removes that residue but biases real gains
+near the noise level downward. rho* intervals cover at or above nominal in every design measured.
+
+Verdict (at ``level``, alpha = 1 - level):
+  insufficient  fewer than 3 finished rho, or no degree of freedom left for the noise (reason given);
+  flat          the F test of "all mu equal" (seed-adjusted; quadratic when the noise comes from it)
+                does not reject: no allocation effect detectable. ``mde`` says what could have been;
+  U             the F test rejects, the whole rho* interval lies strictly inside the sampled range and
+                the gain interval excludes zero;
+  monotone      the F test rejects and the fitted minimum is at an end of the range;
+  flat          (with a reason) when the F test rejects but the optimum is not located.
+The F test gates every verdict other than "flat", so under a flat truth with Gaussian noise "U" occurs
+in at most alpha of sweeps, whatever the design, seed effects included (they are in both models).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy.interpolate import CubicSpline
+from scipy.stats import f as f_dist
+
+from sweeps.fitutil import check_xy, json_safe, nan_list
+from sweeps.power import mde_of
+
+GRID_POINTS = 321  # evaluation grid of the spline over the sampled range (resolution 0.0025 over [0.2, 1])
+BAND_POINTS = 41  # pointwise band of the curve written to summary.json
+PURE_MIN_DOF = 3
+VERDICTS = ("U", "flat", "monotone", "insufficient")
+
+
+@dataclass
+class UCurveFit:
+    """A sweep's verdict, rho* and gain over rho_ref, with intervals (NaN / None when not estimable)."""
+
+    verdict: str
+    reason: str
+    rho_star: float
+    rho_star_ci: list[float]
+    gain_vs_moe: float  # bias-corrected L(rho_ref) - L(rho*): may be negative when there is no gain
+    gain_vs_moe_ci: list[float]
+    mde: float  # smallest gain this design detects at 80% power (see sweeps.power)
+    p_effect: float  # F test of "loss does not depend on rho"
+    level: float
+    rho_ref: float
+    loss_star: float
+    loss_ref: float
+    interior: bool  # fitted minimum strictly inside the sampled range
+    rho_range: list[float]
+    knots_rho: list[float]  # sampled rho levels
+    knots_loss: list[float]  # seed-adjusted mean loss at each level (the spline's knots)
+    sigma: float  # noise sd per run
+    sigma_dof: int
+    sigma_source: str  # "pure_error" | "quadratic_residuals" | "none"
+    n_points: int
+    n_rho: int
+    n_seeds: int
+    seeds_per_rho: list[int]
+    outliers: list[int] = field(default_factory=list)  # input indices, |residual| > 3.5 robust sd (flagged, kept)
+    n_draws: int = 0
+    boot_interior_frac: float = math.nan  # share of draws whose minimum is interior
+    ref_extrapolated: bool = False
+    band_rho: list[float] = field(default_factory=list)
+    band_lo: list[float] = field(default_factory=list)
+    band_hi: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def predict(self, rho) -> np.ndarray:
+        r = np.asarray(rho, dtype=np.float64)
+        if len(self.knots_rho) < 2:
+            return np.full(r.shape, math.nan)
+        return _spline(np.asarray(self.knots_rho), np.asarray(self.knots_loss))(r)
+
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UCurveFit":
+        """Inverse of :meth:`to_dict` (JSON nulls become NaN)."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for key in ("rho_star_ci", "gain_vs_moe_ci"):
+            kw[key] = nan_list(kw.get(key))
+        for key in ("rho_star", "gain_vs_moe", "mde", "p_effect", "loss_star", "loss_ref", "sigma",
+                    "boot_interior_frac"):
+            kw[key] = math.nan if kw.get(key) is None else kw[key]
+        return cls(**kw)
+
+
+def _spline(levels: np.ndarray, values: np.ndarray) -> CubicSpline:
+    """Not-a-knot cubic spline through (levels, values); values may be [R] or [R, B]."""
+    return CubicSpline(levels, values, axis=0, bc_type="not-a-knot")
+
+
+def spline_matrix(levels: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """[G, R] weights: the spline through any knot values v, evaluated at rho, equals W @ v."""
+    return _spline(levels, np.eye(levels.size))(rho)
+
+
+@lru_cache(maxsize=64)
+def _grid_weights(levels: tuple[float, ...], ref: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid [G], W [G, R], w_ref [R]) for a design's rho levels (cached: simulations repeat designs)."""
+    lv = np.asarray(levels)
+    grid = np.linspace(lv[0], lv[-1], GRID_POINTS)
+    return grid, spline_matrix(lv, grid), spline_matrix(lv, np.array([ref]))[0]
+
+
+def _effect_coding(idx: np.ndarray, k: int) -> np.ndarray:
+    """[n, k-1] sum-to-zero coding of a factor with k levels (last level = minus the others)."""
+    out = np.zeros((idx.size, max(k - 1, 0)))
+    for j in range(k - 1):
+        out[idx == j, j] = 1.0
+    out[idx == k - 1, :] = -1.0
+    return out
+
+
+def _ols(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int, np.ndarray]:
+    """Least squares: (coefficients [p], residual sum of squares, residual dof, pinv(X'X) [p, p])."""
+    xtx_inv = np.linalg.pinv(X.T @ X)
+    beta = xtx_inv @ (X.T @ y)
+    resid = y - X @ beta
+    rank = int(np.linalg.matrix_rank(X))
+    return beta, float(resid @ resid), y.size - rank, xtx_inv
+
+
+@dataclass
+class _Model:
+    """The linear models of one sweep: means+seeds (curve), quadratic+seeds, intercept+seeds."""
+
+    levels: np.ndarray  # [R]
+    mu: np.ndarray  # [R] seed-adjusted means
+    mu_cov_unit: np.ndarray  # [R, R] covariance of mu / sigma^2
+    sigma: float
+    dof: int
+    source: str
+    p_effect: float
+    std_resid: np.ndarray  # [n] residuals of the noise model / their robust scale (zeros when it is 0)
+
+
+def _models(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray) -> _Model:
+    levels, g = np.unique(np.round(rho, 9), return_inverse=True)
+    seed_levels, s = np.unique(seeds, return_inverse=True)
+    S = _effect_coding(s, seed_levels.size)  # [n, S-1]
+    onehot = (g[:, None] == np.arange(levels.size)[None, :]).astype(float)  # [n, R]
+    Xc = np.hstack([onehot, S])
+    beta_c, rss_c, dof_c, inv_c = _ols(Xc, y)
+    z = (rho - levels.mean()) / max(np.ptp(levels) / 2, 1e-12)
+    Xq = np.hstack([np.stack([np.ones_like(z), z, z * z], axis=1), S])
+    beta_q, rss_q, dof_q, _ = _ols(Xq, y)
+    _, rss_0, dof_0, _ = _ols(np.hstack([np.ones((y.size, 1)), S]), y)
+    if dof_c >= 1 and (dof_c >= PURE_MIN_DOF or dof_c >= dof_q):
+        rss, dof, source, fitted = rss_c, dof_c, "pure_error", Xc @ beta_c
+    elif dof_q >= 1:
+        rss, dof, source, fitted = rss_q, dof_q, "quadratic_residuals", Xq @ beta_q
+    else:
+        rss, dof, source, fitted = 0.0, 0, "none", y
+    sigma = math.sqrt(rss / dof) if dof > 0 else math.nan
+    if dof > 0 and rss > 0 and dof_0 > dof:
+        F = ((rss_0 - rss) / (dof_0 - dof)) / (rss / dof)
+        p = float(f_dist.sf(F, dof_0 - dof, dof))
+    else:
+        p = 0.0 if dof > 0 and rss_0 > 0 else math.nan  # exact data: any difference is real
+    R = levels.size
+    resid = y - fitted
+    # Outliers are flagged against a robust scale (MAD, dof-corrected): the outlier itself inflates sigma.
+    mad = 1.4826 * float(np.median(np.abs(resid))) * math.sqrt(y.size / dof) if dof > 0 else 0.0
+    std_resid = resid / mad if mad > 0 else np.zeros_like(y)
+    return _Model(levels, beta_c[:R], inv_c[:R, :R], sigma, dof, source, p, std_resid)
+
+
+def _mu_draws(m: _Model, n_draws: int, rng: np.random.Generator) -> np.ndarray:
+    """[B, R] draws of mu from its multivariate-t posterior (flat prior, sigma unknown with m.dof dof)."""
+    w, V = np.linalg.eigh(m.mu_cov_unit)
+    root = V * np.sqrt(np.clip(w, 0.0, None))  # [R, R]
+    z = rng.standard_normal((n_draws, m.levels.size)) @ root.T
+    scale = m.sigma * np.sqrt(m.dof / rng.chisquare(m.dof, size=(n_draws, 1)))
+    return m.mu[None, :] + z * scale
+
+
+def _argmin(curves: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of curves [B, G]: (argmin rho refined by a parabola through the grid minimum, min value)."""
+    i = np.argmin(curves, axis=1)
+    rows = np.arange(curves.shape[0])
+    j = np.clip(i, 1, grid.size - 2)
+    c0, c1, c2 = curves[rows, j - 1], curves[rows, j], curves[rows, j + 1]
+    denom = c0 - 2 * c1 + c2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.where((denom > 0) & (i == j), 0.5 * (c0 - c2) / denom, 0.0)
+    shift = np.clip(shift, -0.5, 0.5)
+    step = grid[1] - grid[0]
+    return grid[i] + shift * step, curves[rows, i] - 0.25 * (c0 - c2) * shift * (i == j)
+
+
+def fit_u_curve(rho: Sequence[float], loss: Sequence[float], seeds: Optional[Sequence[int]] = None, *,
+                rho_ref: float = 1.0, n_boot: int = 4000, level: float = 0.95, seed: int = 0) -> UCurveFit:
+    """Verdict, rho* and gain of an allocation sweep. ``seeds`` (one per run; default: all the same
+    seed) makes the fit block on seeds; non-finite losses (failed runs) are dropped."""
+    rho, loss = check_xy(rho, loss, "rho")
+    seeds_arr = np.zeros(rho.size, dtype=np.int64) if seeds is None else np.asarray(seeds).ravel()
+    if seeds_arr.size != rho.size:
+        raise ValueError(f"seeds and rho differ in length ({seeds_arr.size} != {rho.size})")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 100:
+        raise ValueError(f"n_boot must be >= 100 draws for a {level:.0%} interval, got {n_boot}")
+    ok = np.flatnonzero(np.isfinite(loss))
+    rho, loss, seeds_arr = rho[ok], loss[ok], seeds_arr[ok]
+    levels = np.unique(np.round(rho, 9))
+    base = _empty(rho, seeds_arr, levels, rho_ref, level)
+    if levels.size < 3:
+        base.reason = (f"{levels.size} finished rho value(s) {levels.tolist()}: a curve with an optimum needs "
+                       f">= 3")
+        return base
+    m = _models(rho, seeds_arr, loss)
+    if m.dof < 1:
+        base.reason = (f"{rho.size} finished runs at {levels.size} rho values leave no degree of freedom for the "
+                       f"noise: add seeds (or rho values)")
+        return base
+    return _finish(base, m, ok, rho_ref, n_boot, level, np.random.default_rng(seed))
+
+
+def _empty(rho: np.ndarray, seeds: np.ndarray, levels: np.ndarray, rho_ref: float, level: float) -> UCurveFit:
+    nan2 = [math.nan, math.nan]
+    per_rho = [int(np.sum(np.round(rho, 9) == v)) for v in levels]
+    rng_ = [float(levels[0]), float(levels[-1])] if levels.size else nan2
+    return UCurveFit(
+        verdict="insufficient", reason="", rho_star=math.nan, rho_star_ci=nan2, gain_vs_moe=math.nan,
+        gain_vs_moe_ci=nan2, mde=math.nan, p_effect=math.nan, level=float(level), rho_ref=float(rho_ref),
+        loss_star=math.nan, loss_ref=math.nan, interior=False, rho_range=rng_, knots_rho=[float(v) for v in levels],
+        knots_loss=[], sigma=math.nan, sigma_dof=0, sigma_source="none",
+        n_points=int(rho.size), n_rho=int(levels.size), n_seeds=int(np.unique(seeds).size), seeds_per_rho=per_rho)
+
+
+def _finish(f: UCurveFit, m: _Model, idx_ok: np.ndarray, rho_ref: float, n_draws: int, level: float,
+            rng: np.random.Generator) -> UCurveFit:
+    lo, hi = float(m.levels[0]), float(m.levels[-1])
+    ref = min(max(rho_ref, lo), hi)
+    if ref != rho_ref:
+        f.ref_extrapolated = True
+        f.notes.append(f"rho_ref={rho_ref} outside the sampled range [{lo}, {hi}]: gain measured against rho={ref}")
+    grid, W, w_ref = _grid_weights(tuple(float(v) for v in m.levels), ref)  # [G], [G, R], [R]
+    draws = _mu_draws(m, n_draws, rng)  # [B, R]
+    curves = draws @ W.T  # [B, G]
+    rs, mins = _argmin(curves, grid)
+    gains = draws @ w_ref - mins
+    star, min_hat = _argmin((W @ m.mu)[None, :], grid)
+    gain_plugin = float(m.mu @ w_ref - min_hat[0])
+    q = [(1 - level) / 2, (1 + level) / 2]
+    f.rho_star, f.rho_star_ci = float(star[0]), [float(v) for v in np.quantile(rs, q)]
+    bias = float(np.mean(gains)) - gain_plugin  # the draws' own selection bias of L(ref) - min L
+    f.gain_vs_moe = gain_plugin - bias
+    g_lo, g_hi = np.quantile(gains, q)
+    f.gain_vs_moe_ci = [float(g_lo - 2 * bias), float(g_hi - bias)]  # lower end: see the module docstring
+    f.loss_star, f.loss_ref = float(min_hat[0]), float(m.mu @ w_ref)
+    f.interior = bool(lo + 1e-9 < f.rho_star < hi - 1e-9)
+    f.boot_interior_frac = float(np.mean((rs > lo + 1e-9) & (rs < hi - 1e-9)))
+    f.knots_loss = [float(v) for v in m.mu]
+    f.sigma, f.sigma_dof, f.sigma_source, f.p_effect = m.sigma, m.dof, m.source, m.p_effect
+    f.n_draws = int(n_draws)
+    f.mde = mde_of(m.sigma, m.dof, f.seeds_per_rho, level)
+    f.outliers = [int(idx_ok[i]) for i in np.flatnonzero(np.abs(m.std_resid) > 3.5)]
+    band = np.linspace(0, GRID_POINTS - 1, BAND_POINTS).astype(int)
+    b_lo, b_hi = np.quantile(curves[:, band], q, axis=0)
+    f.band_rho, f.band_lo, f.band_hi = grid[band].tolist(), b_lo.tolist(), b_hi.tolist()
+    f.verdict, f.reason = verdict_of(f, 1 - level)
+    return f
+
+
+def verdict_of(f: UCurveFit, alpha: float) -> tuple[str, str]:
+    """The verdict and its one-line reason from a fitted sweep (see the module docstring)."""
+    lo, hi = f.rho_range
+    p = f.p_effect
+    if not p < alpha:
+        return "flat", (f"no allocation effect detected (F test p = {p:.2g}); this design detects a gain of "
+                        f"{f.mde:.4f} nats with 80% power")
+    inside = f.rho_star_ci[0] > lo + 1e-9 and f.rho_star_ci[1] < hi - 1e-9
+    if inside and f.gain_vs_moe_ci[0] > 0:
+        return "U", f"interior optimum (F test p = {p:.2g}); rho* and gain intervals clear the ends and zero"
+    if not f.interior:
+        end = "low" if f.rho_star < 0.5 * (lo + hi) else "high"
+        return "monotone", f"loss depends on rho (F test p = {p:.2g}), best at the {end} end of the range"
+    why = "rho* interval reaches an end of the range" if not inside else "gain interval includes zero"
+    return "flat", f"loss depends on rho (F test p = {p:.2g}) but the optimum is not located: {why}"
