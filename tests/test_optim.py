@@ -149,8 +149,11 @@ def test_bad_optim_config_is_refused(change, message):
         build_optimizer(Toy(), {**toy_cfg("muon"), **change})
 
 
-def test_muon_refuses_bf16_stage0_and_unknown_lr_mapping():
+def test_muon_refuses_what_deepspeed_would_get_wrong():
     with pytest.raises(ValueError, match="needs train.zero_stage 1 or 2"):
-        build_optimizer(Toy(), toy_cfg("muon"), precision="bf16", zero_stage=0)
+        build_optimizer(Toy(), toy_cfg("muon"), {"precision": "bf16", "zero_stage": 0})
+    with pytest.raises(ValueError, match="needs train.grad_clip=0"):
+        build_optimizer(Toy(), toy_cfg("muon"), {"precision": "bf16", "zero_stage": 2, "grad_clip": 1.0})
+    build_optimizer(Toy(), toy_cfg("muon"), {"precision": "bf16", "zero_stage": 2, "grad_clip": 0.0})
     with pytest.raises(ValueError, match="adjust_lr_fn must be one of"):
         build_optimizer(Toy(), {**toy_cfg("muon"), "muon": {"adjust_lr_fn": "rms"}})

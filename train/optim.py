@@ -25,7 +25,7 @@ MUON_DEFAULTS = {"momentum": 0.95, "adjust_lr_fn": "match_rms_adamw"}
 _STATE_FLOATS = {"muon": 1, "adamw": 2}  # fp32 state tensors per parameter: momentum | exp_avg, exp_avg_sq
 
 
-def _check_config(optim_cfg: Mapping, precision: str, zero_stage: int) -> None:
+def _check_config(optim_cfg: Mapping, train_cfg: Mapping) -> None:
     kind, table_update = optim_cfg.get("kind", "adamw"), optim_cfg.get("table_update", "dense")
     if kind not in KINDS:
         raise ValueError(f"optim.kind must be one of {KINDS}, got {kind!r}")
@@ -42,9 +42,14 @@ def _check_config(optim_cfg: Mapping, precision: str, zero_stage: int) -> None:
     bad_muon = sorted(set(optim_cfg.get("muon") or {}) - set(MUON_DEFAULTS))
     if bad_muon:
         raise ValueError(f"optim.muon has unknown keys {bad_muon} (allowed: {sorted(MUON_DEFAULTS)})")
-    if kind == "muon" and precision == "bf16" and zero_stage == 0:
+    zero_stage = int(train_cfg.get("zero_stage", 0))
+    if kind == "muon" and train_cfg.get("precision", "fp32") == "bf16" and zero_stage == 0:
         raise ValueError("optim.kind=muon with train.precision=bf16 needs train.zero_stage 1 or 2 (DeepSpeed's "
                          "bf16 stage-0 optimizer orthogonalises plain 2-D matrices only, not [E, out, in] experts)")
+    if kind == "muon" and zero_stage > 0 and float(train_cfg.get("grad_clip") or 0.0) > 0:
+        raise ValueError(f"optim.kind=muon at train.zero_stage={zero_stage} needs train.grad_clip=0: DeepSpeed 0.19 "
+                         "clips the orthogonalised Muon updates (norm ~sqrt(width) per matrix), which would shrink "
+                         "every step, not the raw gradients")
 
 
 def _owners(model: torch.nn.Module, names: list[str]) -> str:
@@ -89,14 +94,15 @@ def param_groups(model: torch.nn.Module, optim_cfg: Mapping) -> list[dict]:
     return out
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping, precision: str = "fp32",
-                    zero_stage: int = 0) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping,
+                    train_cfg: Mapping | None = None) -> torch.optim.Optimizer:
     """torch AdamW (kind=adamw, dense tables) or :class:`MuonAdamW` (Muon and/or lazy tables).
 
     A declared group missing from ``optim.groups`` is an error (a new module's parameters are
     never silently mis-optimised), as is an undeclared parameter (models.param_groups).
+    ``train_cfg`` (precision, zero_stage, grad_clip) is checked against what the Muon path supports.
     """
-    _check_config(optim_cfg, precision, zero_stage)
+    _check_config(optim_cfg, train_cfg or {})
     groups = param_groups(model, optim_cfg)
     if not any(g["use_muon"] or g["lazy"] for g in groups):
         return torch.optim.AdamW(groups, lr=float(optim_cfg["lr"]), betas=groups[0]["betas"], eps=groups[0]["eps"])

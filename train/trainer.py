@@ -18,7 +18,7 @@ from train.data import TrainBatches
 from train.distributed import DistInfo, all_reduce_sum, barrier
 from train.evaluate import evaluate
 from train.hardware import peak_flops
-from train.optim import build_optimizer, set_lr
+from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory, set_lr
 from train.schedule import lr_factor
 from train.run_files import CHECKPOINTS, FAILED, FINAL, atomic_write_json
 from train.tracking import Tracker
@@ -118,7 +118,8 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
     torch.manual_seed(t.seed)
     model = Transformer(mcfg)
     counts = model.model_counts(t.seq_len)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, t)
+    optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -135,13 +136,15 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     config_dict["counts"] = {"total_params": counts.total_params, "active_params": counts.active_params,
                              "embedding_params": counts.embedding_params,
-                             "flops_per_token": counts.flops_per_token, "total_steps": steps}
+                             "flops_per_token": counts.flops_per_token, "total_steps": steps, **optim_mem}
     tracker = Tracker(run_dir, dict(cfg.logging.wandb), config_dict, wandb_id, dist.is_main, start_step)
     if dist.is_main:
         atomic_write_json(run_state_path, {**run_state, "wandb_run_id": tracker.run_id, **fingerprints})
         log.info("model: %s non-embedding params (%s active), %.3g train FLOPs/token, %d steps of %d tokens",
                  f"{counts.total_params:,}", f"{counts.active_params:,}", counts.train_flops_per_token, steps,
                  t.global_batch_size * t.seq_len)
+        for line in [*optim_lines, memory_line(optim_mem)]:
+            log.info(line)
 
     tokens_per_step = t.global_batch_size * t.seq_len
     peak = peak_flops(dist.device, cfg.logging.get("peak_tflops"))
