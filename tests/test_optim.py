@@ -157,3 +157,26 @@ def test_muon_refuses_what_deepspeed_would_get_wrong():
     build_optimizer(Toy(), toy_cfg("muon"), {"precision": "bf16", "zero_stage": 2, "grad_clip": 0.0})
     with pytest.raises(ValueError, match="adjust_lr_fn must be one of"):
         build_optimizer(Toy(), {**toy_cfg("muon"), "muon": {"adjust_lr_fn": "rms"}})
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])
+def test_zero_partition_step_applies_the_configured_lr_mapping(shape):
+    """Under ZeRO 1/2 DeepSpeed hands over flat partitions whose gradient holds its Muon update
+    (orthogonalised, times sqrt(max(1, A/B))); the step must turn that into torch.optim.Muon's step."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    torch.manual_seed(0)
+    w = tag(nn.Parameter(torch.randn(*shape)), "matrix")
+    holder = nn.Module()
+    holder.w = w
+    ref = nn.Parameter(w.detach().clone())
+    opt = build_optimizer(holder, {**BASE, "kind": "muon", "groups": {"matrix": {"muon": True}}})
+    g = torch.randn(*shape)
+    ortho = _zeropower_via_newtonschulz(g.lerp(g * 0.05, 0.95), (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+    flat = nn.Parameter(w.detach().reshape(-1).clone())
+    flat.grad = (ortho * max(1.0, shape[0] / shape[1]) ** 0.5).reshape(-1)
+    opt.param_groups[0]["params"] = [flat]  # what ZeRO 1/2 do to every group
+    opt.step()
+    ref.grad = g
+    torch.optim.Muon([ref], lr=2e-3, weight_decay=0.1, adjust_lr_fn="match_rms_adamw").step()
+    torch.testing.assert_close(flat.view(*shape), ref.detach(), rtol=0, atol=1e-7)

@@ -27,8 +27,9 @@ each full gradient, runs its Muon update (same Newton-Schulz coefficients and st
 buffers) and writes the orthogonalised update, scaled by ``sqrt(max(1, A / B))``, into the
 partition's gradient. :meth:`MuonAdamW.step` then applies it with ``lr * zero_lr_scale``, the ratio
 of the configured adjustment to DeepSpeed's: Muon groups are split by matrix shape so that one
-scale holds per flat partition. Gradient clipping differs slightly by stage: ZeRO 0 clips the raw
-gradient before Muon, ZeRO 1/2 clip the orthogonalised update.
+scale holds per flat partition. Gradient clipping: ZeRO 0 clips the raw gradient before Muon (as
+Moonlight does); ZeRO 1/2 would clip the orthogonalised updates, whose norm (~sqrt(width) per matrix)
+would shrink every step, so train/optim.py refuses Muon there unless ``train.grad_clip=0``.
 """
 from __future__ import annotations
 
