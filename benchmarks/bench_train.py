@@ -121,7 +121,7 @@ def _bare_setup(cfg, device: torch.device):
     mcfg = resolve_model_config(cfg, Path(cfg.data.dir), split.vocab_size)
     torch.manual_seed(t.seed)
     model = Transformer(mcfg).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, t)
     batches = TrainBatches(split, t.seq_len, t.micro_batch_size, t.global_batch_size, 0, 1, t.seed)
     return model, optimizer, batches
 

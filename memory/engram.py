@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from models.accounting import Counts, linear_counts
+from models.param_groups import tag_module
 from memory.layers import BranchRMSNorm, MultiHeadTable, ShortConv
 
 GATE_EPS = 1e-6  # floor of |s| under the square root (bounds the gate's gradient at s = 0)
@@ -52,6 +53,7 @@ class Engram(nn.Module):
         for lin, std in ((self.key_proj, init_std), (self.value_proj, out_std)):
             nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
             nn.init.zeros_(lin.bias)
+            tag_module(lin, weight="engram_proj", bias="bias")
         self._gate_mean: torch.Tensor | None = None
 
     @property

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.accounting import Counts
-from models.param_groups import tag
+from models.param_groups import tag, tag_module
 
 TABLE_GROUP = "engram_tables"
 
@@ -56,7 +56,7 @@ class BranchRMSNorm(nn.Module):
     def __init__(self, n_branches: int, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(n_branches, dim))
+        self.weight = tag(nn.Parameter(torch.ones(n_branches, dim)), "norm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
@@ -79,7 +79,7 @@ class ShortConv(nn.Module):
         self.n_branches, self.dim, self.kernel_size, self.dilation = n_branches, dim, kernel_size, dilation
         self.norm = BranchRMSNorm(n_branches, dim, eps)
         channels = n_branches * dim
-        self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size))  # depthwise, no bias
+        self.weight = tag(nn.Parameter(torch.zeros(channels, 1, kernel_size)), "engram_conv")  # depthwise, no bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, G, d = x.shape

@@ -9,6 +9,7 @@ from torch import nn
 
 from models.accounting import Counts, attention_core_counts, linear_counts
 from models.layers import Rotary
+from models.param_groups import tag_module
 
 
 class Attention(nn.Module):
@@ -23,6 +24,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
         self.rotary = Rotary(head_dim, max_seq_len, rope_theta)
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            tag_module(lin, weight="matrix")
         for lin in (self.wq, self.wk, self.wv):
             nn.init.trunc_normal_(lin.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
         nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)

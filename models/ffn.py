@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.accounting import Counts, linear_counts
+from models.param_groups import tag_module
 
 
 class SwiGLU(nn.Module):
@@ -15,6 +16,8 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
         self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
+        for lin in (self.w1, self.w2, self.w3):
+            tag_module(lin, weight="matrix")  # an MoE layer re-tags its shared experts
         for lin in (self.w1, self.w3):
             nn.init.trunc_normal_(lin.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
         nn.init.trunc_normal_(self.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)

@@ -39,7 +39,7 @@ from torch import nn
 from models.accounting import Counts
 from models.param_groups import tag
 
-HC_GROUP = "no_decay"  # a few scalars per branch: AdamW without weight decay
+HC_GROUP = "residual_mix"  # a few mixing weights per branch: AdamW without weight decay, never Muon
 DYN_SCALE_INIT = 0.01  # Zhu et al.'s s_alpha, s_beta
 
 

@@ -6,13 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.accounting import Counts, norm_counts
+from models.param_groups import tag
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = tag(nn.Parameter(torch.ones(dim)), "norm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

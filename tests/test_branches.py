@@ -147,12 +147,12 @@ def test_forward_backward_with_moe_and_engram(G):
         assert not torch.equal(hc.static_res.detach(), torch.eye(G))
 
 
-def test_hyper_connection_parameters_are_no_decay():
+def test_hyper_connection_parameters_are_residual_mix():
     model = _model(4)
     hc_params = {n: group_of(p) for n, p in model.named_parameters() if "_hc." in n}
     names = {n.rsplit(".", 1)[1] for n in hc_params}
     assert names == {"static_read", "static_write", "static_res", "norm_weight", "dyn_weight", "dyn_scale"}
-    assert set(hc_params.values()) == {"no_decay"}
+    assert set(hc_params.values()) == {"residual_mix"}
     assert len(hc_params) == 6 * 2 * TINY["n_layers"]
 
 

@@ -163,8 +163,9 @@ def test_parameter_groups():
     model = Transformer(ModelConfig(**TINY, engram=ENGRAM))
     groups = {n: group_of(p) for n, p in model.named_parameters() if ".memory." in n}
     assert groups.pop("layers.1.memory.tables.weight") == "engram_tables"
-    assert groups["layers.1.memory.value_proj.weight"] == "decay"
-    assert groups["layers.1.memory.value_proj.bias"] == "no_decay"
+    assert groups["layers.1.memory.value_proj.weight"] == "engram_proj"
+    assert groups["layers.1.memory.value_proj.bias"] == "bias"
+    assert groups["layers.1.memory.key_norm.weight"] == groups["layers.1.memory.conv.norm.weight"] == "norm"
     assert "engram_tables" not in groups.values()
 
 

@@ -76,8 +76,8 @@ def test_every_shipped_experiment_fits_the_schema(experiment):
 
 
 def test_schema_rejects_a_force_added_key_in_a_nested_section():
-    with pytest.raises(ConfigError, match=r"optim\.groups\.decay\.lr_mul; did you mean optim\.groups\.decay\.lr_mult"):
-        check_schema(_compose("+optim.groups.decay.lr_mul=2"))
+    with pytest.raises(ConfigError, match=r"optim\.groups\.matrix\.lr_mul; did you mean optim\.groups\.matrix\.lr_mult"):
+        check_schema(_compose("+optim.groups.matrix.lr_mul=2"))
 
 
 @row("a second launch into a run directory whose trainer is alive",

@@ -62,13 +62,13 @@ def test_bad_batch_geometry():
 
 def test_optimizer_groups_follow_tags():
     m = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_hidden=64, max_seq_len=16))
-    groups = {"decay": {"lr_mult": 1.0, "weight_decay": 0.1}, "no_decay": {"weight_decay": 0.0},
+    groups = {"matrix": {"lr_mult": 1.0, "weight_decay": 0.1}, "norm": {"weight_decay": 0.0},
               "embed": {"weight_decay": 0.0}, "head": {"lr_mult": 0.5}}
     opt = build_optimizer(m, {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "groups": groups})
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["head"]["lr"] == pytest.approx(5e-4)
-    assert by_name["no_decay"]["weight_decay"] == 0.0
+    assert by_name["norm"]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
-    tag(m.layers[0].ffn.w1.weight, "mystery")
-    with pytest.raises(ValueError, match="optim.groups.mystery"):
+    tag(m.layers[0].ffn.w1.weight, "residual_mix")
+    with pytest.raises(ValueError, match="optim.groups.residual_mix"):
         build_optimizer(m, {"lr": 1e-3, "betas": [0.9, 0.95], "groups": groups})

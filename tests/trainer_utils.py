@@ -55,3 +55,22 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def final(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "final.json").read_text())
+
+
+def kill_after_checkpoint(data_dir: Path, run_dir: Path, step: int, *overrides: str, timeout: int = 300) -> None:
+    """Start a training run and SIGKILL its whole process group once checkpoint ``step`` is written."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(train_cmd(data_dir, run_dir, *overrides), cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = Path(run_dir) / "checkpoints" / "latest.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] == step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (Path(run_dir) / "final.json").exists()

@@ -1,35 +1,111 @@
-"""AdamW over named parameter groups (each with its own lr multiplier and weight decay)."""
+"""The optimizer, built from the groups the model's modules declare (models/param_groups.py).
+
+``optim.kind=adamw``: one torch AdamW over the declared groups (each with its lr multiplier and
+weight decay). ``optim.kind=muon`` (conf/optim/muon.yaml, the paper family's default): groups with
+``muon: true`` (backbone matrices, experts, Engram projections) get Muon, every other group AdamW
+(the Engram tables at 5x lr and no weight decay: Adam); see train/muon.py for the update, the lr
+mapping and the DeepSpeed ZeRO path. ``optim.table_update=lazy`` leaves Engram table entries that no
+token looked up this step untouched (weights and Adam moments); ``dense`` (default) moves them all.
+"""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Mapping
 
 import torch
 
-from models.param_groups import grouped_parameters
+from models.param_groups import GROUPS, grouped_parameters, owner_path
+from train.schema import OPTIM_KINDS as KINDS, TABLE_UPDATES
+from train.muon import MuonAdamW, matrix_shape, muon_shape_factor, zero_lr_scale
+
+TABLE_GROUP = "engram_tables"
+GROUP_KEYS = {"lr_mult", "weight_decay", "muon"}
+MUON_DEFAULTS = {"momentum": 0.95, "adjust_lr_fn": "match_rms_adamw"}
+_STATE_FLOATS = {"muon": 1, "adamw": 2}  # fp32 state tensors per parameter: momentum | exp_avg, exp_avg_sq
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping) -> torch.optim.Optimizer:
-    """One torch AdamW whose param groups come from the parameters' own group tags.
-
-    ``optim_cfg.groups.<name>`` gives ``lr_mult`` and ``weight_decay``; a tagged group missing
-    from the config is an error (so a new module's parameters are never silently mis-optimised).
-    """
+def _check_config(optim_cfg: Mapping, train_cfg: Mapping) -> None:
+    kind, table_update = optim_cfg.get("kind", "adamw"), optim_cfg.get("table_update", "dense")
+    if kind not in KINDS:
+        raise ValueError(f"optim.kind must be one of {KINDS}, got {kind!r}")
+    if table_update not in TABLE_UPDATES:
+        raise ValueError(f"optim.table_update must be one of {TABLE_UPDATES}, got {table_update!r}")
     groups_cfg = optim_cfg.get("groups") or {}
-    param_groups = []
+    unknown = sorted(set(groups_cfg) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"optim.groups has entries for undeclared groups {unknown} (declared: {sorted(GROUPS)})")
+    for name, g in groups_cfg.items():
+        bad = sorted(set(g) - GROUP_KEYS)
+        if bad:
+            raise ValueError(f"optim.groups.{name} has unknown keys {bad} (allowed: {sorted(GROUP_KEYS)})")
+    bad_muon = sorted(set(optim_cfg.get("muon") or {}) - set(MUON_DEFAULTS))
+    if bad_muon:
+        raise ValueError(f"optim.muon has unknown keys {bad_muon} (allowed: {sorted(MUON_DEFAULTS)})")
+    zero_stage = int(train_cfg.get("zero_stage", 0))
+    if kind == "muon" and train_cfg.get("precision", "fp32") == "bf16" and zero_stage == 0:
+        raise ValueError("optim.kind=muon with train.precision=bf16 needs train.zero_stage 1 or 2 (DeepSpeed's "
+                         "bf16 stage-0 optimizer orthogonalises plain 2-D matrices only, not [E, out, in] experts)")
+    if kind == "muon" and zero_stage > 0 and float(train_cfg.get("grad_clip") or 0.0) > 0:
+        raise ValueError(f"optim.kind=muon at train.zero_stage={zero_stage} needs train.grad_clip=0: DeepSpeed 0.19 "
+                         "clips the orthogonalised Muon updates (norm ~sqrt(width) per matrix), which would shrink "
+                         "every step, not the raw gradients")
+
+
+def _owners(model: torch.nn.Module, names: list[str]) -> str:
+    """``RMSNorm x9, BranchRMSNorm x3``: the module types whose parameters a group holds."""
+    c = Counter(owner_path(model, n).split(":")[0].split(">")[-1] for n in names)
+    return ", ".join(f"{t} x{k}" for t, k in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def param_groups(model: torch.nn.Module, optim_cfg: Mapping) -> list[dict]:
+    """Optimizer param groups: one per declared group; Muon ones split by matrix shape."""
+    kind, groups_cfg = optim_cfg.get("kind", "adamw"), optim_cfg.get("groups") or {}
+    muon = {**MUON_DEFAULTS, **(optim_cfg.get("muon") or {})}
+    lazy_tables = optim_cfg.get("table_update", "dense") == "lazy"
+    out = []
     for name, named in sorted(grouped_parameters(model).items()):
         if name not in groups_cfg:
             raise ValueError(f"parameters tagged '{name}' have no optim.groups.{name} entry "
                              f"(configured: {sorted(groups_cfg)})")
         g = groups_cfg[name]
-        param_groups.append({
-            "params": [p for _, p in named],
-            "name": name,
-            "lr_mult": float(g.get("lr_mult", 1.0)),
-            "weight_decay": float(g.get("weight_decay", optim_cfg.get("weight_decay", 0.0))),
-            "lr": float(optim_cfg["lr"]) * float(g.get("lr_mult", 1.0)),
-        })
-    return torch.optim.AdamW(param_groups, lr=float(optim_cfg["lr"]), betas=tuple(optim_cfg["betas"]),
-                             eps=float(optim_cfg.get("eps", 1e-8)))
+        lr_mult = float(g.get("lr_mult", 1.0))
+        base = {"lr_mult": lr_mult, "lr": float(optim_cfg["lr"]) * lr_mult,
+                "weight_decay": float(g.get("weight_decay", optim_cfg.get("weight_decay", 0.0)))}
+        if kind == "muon" and g.get("muon", False):
+            by_shape: dict[tuple[int, int], list] = {}
+            for n, p in named:
+                by_shape.setdefault(matrix_shape(p), []).append((n, p))
+            for shape, items in sorted(by_shape.items()):
+                for _, p in items:
+                    p.use_muon = True  # DeepSpeed's ZeRO 1/2 orthogonalise what carries this flag
+                out.append({**base, "name": f"{name}[{shape[0]}x{shape[1]}]", "params": [p for _, p in items],
+                            "owners": _owners(model, [n for n, _ in items]), "use_muon": True,
+                            "momentum": float(muon["momentum"]), "adjust_lr_fn": str(muon["adjust_lr_fn"]),
+                            "shape_factor": muon_shape_factor(shape, str(muon["adjust_lr_fn"])),
+                            "zero_lr_scale": zero_lr_scale(shape, str(muon["adjust_lr_fn"]))})
+        else:
+            for _, p in named:
+                p.use_muon = False
+            out.append({**base, "name": name, "params": [p for _, p in named],
+                        "owners": _owners(model, [n for n, _ in named]), "use_muon": False,
+                        "betas": tuple(float(b) for b in optim_cfg["betas"]), "eps": float(optim_cfg.get("eps", 1e-8)),
+                        "lazy": lazy_tables and name == TABLE_GROUP})
+    return out
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping,
+                    train_cfg: Mapping | None = None) -> torch.optim.Optimizer:
+    """torch AdamW (kind=adamw, dense tables) or :class:`MuonAdamW` (Muon and/or lazy tables).
+
+    A declared group missing from ``optim.groups`` is an error (a new module's parameters are
+    never silently mis-optimised), as is an undeclared parameter (models.param_groups).
+    ``train_cfg`` (precision, zero_stage, grad_clip) is checked against what the Muon path supports.
+    """
+    _check_config(optim_cfg, train_cfg or {})
+    groups = param_groups(model, optim_cfg)
+    if not any(g["use_muon"] or g["lazy"] for g in groups):
+        return torch.optim.AdamW(groups, lr=float(optim_cfg["lr"]), betas=groups[0]["betas"], eps=groups[0]["eps"])
+    return MuonAdamW(groups)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
@@ -37,3 +113,43 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> f
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
     return lr
+
+
+def _kind(g: Mapping) -> str:
+    if g.get("use_muon"):
+        return "muon"
+    return ("adam" if g["weight_decay"] == 0 else "adamw") + ("(lazy)" if g.get("lazy") else "")
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> list[str]:
+    """One start-up line per optimizer group: name, optimizer, lr, weight decay, parameter count.
+
+    Call it before the DeepSpeed engine is built (ZeRO 1/2 replace the groups' parameters by flat
+    partitions). Muon lrs are the configured lr; each matrix moves by lr x the shape factor shown.
+    """
+    lines = []
+    for g in optimizer.param_groups:
+        n = sum(p.numel() for p in g["params"])
+        extra = f"  lr x{g['shape_factor']:.3g} per matrix ({g['adjust_lr_fn']})" if g.get("use_muon") else ""
+        lines.append(f"optim group {g['name']:<22} {_kind(g):<11} lr {g['lr']:.3g}  wd {g['weight_decay']:g}  "
+                     f"params {n:,}  [{g.get('owners', '')}]{extra}")
+    return lines
+
+
+def optimizer_memory(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Engram table size and optimizer-state size (fp32 state, all ranks together: ZeRO 1/2 divide
+    the state by the data-parallel size). Call before the engine is built, like the lines above."""
+    table = sum(p.numel() for g in optimizer.param_groups if g["name"] == TABLE_GROUP for p in g["params"])
+    state = {"muon": 0, "adamw": 0}
+    for g in optimizer.param_groups:
+        state["muon" if g.get("use_muon") else "adamw"] += sum(p.numel() for p in g["params"])
+    floats = sum(_STATE_FLOATS[k] * n for k, n in state.items())
+    return {"table_params": table, "table_bytes_fp32": 4 * table, "table_optimizer_state_bytes": 4 * 2 * table,
+            "optimizer_state_bytes": 4 * floats}
+
+
+def memory_line(mem: Mapping[str, int]) -> str:
+    mib = 2.0 ** 20
+    return (f"memory: Engram tables {mem['table_params']:,} params = {mem['table_bytes_fp32'] / mib:.1f} MiB fp32 "
+            f"(+{mem['table_optimizer_state_bytes'] / mib:.1f} MiB Adam state); optimizer state "
+            f"{mem['optimizer_state_bytes'] / mib:.1f} MiB in all (fp32, summed over ZeRO shards)")

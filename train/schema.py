@@ -29,6 +29,9 @@ PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2)
 RESUME_MODES = ("auto", "never")
 WANDB_MODES = ("offline", "online", "disabled")
+OPTIM_KINDS = ("adamw", "muon")
+TABLE_UPDATES = ("dense", "lazy")
+MUON_LR_FNS = ("match_rms_adamw", "original")
 
 
 class ConfigError(ValueError):
@@ -44,10 +47,20 @@ class DataConfig:
 class ParamGroupConfig:
     lr_mult: float = 1.0
     weight_decay: float = 0.0
+    muon: bool = False  # under optim.kind=muon this group's matrices get Muon
+
+
+@dataclass
+class MuonConfig:
+    momentum: float = 0.95
+    adjust_lr_fn: str = "match_rms_adamw"  # one of MUON_LR_FNS
 
 
 @dataclass
 class OptimConfig:
+    kind: str = "adamw"  # one of OPTIM_KINDS
+    table_update: str = "dense"  # one of TABLE_UPDATES
+    muon: MuonConfig = field(default_factory=MuonConfig)
     lr: float = 3.0e-3
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1.0e-8
@@ -180,6 +193,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}")
     _choice("optim.schedule", o.schedule, SCHEDULES)
+    _choice("optim.kind", o.kind, OPTIM_KINDS)
+    _choice("optim.table_update", o.table_update, TABLE_UPDATES)
+    _choice("optim.muon.adjust_lr_fn", o.muon.adjust_lr_fn, MUON_LR_FNS)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.zero_stage", t.zero_stage, ZERO_STAGES)
     _choice("train.resume", t.resume, RESUME_MODES)

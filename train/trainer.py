@@ -18,7 +18,7 @@ from models import ModelConfig, Transformer
 from train import checkpoint as ckpt
 from train.data import TrainBatches, eval_windows, run_length
 from train.distributed import DistInfo, barrier, broadcast_object
-from train.optim import build_optimizer
+from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
 from train.schema import ConfigError, check_schema, validate
@@ -251,7 +251,8 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     torch.manual_seed(t.seed)
     model = Transformer(p.mcfg)
     counts = model.model_counts(t.seq_len)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, t)
+    optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -266,13 +267,17 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     config_dict["counts"] = {"total_params": counts.total_params, "active_params": counts.active_params,
                              "embedding_params": counts.embedding_params,
-                             "flops_per_token": counts.flops_per_token, "total_steps": p.steps}
+                             "flops_per_token": counts.flops_per_token,
+                             "flops_per_token_causal": counts.flops_per_token_causal, "total_steps": p.steps,
+                             **optim_mem}
     tracker = Tracker(p.run_dir, dict(cfg.logging.wandb), config_dict, wandb_id, dist.is_main, start_step)
     if dist.is_main:
         atomic_write_json(p.run_dir / RUN_STATE, {**p.run_state, "wandb_run_id": tracker.run_id})
         log.info("model: %s non-embedding params (%s active), %.3g train FLOPs/token, %d steps of %d tokens",
                  f"{counts.total_params:,}", f"{counts.active_params:,}", counts.train_flops_per_token, p.steps,
                  t.global_batch_size * t.seq_len)
+        for line in [*optim_lines, memory_line(optim_mem)]:
+            log.info(line)
     loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts)
     try:
         step = loop.run(start_step)

@@ -1,0 +1,46 @@
+"""The Muon recipe through the real trainer: start-up group lines, exact resume after a kill (CPU,
+fp32, ZeRO 0 and ZeRO 1), a 2-rank ZeRO-2 run whose loss falls."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_train_sparse import ENGRAM, MOE
+from trainer_utils import final, kill_after_checkpoint, losses, run_train
+
+pytestmark = pytest.mark.slow
+
+MUON = ["optim=muon", *MOE, *ENGRAM]
+
+
+def _falls(run_dir, n):
+    ls = losses(run_dir)
+    assert np.mean([ls[s] for s in range(1, 4)]) > np.mean([ls[s] for s in range(n - 2, n + 1)]) + 0.3, ls
+
+
+@pytest.mark.parametrize("zero", [[], ["train.zero_stage=1", "train.grad_clip=0"]], ids=["zero0", "zero1"])
+def test_muon_kill_and_resume_is_exact_and_lists_groups(tiny_data, tmp_path, zero):
+    n = 8
+    common = [*MUON, *zero, "optim.table_update=lazy", f"train.max_steps={2 * n}", f"train.ckpt_interval={n}",
+              "train.eval_interval=1000"]
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    p = run_train(tiny_data, ref_dir, *common)
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if "optim group" in ln]
+    norm = next(ln for ln in lines if "optim group norm " in ln)
+    assert "BranchRMSNorm" in norm and " wd 0 " in norm
+    assert any("experts[" in ln and " muon " in ln for ln in lines)
+    assert any("engram_tables" in ln and "adam(lazy)" in ln and " wd 0 " in ln for ln in lines)
+    kill_after_checkpoint(tiny_data, cut_dir, n, *common)
+    run_train(tiny_data, cut_dir, *common)
+    ref, cut = losses(ref_dir), losses(cut_dir)
+    assert sorted(cut) == list(range(1, 2 * n + 1))
+    assert [ref[s] for s in sorted(ref)] == [cut[s] for s in sorted(cut)]
+    assert final(ref_dir)["val_loss"] == final(cut_dir)["val_loss"]
+    _falls(ref_dir, 2 * n)
+
+
+def test_muon_two_rank_zero2_trains(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(tiny_data, run_dir, *MUON, "train.max_steps=20", "train.zero_stage=2", "train.grad_clip=0",
+              "train.eval_interval=100", "train.ckpt_interval=100", nproc=2, timeout=900)
+    _falls(run_dir, 20)
