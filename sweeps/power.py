@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from scipy.stats import t as student_t
+from scipy.special import stdtrit
 
 POWER = 0.8
 PAPER_GAIN = 0.014  # nats: the paper's gain at 6e20 FLOPs, about the seed noise at small scale
@@ -35,7 +35,7 @@ def mde_of(sigma: float, dof: int, seeds_per_rho: Sequence[int], level: float = 
         return math.nan
     n = sorted(seeds_per_rho)
     se = sigma * math.sqrt(1.0 / n[0] + 1.0 / (n[1] if len(n) > 1 else n[0]))
-    crit = student_t.isf((1 - level) / 2, dof) + student_t.ppf(POWER, dof)
+    crit = stdtrit(dof, 1 - (1 - level) / 2) + stdtrit(dof, POWER)  # t quantiles (the ufunc: fast)
     return float(crit * se)
 
 

@@ -1,6 +1,10 @@
 """Calibration of the allocation fit by simulation: false "U" under a flat truth, coverage of the
-intervals of rho* and of the gain on quadratic and lopsided truths. Each assertion prints its rate."""
+intervals of rho* and of the gain on quadratic and lopsided truths, over the designs people use
+(5-9 rho x 1-5 seeds, noise sd 0.005-0.05, with and without a seed effect shared by every rho).
+Each assertion prints its rate. One BLAS thread: the fits are small, and threads stall on a busy machine."""
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import pytest
@@ -8,7 +12,25 @@ from scipy.optimize import minimize_scalar
 
 from sweeps.ucurve import fit_u_curve
 
-N_FLAT, N_COVER, DRAWS = 200, 400, 400  # N_COVER sweeps per level: binomial sd 1.5% at 90%
+N_FLAT, N_COVER, DRAWS = 200, 300, 400  # N_COVER sweeps per level: binomial sd 1.7% at 90%
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_blas_thread():
+    """numpy's OpenBLAS on one thread for this module (threadpoolctl is not installed: ctypes does it)."""
+    libs = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line and ".so" in line}
+    calls = []
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for get, put in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                         ("openblas_get_num_threads", "openblas_set_num_threads")):
+            if hasattr(lib, get) and hasattr(lib, put):
+                calls.append((getattr(lib, put), int(getattr(lib, get)())))
+                getattr(lib, put)(1)
+                break
+    yield
+    for put, previous in calls:
+        put(previous)
 
 
 def simulate(truth, grid, seeds, rng, noise, seed_sd):
@@ -19,20 +41,23 @@ def simulate(truth, grid, seeds, rng, noise, seed_sd):
 
 @pytest.mark.parametrize("n_rho,seeds", [(5, 1), (5, 2), (5, 3), (7, 2), (9, 1), (9, 5)])
 def test_flat_truth_gives_u_in_at_most_5_percent(n_rho, seeds):
-    """Noise sd drawn per sweep from [0.005, 0.05]; a shared seed effect (sd 0.03) in half the sweeps."""
+    """Noise sd drawn per sweep from [0.005, 0.05]; a shared seed effect (sd 0.03) in half the sweeps.
+    The gain's mean over sweeps (in units of the noise sd) is its bias: the truth is 0."""
     rng = np.random.default_rng(100 * n_rho + seeds)
     grid = np.linspace(0.2, 1.0, n_rho)
-    verdicts, gains, sds = [], [], []
+    verdicts, gains = [], []
     for t in range(N_FLAT):
         noise = rng.uniform(0.005, 0.05)
         rho, seed, y = simulate(lambda r: 3.0 + 0 * r, grid, seeds, rng, noise, 0.03 * (t % 2))
         f = fit_u_curve(rho, y, seed, n_boot=DRAWS, level=0.95, seed=t)
         verdicts.append(f.verdict)
         gains.append(f.gain_vs_moe / noise)
-        sds.append(noise)
-    rate = verdicts.count("U") / N_FLAT
-    print(f"flat truth, {n_rho} rho x {seeds} seed(s): U in {rate:.1%}, mean gain {np.mean(gains):+.2f} noise sd")
-    assert rate <= 0.05, f"false U rate {rate:.1%} > 5% ({n_rho} rho x {seeds} seeds)"
+    rate, bias = verdicts.count("U") / N_FLAT, float(np.mean(gains))
+    msg = f"flat truth, {n_rho} rho x {seeds} seed(s): U in {rate:.1%}, mean gain {bias:+.2f} noise sd"
+    print(msg)
+    assert rate <= 0.05, msg
+    # 2+ seeds: cross-fitted gain, centred on 0; one seed: bias-corrected plug-in, +0.07 .. +0.8 (sweeps/ucurve.py)
+    assert (abs(bias) <= 0.25) if seeds >= 2 else (bias <= 1.0), msg
     assert "insufficient" not in verdicts
 
 
@@ -52,25 +77,26 @@ def optimum(truth):
 
 
 @pytest.mark.parametrize("shape", ["quadratic", "lopsided"])
-@pytest.mark.parametrize("n_rho,seeds,noise", [(5, 1, 0.01), (5, 2, 0.01), (5, 3, 0.02), (9, 1, 0.01),
-                                               (9, 2, 0.01), (5, 5, 0.01)])
-def test_intervals_cover_the_truth(request, shape, n_rho, seeds, noise):
-    if (shape, n_rho, seeds) == ("quadratic", 5, 2):  # the one case at the edge: reported, not hidden
-        request.applymarker(pytest.mark.xfail(strict=False, reason="gain at nominal 90% measured 86.8% on this "
-                                              "simulation seed (89-92% on others): 2 seeds give 4 noise dof"))
+@pytest.mark.parametrize("n_rho,seeds,noise,seed_sd", [(5, 1, 0.01, 0.0), (5, 2, 0.01, 0.02), (5, 2, 0.05, 0.03),
+                                                       (9, 2, 0.005, 0.0), (9, 1, 0.02, 0.0), (5, 5, 0.005, 0.02)])
+def test_intervals_cover_the_truth(shape, n_rho, seeds, noise, seed_sd):
     truth = quadratic if shape == "quadratic" else lopsided
     rho_true, gain_true = optimum(truth)
-    rng = np.random.default_rng(7 * n_rho + seeds)
+    rng = np.random.default_rng(7 * n_rho + seeds + int(1000 * noise))
     grid = np.linspace(0.2, 1.0, n_rho)
     for level, floor in ((0.9, 0.87), (0.95, 0.92)):
         cover_rho = cover_gain = 0
+        gains = []
         for t in range(N_COVER):
-            rho, seed, y = simulate(truth, grid, seeds, rng, noise, 0.02)
+            rho, seed, y = simulate(truth, grid, seeds, rng, noise, seed_sd)
             f = fit_u_curve(rho, y, seed, n_boot=DRAWS, level=level, seed=t)
             cover_rho += f.rho_star_ci[0] <= rho_true <= f.rho_star_ci[1]
             cover_gain += f.gain_vs_moe_ci[0] <= gain_true <= f.gain_vs_moe_ci[1]
+            gains.append(f.gain_vs_moe)
         r_rho, r_gain = cover_rho / N_COVER, cover_gain / N_COVER
-        msg = (f"{shape}, {n_rho} rho x {seeds} seeds, noise {noise}: nominal {level:.0%} covers rho* in "
-               f"{r_rho:.1%}, the gain in {r_gain:.1%}")
+        bias = (np.mean(gains) - gain_true) / noise
+        msg = (f"{shape}, {n_rho} rho x {seeds} seeds, noise {noise}, seed effect {seed_sd}: nominal {level:.0%} "
+               f"covers rho* in {r_rho:.1%}, the gain in {r_gain:.1%}; gain bias {bias:+.2f} noise sd")
         print(msg)
         assert r_rho >= floor and r_gain >= floor, msg
+        assert abs(bias) <= 1.0, msg  # measured -0.78 .. +0.36 noise sd (see sweeps/ucurve.py)
