@@ -5,6 +5,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from scipy.interpolate import CubicSpline
 
 
 def json_safe(obj):
@@ -41,3 +42,8 @@ def ci_text(v, fmt: str) -> str:
     lo, hi = v if v is not None else (None, None)
     ok = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
     return f"[{lo:{fmt}}, {hi:{fmt}}]" if ok else "[no interval]"
+
+
+def spline_matrix(levels: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """[G, R] weights: the not-a-knot cubic spline through any knot values v, evaluated at rho, is W @ v."""
+    return CubicSpline(levels, np.eye(levels.size), axis=0, bc_type="not-a-knot")(rho)

@@ -1,13 +1,15 @@
 """Power of an allocation sweep: the smallest gain a design detects, and the seeds an effect needs.
 
 The gain is a contrast between two sampled rho values (rho = 1 and the optimum); with a seed block
-its variance is sigma^2 (1/n_ref + 1/n_best), n = finished seeds at each. A two-sided test at level
-alpha = 1 - level with ``dof`` noise degrees of freedom detects a gain delta with 80% power when
-``delta >= (t_{1-alpha/2, dof} + t_{0.8, dof}) * se`` (the usual minimum detectable effect). With one
-seed the noise comes from a quadratic's residuals (n_rho - 3 dof): the t quantiles then dominate, which
-is why one seed rarely detects anything. The verdict also needs an F test over all rho and a located
-optimum, so this is a lower bound on what a "U" needs; the simulation in tests/test_fit_power.py
-measures how close it is.
+its variance is sigma^2 (1/n_ref + 1/n_best), n = finished seeds at each. The verdict "U" needs the lower
+end of the gain's interval above zero, and that end comes from a simultaneous band over rho (sweeps.ucurve):
+``D_hat - c se`` with c the band's critical value, above the pointwise t quantile because the optimum is
+not known in advance. So a gain delta is detected with 80% power when ``delta >= (c + t_{0.8, dof}) se``.
+c depends on the number of rho values, the noise dof and the level only (equally spaced rho, balanced
+seeds; a fit uses its own draws' c). With one seed the noise comes from a quadratic's residuals (n_rho - 3
+dof): c and the t quantile then dominate, which is why one seed rarely detects anything. The verdict also
+needs an F test and a rho* interval inside the range: simulated quadratic U-curves with gain = mde get
+"U" in the share printed by tests/test_fit_power.py.
 """
 from __future__ import annotations
 
@@ -16,11 +18,31 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from functools import lru_cache
+
+import numpy as np
 from scipy.special import stdtrit
+
+from sweeps.fitutil import spline_matrix
 
 POWER = 0.8
 PAPER_GAIN = 0.014  # nats: the paper's gain at 6e20 FLOPs, about the seed noise at small scale
 MAX_SEEDS = 64
+GRID_POINTS = 321  # the fit's evaluation grid over the sampled range (sweeps.ucurve)
+BAND_STRIDE = 4  # the gain's simultaneous band uses every 4th grid point: D is smooth, its max barely moves
+CRIT_DRAWS = 20000
+
+
+@lru_cache(maxsize=256)
+def band_crit(n_rho: int, dof: int, level: float = 0.95) -> float:
+    """Critical value c of the gain's simultaneous band for n_rho equally spaced rho (balanced seeds):
+    the level-quantile of ``max_r |D_draw(r) - D_hat(r)| / se(r)`` under the multivariate t (fixed seed)."""
+    levels = np.linspace(0.0, 1.0, n_rho)
+    W = spline_matrix(levels, np.linspace(0.0, 1.0, GRID_POINTS)[::BAND_STRIDE])  # [G', R]
+    C = W[-1][None, :] - W[:-1]  # [G'-1, R]: L(ref = top) - L(r), the zero row dropped
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((CRIT_DRAWS, n_rho)) * np.sqrt(dof / rng.chisquare(dof, size=(CRIT_DRAWS, 1)))
+    return float(np.quantile(np.max(np.abs(z @ C.T) / np.linalg.norm(C, axis=1), axis=1), level))
 
 
 def noise_dof(n_rho: int, n_seeds: int) -> int:
@@ -29,14 +51,16 @@ def noise_dof(n_rho: int, n_seeds: int) -> int:
     return (n_rho - 1) * (n_seeds - 1) if n_seeds >= 2 else n_rho - 3
 
 
-def mde_of(sigma: float, dof: int, seeds_per_rho: Sequence[int], level: float = 0.95) -> float:
-    """Smallest gain (nats) detected with 80% power; NaN when the noise is not estimable."""
-    if not (dof >= 1 and math.isfinite(sigma) and seeds_per_rho):
+def mde_of(sigma: float, dof: int, seeds_per_rho: Sequence[int], level: float = 0.95,
+           crit: Optional[float] = None) -> float:
+    """Smallest gain (nats) detected with 80% power; NaN when the noise is not estimable. ``crit``: the
+    fit's own band critical value (default: ``band_crit`` of an equally spaced, balanced design)."""
+    if not (dof >= 1 and math.isfinite(sigma) and len(seeds_per_rho) >= 2):
         return math.nan
     n = sorted(seeds_per_rho)
-    se = sigma * math.sqrt(1.0 / n[0] + 1.0 / (n[1] if len(n) > 1 else n[0]))
-    crit = stdtrit(dof, 1 - (1 - level) / 2) + stdtrit(dof, POWER)  # t quantiles (the ufunc: fast)
-    return float(crit * se)
+    se = sigma * math.sqrt(1.0 / n[0] + 1.0 / n[1])
+    c = band_crit(len(n), int(dof), float(level)) if crit is None else crit
+    return float((c + stdtrit(dof, POWER)) * se)
 
 
 def seeds_needed(effect: float, sigma: float, n_rho: int, level: float = 0.95) -> Optional[int]:

@@ -73,12 +73,11 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.special import fdtrc
 
-from sweeps.fitutil import check_xy, json_safe, nan_list
-from sweeps.power import mde_of
+from sweeps.fitutil import check_xy, json_safe, nan_list, spline_matrix
+from sweeps.power import BAND_STRIDE, mde_of
 
 GRID_POINTS = 321  # evaluation grid of the spline over the sampled range (resolution 0.0025 over [0.2, 1])
 BAND_POINTS = 41  # pointwise band of the curve written to summary.json
-BAND_STRIDE = 4  # the gain's simultaneous band uses every 4th grid point: D is smooth, the max barely moves
 PURE_MIN_DOF = 3
 VERDICTS = ("U", "flat", "monotone", "insufficient")
 
@@ -145,11 +144,6 @@ class UCurveFit:
 def _spline(levels: np.ndarray, values: np.ndarray) -> CubicSpline:
     """Not-a-knot cubic spline through (levels, values); values may be [R] or [R, B]."""
     return CubicSpline(levels, values, axis=0, bc_type="not-a-knot")
-
-
-def spline_matrix(levels: np.ndarray, rho: np.ndarray) -> np.ndarray:
-    """[G, R] weights: the spline through any knot values v, evaluated at rho, equals W @ v."""
-    return _spline(levels, np.eye(levels.size))(rho)
 
 
 @lru_cache(maxsize=64)
@@ -346,14 +340,14 @@ def _finish(f: UCurveFit, m: _Model, idx_ok: np.ndarray, rho_ref: float, n_draws
     f.rho_star, f.rho_star_ci = float(star[0]), [float(v) for v in np.quantile(rs, q)]
     bias = float(np.mean(gains)) - gain_plugin  # the draws' own selection bias of L(ref) - min L
     f.gain_vs_moe = gain_plugin - bias
-    f.gain_vs_moe_ci = _gain_band(m, W, w_ref, draws, level)
+    f.gain_vs_moe_ci, crit = _gain_band(m, W, w_ref, draws, level)
     f.loss_star, f.loss_ref = float(min_hat[0]), float(m.mu @ w_ref)
     f.interior = bool(lo + 1e-9 < f.rho_star < hi - 1e-9)
     f.boot_interior_frac = float(np.mean((rs > lo + 1e-9) & (rs < hi - 1e-9)))
     f.knots_loss = [float(v) for v in m.mu]
     f.sigma, f.sigma_dof, f.sigma_source, f.p_effect = m.sigma, m.dof, m.source, m.p_effect
     f.n_draws = int(n_draws)
-    f.mde = mde_of(m.sigma, m.dof, f.seeds_per_rho, level)
+    f.mde = mde_of(m.sigma, m.dof, f.seeds_per_rho, level, crit=crit if math.isfinite(crit) else None)
     f.outliers = [int(idx_ok[i]) for i in np.flatnonzero(np.abs(m.std_resid) > 3.5)]
     band = np.linspace(0, GRID_POINTS - 1, BAND_POINTS).astype(int)
     b_lo, b_hi = np.quantile(curves[:, band], q, axis=0)
@@ -362,14 +356,15 @@ def _finish(f: UCurveFit, m: _Model, idx_ok: np.ndarray, rho_ref: float, n_draws
     return f
 
 
-def _gain_band(m: _Model, W: np.ndarray, w_ref: np.ndarray, draws: np.ndarray, level: float) -> list[float]:
+def _gain_band(m: _Model, W: np.ndarray, w_ref: np.ndarray, draws: np.ndarray,
+               level: float) -> tuple[list[float], float]:
     """Interval of the gain ``g = max_r D(r)``, ``D(r) = L(ref) - L(r)``, from a simultaneous band of D.
 
     D is linear in mu, so ``(D_hat - D) / se`` is multivariate t with the noise's dof, and the draws give
     the level-quantile c of its maximum over the grid. With probability >= level every D(r) lies in
     ``D_hat(r) +- c se(r)``, and then g (a maximum of D) lies in [max (D_hat - c se), max (D_hat + c se)]:
     coverage >= level whatever the dof, with no selection bias to correct (the lower end is >= 0 because
-    D(ref) = 0; it is > 0 only when some rho beats rho_ref significantly).
+    D(ref) = 0; it is > 0 only when some rho beats rho_ref significantly). Also returns c (for ``mde``).
     """
     C = w_ref[None, :] - W[::BAND_STRIDE]  # [G', R]: every 4th grid point (0.01 apart on [0.2, 1])
     d_hat = C @ m.mu  # [G']
@@ -377,9 +372,9 @@ def _gain_band(m: _Model, W: np.ndarray, w_ref: np.ndarray, draws: np.ndarray, l
     dev = (draws - m.mu[None, :]) @ C.T  # [B, G']
     ok = se > 1e-12 * max(m.sigma, 1e-300)
     if not ok.any():
-        return [0.0, 0.0]
+        return [0.0, 0.0], math.nan
     c = float(np.quantile(np.max(np.abs(dev[:, ok]) / se[ok], axis=1), level))
-    return [max(0.0, float(np.max(d_hat - c * se))), float(np.max(d_hat + c * se))]
+    return [max(0.0, float(np.max(d_hat - c * se))), float(np.max(d_hat + c * se))], c
 
 
 def verdict_of(f: UCurveFit, alpha: float) -> tuple[str, str]:
