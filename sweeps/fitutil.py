@@ -47,3 +47,23 @@ def ci_text(v, fmt: str) -> str:
 def spline_matrix(levels: np.ndarray, rho: np.ndarray) -> np.ndarray:
     """[G, R] weights: the not-a-knot cubic spline through any knot values v, evaluated at rho, is W @ v."""
     return CubicSpline(levels, np.eye(levels.size), axis=0, bc_type="not-a-knot")(rho)
+
+
+def effect_coding(idx: np.ndarray, k: int) -> np.ndarray:
+    """[n, k-1] sum-to-zero coding of a factor with k levels (last level = minus the others)."""
+    out = np.zeros((idx.size, max(k - 1, 0)))
+    for j in range(k - 1):
+        out[idx == j, j] = 1.0
+    out[idx == k - 1, :] = -1.0
+    return out
+
+
+def ols(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int, np.ndarray]:
+    """Least squares: (coefficients [p], residual sum of squares, residual dof, pinv(X'X) [p, p])."""
+    _, sv, vt = np.linalg.svd(X, full_matrices=False)  # one SVD gives the rank and pinv(X'X)
+    keep = sv > sv.max(initial=0.0) * max(X.shape) * np.finfo(float).eps
+    v = vt[keep].T / sv[keep]  # [p, rank]
+    xtx_inv = v @ v.T
+    beta = xtx_inv @ (X.T @ y)
+    resid = y - X @ beta
+    return beta, float(resid @ resid), y.size - int(keep.sum()), xtx_inv

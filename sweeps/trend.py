@@ -1,8 +1,9 @@
 """rho* and the gain against the training budget, across the allocation sweeps of one output directory.
 
 Each budget contributes its point estimate and its interval; the interval's half-width over the normal
-quantile of its level is taken as the estimate's standard error (percentile intervals of skewed draws are
-not symmetric: the mean half-width is used). The trend is a weighted least-squares line in log10(budget)
+quantile of its level is taken as the estimate's standard error (intervals are not symmetric, and the
+gain's is conservative, from a simultaneous band: the mean half-width is used, so the trend's intervals
+err wide). The trend is a weighted least-squares line in log10(budget)
 with those standard errors known (inverse-variance weights, normal intervals): with two budgets it is the
 line through them, its slope interval carrying both points' uncertainty. Budgets whose verdict is
 "insufficient" (no interval) are left out and listed.

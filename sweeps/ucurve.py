@@ -56,7 +56,8 @@ Verdict (at ``level``, alpha = 1 - level):
                 does not reject: no allocation effect detectable. ``mde`` says what could have been;
   U             the F test rejects, the whole rho* interval lies strictly inside the sampled range and
                 the gain interval excludes zero;
-  monotone      the F test rejects and the fitted minimum is at an end of the range;
+  monotone      the F test rejects, the fitted minimum is at an end of the range and the gain band puts
+                some rho significantly above or below rho_ref (a significant slope);
   flat          (with a reason) when the F test rejects but the optimum is not located.
 The F test gates every verdict other than "flat", so under a flat truth with Gaussian noise "U" occurs
 in at most alpha of sweeps, whatever the design, seed effects included (they are in both models).
@@ -73,10 +74,10 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.special import fdtrc
 
-from sweeps.fitutil import check_xy, json_safe, nan_list, spline_matrix
-from sweeps.power import BAND_STRIDE, mde_of
+from sweeps.fitutil import check_xy, effect_coding, json_safe, nan_list, ols, spline_matrix
+from sweeps.power import BAND_STRIDE, GRID_POINTS, mde_of  # GRID_POINTS: resolution 0.0025 over [0.2, 1]
 
-GRID_POINTS = 321  # evaluation grid of the spline over the sampled range (resolution 0.0025 over [0.2, 1])
+
 BAND_POINTS = 41  # pointwise band of the curve written to summary.json
 PURE_MIN_DOF = 3
 VERDICTS = ("U", "flat", "monotone", "insufficient")
@@ -112,6 +113,7 @@ class UCurveFit:
     outliers: list[int] = field(default_factory=list)  # input indices, |residual| > 3.5 robust sd (flagged, kept)
     n_draws: int = 0
     boot_interior_frac: float = math.nan  # share of draws whose minimum is interior
+    differs_from_ref: bool = False  # the gain band puts some rho significantly above or below rho_ref
     ref_extrapolated: bool = False
     band_rho: list[float] = field(default_factory=list)
     band_lo: list[float] = field(default_factory=list)
@@ -154,26 +156,6 @@ def _grid_weights(levels: tuple[float, ...], ref: float) -> tuple[np.ndarray, np
     return grid, spline_matrix(lv, grid), spline_matrix(lv, np.array([ref]))[0]
 
 
-def _effect_coding(idx: np.ndarray, k: int) -> np.ndarray:
-    """[n, k-1] sum-to-zero coding of a factor with k levels (last level = minus the others)."""
-    out = np.zeros((idx.size, max(k - 1, 0)))
-    for j in range(k - 1):
-        out[idx == j, j] = 1.0
-    out[idx == k - 1, :] = -1.0
-    return out
-
-
-def _ols(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int, np.ndarray]:
-    """Least squares: (coefficients [p], residual sum of squares, residual dof, pinv(X'X) [p, p])."""
-    _, sv, vt = np.linalg.svd(X, full_matrices=False)  # one SVD gives the rank and pinv(X'X)
-    keep = sv > sv.max(initial=0.0) * max(X.shape) * np.finfo(float).eps
-    v = vt[keep].T / sv[keep]  # [p, rank]
-    xtx_inv = v @ v.T
-    beta = xtx_inv @ (X.T @ y)
-    resid = y - X @ beta
-    return beta, float(resid @ resid), y.size - int(keep.sum()), xtx_inv
-
-
 @dataclass
 class _Model:
     """The linear models of one sweep: means+seeds (curve), quadratic+seeds, intercept+seeds."""
@@ -192,7 +174,7 @@ def _design(rho: np.ndarray, seeds: np.ndarray, levels: np.ndarray) -> tuple[np.
     """([n, R + S-1] one mean per rho level plus effect-coded seeds, [n, S-1] the seed columns alone)."""
     g = np.searchsorted(levels, np.round(rho, 9))
     seed_levels, s = np.unique(seeds, return_inverse=True)
-    S = _effect_coding(s, seed_levels.size)  # [n, S-1]
+    S = effect_coding(s, seed_levels.size)  # [n, S-1]
     onehot = (g[:, None] == np.arange(levels.size)[None, :]).astype(float)  # [n, R]
     return np.hstack([onehot, S]), S
 
@@ -216,7 +198,7 @@ def _crossfit_gain(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray, levels: np
             if np.unique(np.round(rho[mask], 9)).size != levels.size:
                 break
             X, _ = _design(rho[mask], seeds[mask], levels)
-            halves.append(_ols(X, y[mask])[0][:levels.size])  # [R] seed-adjusted means of this half
+            halves.append(ols(X, y[mask])[0][:levels.size])  # [R] seed-adjusted means of this half
         if len(halves) < 2:
             continue
         for pick, read in (halves, halves[::-1]):
@@ -228,11 +210,11 @@ def _crossfit_gain(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray, levels: np
 def _models(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray) -> _Model:
     levels = np.unique(np.round(rho, 9))
     Xc, S = _design(rho, seeds, levels)
-    beta_c, rss_c, dof_c, inv_c = _ols(Xc, y)
+    beta_c, rss_c, dof_c, inv_c = ols(Xc, y)
     z = (rho - levels.mean()) / max(np.ptp(levels) / 2, 1e-12)
     Xq = np.hstack([np.stack([np.ones_like(z), z, z * z], axis=1), S])
-    beta_q, rss_q, dof_q, _ = _ols(Xq, y)
-    _, rss_0, dof_0, _ = _ols(np.hstack([np.ones((y.size, 1)), S]), y)
+    beta_q, rss_q, dof_q, _ = ols(Xq, y)
+    _, rss_0, dof_0, _ = ols(np.hstack([np.ones((y.size, 1)), S]), y)
     if dof_c >= 1 and (dof_c >= PURE_MIN_DOF or dof_c >= dof_q):
         rss, dof, source, fitted = rss_c, dof_c, "pure_error", Xc @ beta_c
     elif dof_q >= 1:
@@ -340,7 +322,8 @@ def _finish(f: UCurveFit, m: _Model, idx_ok: np.ndarray, rho_ref: float, n_draws
     f.rho_star, f.rho_star_ci = float(star[0]), [float(v) for v in np.quantile(rs, q)]
     bias = float(np.mean(gains)) - gain_plugin  # the draws' own selection bias of L(ref) - min L
     f.gain_vs_moe = gain_plugin - bias
-    f.gain_vs_moe_ci, crit = _gain_band(m, W, w_ref, draws, level)
+    f.gain_vs_moe_ci, crit, worst_hi = _gain_band(m, W, w_ref, draws, level)
+    f.differs_from_ref = bool(f.gain_vs_moe_ci[0] > 0 or worst_hi < 0)
     f.loss_star, f.loss_ref = float(min_hat[0]), float(m.mu @ w_ref)
     f.interior = bool(lo + 1e-9 < f.rho_star < hi - 1e-9)
     f.boot_interior_frac = float(np.mean((rs > lo + 1e-9) & (rs < hi - 1e-9)))
@@ -357,14 +340,15 @@ def _finish(f: UCurveFit, m: _Model, idx_ok: np.ndarray, rho_ref: float, n_draws
 
 
 def _gain_band(m: _Model, W: np.ndarray, w_ref: np.ndarray, draws: np.ndarray,
-               level: float) -> tuple[list[float], float]:
+               level: float) -> tuple[list[float], float, float]:
     """Interval of the gain ``g = max_r D(r)``, ``D(r) = L(ref) - L(r)``, from a simultaneous band of D.
 
     D is linear in mu, so ``(D_hat - D) / se`` is multivariate t with the noise's dof, and the draws give
     the level-quantile c of its maximum over the grid. With probability >= level every D(r) lies in
     ``D_hat(r) +- c se(r)``, and then g (a maximum of D) lies in [max (D_hat - c se), max (D_hat + c se)]:
     coverage >= level whatever the dof, with no selection bias to correct (the lower end is >= 0 because
-    D(ref) = 0; it is > 0 only when some rho beats rho_ref significantly). Also returns c (for ``mde``).
+    D(ref) = 0; it is > 0 only when some rho beats rho_ref significantly). Also returns c (for ``mde``)
+    and min (D_hat + c se) over rho != ref: < 0 when some rho is significantly worse than rho_ref.
     """
     C = w_ref[None, :] - W[::BAND_STRIDE]  # [G', R]: every 4th grid point (0.01 apart on [0.2, 1])
     d_hat = C @ m.mu  # [G']
@@ -372,9 +356,10 @@ def _gain_band(m: _Model, W: np.ndarray, w_ref: np.ndarray, draws: np.ndarray,
     dev = (draws - m.mu[None, :]) @ C.T  # [B, G']
     ok = se > 1e-12 * max(m.sigma, 1e-300)
     if not ok.any():
-        return [0.0, 0.0], math.nan
+        return [0.0, 0.0], math.nan, 0.0
     c = float(np.quantile(np.max(np.abs(dev[:, ok]) / se[ok], axis=1), level))
-    return [max(0.0, float(np.max(d_hat - c * se))), float(np.max(d_hat + c * se))], c
+    upper = d_hat + c * se
+    return [max(0.0, float(np.max(d_hat - c * se))), float(np.max(upper))], c, float(np.min(upper[ok]))
 
 
 def verdict_of(f: UCurveFit, alpha: float) -> tuple[str, str]:
@@ -389,6 +374,10 @@ def verdict_of(f: UCurveFit, alpha: float) -> tuple[str, str]:
         return "U", f"interior optimum (F test p = {p:.2g}); rho* and gain intervals clear the ends and zero"
     if not f.interior:
         end = "low" if f.rho_star < 0.5 * (lo + hi) else "high"
-        return "monotone", f"loss depends on rho (F test p = {p:.2g}), best at the {end} end of the range"
+        if not f.differs_from_ref:
+            return "flat", (f"loss depends on rho (F test p = {p:.2g}), lowest at the {end} end, but no rho differs "
+                            f"significantly from rho={f.rho_ref:g} (no significant slope)")
+        return "monotone", (f"loss depends on rho (F test p = {p:.2g}), best at the {end} end of the range, with a "
+                            f"significant slope")
     why = "rho* interval reaches an end of the range" if not inside else "gain interval includes zero"
     return "flat", f"loss depends on rho (F test p = {p:.2g}) but the optimum is not located: {why}"

@@ -36,7 +36,20 @@ def test_monotone_truth_is_called_monotone():
     rho, seed = design(GRID5, 3)
     f = fit_u_curve(rho, 2.5 - 0.2 * rho + 1e-3 * np.sin(7 * rho + seed), seed, n_boot=500)
     assert f.verdict == "monotone", f.reason
-    assert f.rho_star == pytest.approx(1.0) and not f.interior
+    assert f.rho_star == pytest.approx(1.0) and not f.interior and f.differs_from_ref
+
+
+def test_monotone_needs_a_significant_slope():
+    """Best at an end is "monotone" only when the gain band puts some rho significantly off rho_ref."""
+    from dataclasses import replace
+
+    from sweeps.ucurve import verdict_of
+
+    rho, seed = design(GRID5, 3)
+    f = fit_u_curve(rho, 2.5 + 0.2 * rho + 1e-3 * np.sin(7 * rho + seed), seed, n_boot=500)
+    assert f.verdict == "monotone" and f.rho_star == pytest.approx(0.2) and f.gain_vs_moe_ci[0] > 0, f.reason
+    verdict, why = verdict_of(replace(f, differs_from_ref=False), 0.05)
+    assert verdict == "flat" and "no significant slope" in why
 
 
 def test_shared_seed_effect_cancels():
