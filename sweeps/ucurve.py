@@ -179,31 +179,43 @@ def _design(rho: np.ndarray, seeds: np.ndarray, levels: np.ndarray) -> tuple[np.
     return np.hstack([onehot, S]), S
 
 
-def _crossfit_gain(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray, levels: np.ndarray, W: np.ndarray,
-                   w_ref: np.ndarray, rng: np.random.Generator, max_splits: int = 10) -> Optional[float]:
-    """Gain by cross-fitting over seeds: rho* picked on the means of one half of the seeds, the gain
-    ``L(ref) - L(rho*)`` read on the other half, both ways, averaged over up to ``max_splits`` splits.
-    The half that reads never chose the point it reads, so noise cannot select itself: under a flat truth
-    the estimate is centred on 0. None with one seed, or when no split leaves every rho in both halves."""
+@lru_cache(maxsize=256)
+def _half_weights(levels: tuple[float, ...], pts: tuple[float, ...]) -> np.ndarray:
+    """[P, R] spline weights of a half's levels at pts (rows outside the levels' range are NaN: no extrapolation)."""
+    lv, x = np.asarray(levels), np.asarray(pts)
+    W = spline_matrix(lv, x)
+    W[(x < lv[0] - 1e-9) | (x > lv[-1] + 1e-9)] = np.nan
+    return W
+
+
+def _crossfit_gain(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray, grid: np.ndarray, ref: float,
+                   rng: np.random.Generator, max_splits: int = 10) -> Optional[float]:
+    """Gain by cross-fitting over seeds: rho* picked on the spline of one half of the seeds, the gain
+    ``L(ref) - L(rho*)`` read on the other half's spline, both ways, averaged over up to ``max_splits``
+    splits. The half that reads never chose the point it reads, so noise cannot select itself: under a flat
+    truth the estimate is centred on 0. A half with a failed run uses its own rho levels (>= 3). None with
+    one seed, or when no split gives both halves 3 levels spanning rho*, rho_ref."""
     ids = np.unique(seeds)
-    combos = list(itertools.combinations(range(ids.size), ids.size // 2))
     if ids.size < 2:
         return None
-    picks = rng.permutation(len(combos))[:max_splits]
+    combos = list(itertools.combinations(range(ids.size), ids.size // 2))
+    pts = tuple(np.append(grid, ref).tolist())  # [G + 1]: the grid, then rho_ref
     out = []
-    for k in picks:
+    for k in rng.permutation(len(combos))[:max_splits]:
         in_a = np.isin(seeds, ids[list(combos[k])])
-        halves = []
+        curves = []  # per half: [G + 1] its spline at pts, NaN outside its levels
         for mask in (in_a, ~in_a):
-            if np.unique(np.round(rho[mask], 9)).size != levels.size:
-                break
-            X, _ = _design(rho[mask], seeds[mask], levels)
-            halves.append(ols(X, y[mask])[0][:levels.size])  # [R] seed-adjusted means of this half
-        if len(halves) < 2:
+            lv = np.unique(np.round(rho[mask], 9))
+            if lv.size >= 3:
+                X, _ = _design(rho[mask], seeds[mask], lv)
+                curves.append(_half_weights(tuple(lv.tolist()), pts) @ ols(X, y[mask])[0][:lv.size])
+        if len(curves) < 2:
             continue
-        for pick, read in (halves, halves[::-1]):
-            j = int(np.argmin(W @ pick))
-            out.append(float((w_ref - W[j]) @ read))
+        for pick, read in (curves, curves[::-1]):
+            j = int(np.nanargmin(pick[:-1]))
+            gain = read[-1] - read[j]
+            if math.isfinite(gain):
+                out.append(float(gain))
     return float(np.mean(out)) if out else None
 
 
@@ -285,8 +297,8 @@ def fit_u_curve(rho: Sequence[float], loss: Sequence[float], seeds: Optional[Seq
         return base
     rng = np.random.default_rng(seed)
     f = _finish(base, m, ok, rho_ref, n_boot, level, rng)
-    _, W, w_ref = _grid_weights(tuple(float(v) for v in m.levels), min(max(rho_ref, m.levels[0]), m.levels[-1]))
-    crossfit = _crossfit_gain(rho, seeds_arr, loss, m.levels, W, w_ref, rng)
+    ref = min(max(rho_ref, float(m.levels[0])), float(m.levels[-1]))
+    crossfit = _crossfit_gain(rho, seeds_arr, loss, _grid_weights(tuple(m.levels.tolist()), ref)[0], ref, rng)
     if crossfit is not None:
         f.gain_vs_moe, f.gain_estimator = crossfit, "cross-fit over seeds"
     return f

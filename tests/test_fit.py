@@ -155,3 +155,14 @@ def test_csv_errors_name_the_problem(tmp_path, capsys):
     bad.write_text("rho,val_loss\n1.0,2.0\n")
     assert fit_main(["--csv", str(bad)]) == 2
     assert "missing column(s) ['seed']" in capsys.readouterr().err
+
+
+def test_gain_is_cross_fitted_with_two_seeds_even_with_a_failed_run():
+    """2+ seeds: the gain is read on seeds that did not choose rho* (a half keeps its own rho levels)."""
+    rho, seed = design(GRID5, 2)
+    y = truth(rho) + 1e-3 * np.sin(11 * rho + 3 * seed)
+    y[3] = math.nan  # rho 0.4, seed 1 failed
+    f = fit_u_curve(rho, y, seed, n_boot=500)
+    assert f.gain_estimator == "cross-fit over seeds" and f.n_points == 9
+    assert f.gain_vs_moe == pytest.approx(truth(1.0) - truth(RHO_TRUE), abs=3e-3)
+    assert fit_u_curve(rho[seed == 0], y[seed == 0], n_boot=500).gain_estimator == "bias-corrected plug-in"
