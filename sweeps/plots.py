@@ -32,7 +32,7 @@ class CurveData:
     label: str  # legend entry, e.g. "1e13 FLOPs"
     x: Sequence[float]  # rho (allocation) or slots (memory)
     loss: Sequence[float]
-    n_missing: int = 0  # failed / unfinished runs (no loss)
+    n_missing: int = 0  # runs not fitted: failed, unfinished, or excluded (off the FLOP budget)
     outliers: list[int] = field(default_factory=list)  # indices into x/loss flagged by the fit
 
 
@@ -64,7 +64,7 @@ def plot_u_curves(curves: Sequence[tuple[CurveData, Optional[UCurveFit]]], path:
     for i, (data, fit) in enumerate(curves):
         c = colours[i % len(colours)]
         x, y = np.asarray(data.x, float), np.asarray(data.loss, float)
-        label = data.label + (f" ({data.n_missing} without loss)" if data.n_missing else "")
+        label = data.label + (f" ({data.n_missing} not fitted)" if data.n_missing else "")
         inl = np.ones(x.size, bool)
         inl[[j for j in data.outliers if j < x.size]] = False
         ax.scatter(x[inl], y[inl], color=c, s=22, zorder=3, label=label)
@@ -109,7 +109,7 @@ def plot_memory_scaling(data: CurveData, fit: Optional[PowerLawFit], path: Path,
                         xlabel: str = "Engram slots") -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     x, y = np.asarray(data.x, float), np.asarray(data.loss, float)
-    label = data.label + (f" ({data.n_missing} without loss)" if data.n_missing else "")
+    label = data.label + (f" ({data.n_missing} not fitted)" if data.n_missing else "")
     ax.scatter(x, y, s=24, zorder=3, label=label)
     if fit is not None and x.size:
         grid = np.geomspace(x.min(), x.max(), 200)
