@@ -5,7 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= data/stdlib_bpe8k
 BUDGET ?= 6e12
-FAMILY ?= cpu
+# auto: the family whose budget range holds BUDGET (cpu, gpu, paper), said when picked; or name one
+FAMILY ?= auto
 RHOS   ?=
 OUT    ?= sweeps_out
 NPROC  ?= 1

@@ -7,6 +7,8 @@ budget math: a budget outside every range gets each family's own refusal in the 
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 from sweeps.budget import select_backbone
 from sweeps.families import available_families, load_family
 
@@ -26,3 +28,19 @@ def family_for_budget(budget: float) -> str:
             continue
         return name
     raise ValueError(f"no family plans a budget of {budget:.3g} FLOPs; pass --family. " + " | ".join(refusals))
+
+
+AUTO = "auto"
+
+
+def resolve_family(name: str, budgets: Sequence[float]) -> tuple[str, Optional[str]]:
+    """``name``, or for ``auto`` the family that holds every budget, with a line saying which and why."""
+    if name != AUTO:
+        return name, None
+    picks = {b: family_for_budget(b) for b in budgets}
+    if len(set(picks.values())) > 1:
+        found = ", ".join(f"{b:g} -> {f}" for b, f in picks.items())
+        raise ValueError(f"the budgets lie in different families ({found}): run them separately or pass --family")
+    family = next(iter(picks.values()))
+    return family, (f"family {family} (auto: the first family, by scale, whose budget range holds "
+                    f"{', '.join(f'{b:g}' for b in budgets)} FLOPs; pass --family to choose)")

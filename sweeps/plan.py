@@ -122,7 +122,8 @@ def format_plan(plan) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sweeps.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, required=True, help="training FLOPs per run, e.g. 2e20")
-    p.add_argument("--family", required=True, help="family name (conf/family/NAME.yaml) or a YAML path")
+    p.add_argument("--family", default="auto",
+                   help="family name (conf/family/NAME.yaml), a YAML path, or auto (the family whose range holds --budget)")
     p.add_argument("--rho", default=DEFAULT_RHOS, help=f"comma-separated expert shares (default {DEFAULT_RHOS})")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON array, one object per rho")
@@ -142,10 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from sweeps.autofamily import resolve_family
         from sweeps.budget import solve_plan
         from sweeps.families import load_family
 
-        family = load_family(args.family)
+        name, picked = resolve_family(args.family, [args.budget])
+        if picked:
+            print(picked)
+        family = load_family(name)
         if args.zero_stage is not None:
             family = family.with_train(zero_stage=args.zero_stage)
         family = family.with_hardware(n_gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib,

@@ -53,7 +53,9 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to sweep")
     g.add_argument("--budget", "--budgets", type=_numbers, nargs="+", required=True,
                    help="training FLOPs (one sweep per budget)")
-    g.add_argument("--family", default="cpu", help="model family: conf/family/<name>.yaml or a path")
+    g.add_argument("--family", default="auto",
+                   help="model family: conf/family/<name>.yaml, a path, or auto (the family whose budget range holds "
+                        "the budget: cpu, gpu, paper)")
     g.add_argument("--mode", choices=(ALLOCATION, MEMORY), default=ALLOCATION,
                    help="allocation: rho swept at fixed P_tot and FLOPs; memory: rho=1 backbone + Engram slots")
     g.add_argument("--rhos", "--rho", type=_numbers, nargs="+", default=[list(DEFAULT_RHOS)],
@@ -192,6 +194,11 @@ def _main(args: argparse.Namespace) -> int:
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     from sweeps.families import load_family
 
+    from sweeps.autofamily import resolve_family
+
+    args.family, picked = resolve_family(args.family, args.budget)
+    if picked:
+        print(picked)
     fam = load_family(args.family)
     family = fam.name  # a family given as a path is named by its own `name`
     if not args.dry_run:

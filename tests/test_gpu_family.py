@@ -32,3 +32,13 @@ def test_budget_picks_the_family_whose_range_holds_it(budget, family):
 def test_budget_outside_every_family_names_each_refusal():
     with pytest.raises(ValueError, match=r"no family plans a budget of 1e\+16.*cpu:.*gpu:.*paper:"):
         family_for_budget(1e16)
+
+
+def test_auto_family_names_its_pick_and_refuses_mixed_budgets():
+    from sweeps.autofamily import resolve_family
+
+    assert resolve_family("cpu", [1e20]) == ("cpu", None)  # a named family is taken as given
+    name, line = resolve_family("auto", [3e17, 1e18])
+    assert name == "gpu" and "family gpu (auto" in line and "--family" in line
+    with pytest.raises(ValueError, match=r"different families \(6e\+12 -> cpu, 3e\+17 -> gpu\)"):
+        resolve_family("auto", [6e12, 3e17])
