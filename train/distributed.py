@@ -51,6 +51,16 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _free_port() -> int:
+    """A port the OS reports free now (two single-process runs on one machine once collided on a
+    pid-derived port: EADDRINUSE at start-up)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def setup(timeout_s: float = 1800.0) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (a single process gets a world of one).
 
@@ -64,8 +74,8 @@ def setup(timeout_s: float = 1800.0) -> DistInfo:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    if "MASTER_PORT" not in os.environ:  # a lone process (no launcher): any free port, not a guessed one
+        os.environ["MASTER_PORT"] = str(_free_port())
     import deepspeed
 
     if not use_cuda:
