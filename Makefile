@@ -45,8 +45,12 @@ test: install
 test-fast: install
 	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: install
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+# CPU ratios, each measured side by side in one run (benchmarks/README.md records them with dates).
+bench: data
+	@echo "== benchmarks/bench_moe.py" && $(PY) benchmarks/bench_moe.py
+	@echo "== benchmarks/bench_engram.py" && $(PY) benchmarks/bench_engram.py
+	@echo "== benchmarks/bench_train.py" && OMP_NUM_THREADS=1 $(PY) benchmarks/bench_train.py \
+		--experiment moe_baseline --experiment engram_25pct --steps 20 --repeats 3
 
 # Print the iso-parameter / iso-FLOP family for a budget (no training).
 plan: install
