@@ -59,12 +59,15 @@ def ablated_run(spec: RunSpec, rho_one_total: int) -> RunSpec:
                                total_params_error=m.total / rho_one_total - 1.0, memory_ablated=True)
 
 
-def ablation_specs(runs: Sequence[RunSpec]) -> list[RunSpec]:
-    """One ablated run per Engram run of a plan (rho < 1), in the plan's order."""
+def ablation_specs(runs: Sequence[RunSpec], described: Sequence[dict]) -> list[tuple[RunSpec, dict]]:
+    """One ablated run per Engram run of a plan (rho < 1), in the plan's order, each with its
+    description: the twin's ``Plan.to_list()`` entry (cost estimates: the same compute, memory a little
+    lower) updated with the ablated run's own fields."""
     ones = [r for r in runs if not r.model.get("engram")]
     ref = ones[0].total_params if ones else round(sum(r.total_params / (1 + r.total_params_error) for r in runs)
                                                   / len(runs))
-    return [ablated_run(r, ref) for r in runs if r.model.get("engram")]
+    return [(ablated, {**d, **ablated.to_dict()}) for r, d in zip(runs, described) if r.model.get("engram")
+            for ablated in [ablated_run(r, ref)]]
 
 
 # ---- the summary: full vs ablated, paired by seed ------------------------------------------------

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from sweeps.ablation import ablation_summary
+from sweeps.ablation import ablation_specs, ablation_summary
 from sweeps.fit import json_safe
 from sweeps.runloop import (RUN_LOG, SWEEP_LOCK, SweepLocked, _SweepLock, _write_json,  # noqa: F401  re-exported
                             check_plan_unchanged, log_tail_reason, run_sweep, run_sweeps)
@@ -229,13 +229,8 @@ def plan_allocation(family: str, budget: float, rhos: Sequence[float], *, data_d
     plan = solve_plan(load_family(family), float(budget), list(rhos), ep_size=ep_size,
                       round_experts_to_ep=round_experts_to_ep, data_dir=data_dir)
     described = plan.to_list()
-    specs = [_AllocationSpec(s, d) for s, d in zip(plan.runs, described)]
-    if ablate_memory:
-        from sweeps.ablation import ablation_specs
-
-        twins = {round(d["rho"], 9): d for d in described}
-        specs += [_AllocationSpec(a, {**twins[round(a.rho, 9)], **a.to_dict()}) for a in ablation_specs(plan.runs)]
-    return specs, list(plan.warnings)
+    arm = ablation_specs(plan.runs, described) if ablate_memory else []
+    return [_AllocationSpec(s, d) for s, d in [*zip(plan.runs, described), *arm]], list(plan.warnings)
 
 
 def plan_memory(family: str, budget: float, slots: Sequence[int], *,
