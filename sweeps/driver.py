@@ -358,7 +358,8 @@ def overlay_allocation_sweeps(out: Path, path: Optional[Path] = None) -> Optiona
         s = json.loads(summary_path.read_text())
         if s.get("mode") != ALLOCATION:
             continue
-        done = [p for p in s["points"] if p["status"] == COMPLETED and p["val_loss"] is not None]
+        done = [p for p in s["points"] if p["status"] == COMPLETED and p["val_loss"] is not None
+                and not p.get("excluded")]  # as in the fit: off-budget runs and the ablation arm stay off
         if not done:
             continue
         fit = UCurveFit.from_dict(s["fit"]) if s.get("fit") else None

@@ -13,7 +13,7 @@ from memory.config import EngramConfig
 from memory.hashing import NgramHasher
 from memory.primes import assign_table_primes
 from sweeps.ablation import ablation_summary
-from sweeps.driver import build_sweep, plan_allocation, summarize
+from sweeps.driver import build_sweep, overlay_allocation_sweeps, plan_allocation, summarize
 from sweeps.launchers import LocalLauncher
 from sweeps.results import ABLATED_REASON, COMPLETED, RunRecord
 from sweeps.runloop import run_sweep
@@ -153,3 +153,4 @@ def test_contract_sweep_reports_the_known_memory_effect_beside_the_u_curve(tmp_p
     assert ab["per_rho"][0]["structure_effect"]["diff"] == pytest.approx(moe_minus_full - GAP, abs=0.005)
     assert any(ln.startswith("memory ablation: memory helps") for ln in lines)
     assert summary["ablation"] == ab
+    assert overlay_allocation_sweeps(tmp_path) is not None  # the all-budget figure reads the same summary
