@@ -10,6 +10,9 @@ parameter at rung c0), so one run costs about 70 s of one core (measured: rho = 
 64 s user + 17 s sys for the whole one-run sweep; 3m45s wall on a machine five others shared). Four rho
 at two runs a time are two waves, the same wall time as three rho, and give the quadratic fit one noise
 degree of freedom, so the verdict comes with intervals (three rho x one seed leave none: "insufficient").
+Measured once (issue 16): 625 s wall at load average 8-10 on this 2-core machine (five other jobs),
+5m20s of CPU in all (user + sys), i.e. an estimated 3-4 minutes on 2 free cores; verdict "flat", noise sd
+0.019 nats (1 dof), 31 seeds per rho needed for a 0.014-nat gain.
 What the demo cannot do: at 0.26 tokens per active parameter and ~11-20 lookups per table row, the
 models are far from trained and the tables barely touched (see conf/family/cpu.yaml); one seed's noise
 (~0.03 nats at 6e12) is twice the paper's gain. The demo prints that, with the seeds a 0.014-nat gain needs.
@@ -24,12 +27,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-FAMILY, BUDGET, RHOS = "cpu", 3e12, (1.0, 0.8, 0.6, 0.4)
+FAMILY, BUDGET_TEXT, RHOS = "cpu", "3e12", (1.0, 0.8, 0.6, 0.4)
+BUDGET = float(BUDGET_TEXT)
 
 
 def sweep_argv(out: Path, parallel: int, threads: int) -> list[str]:
     """The ``sweeps.run`` command line of the demo."""
-    return ["--budget", f"{BUDGET:g}", "--family", FAMILY, "--rhos", *map(str, RHOS), "--seeds", "1",
+    return ["--budget", BUDGET_TEXT, "--family", FAMILY, "--rhos", *map(str, RHOS), "--seeds", "1",
             "--parallel", str(parallel), "--threads", str(threads), "--out", str(out), "--wandb-mode", "offline"]
 
 
@@ -66,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from sweeps.driver import sweep_name
     from sweeps.run import main as run_sweep_command
 
-    print(f"demo: allocation sweep of the {FAMILY} family at {BUDGET:g} FLOPs, rho {', '.join(map(str, RHOS))}, "
+    print(f"demo: allocation sweep of the {FAMILY} family at {BUDGET_TEXT} FLOPs, rho {', '.join(map(str, RHOS))}, "
           f"one seed (MoE + Engram, iso-parameter and iso-FLOP)")
     t0 = time.time()
     code = run_sweep_command(sweep_argv(args.out, args.parallel, args.threads))
