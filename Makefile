@@ -31,9 +31,11 @@ $(DATA)/manifest.json: | $(VENV)/.installed
 
 data: $(DATA)/manifest.json
 
-# The main job on the embedded default: real text (this machine's Python stdlib), tiny model, CPU.
+# The main job on the embedded default: an allocation sweep (MoE + Engram, 4 rho, one seed) on this
+# machine's Python stdlib, fitted, plotted and logged to offline W&B (sweeps/demo.py; ~4 min on 2 cores).
+DEMO_OUT ?= demo_out
 demo: data
-	$(PY) train/main.py +experiment=demo
+	OMP_NUM_THREADS=1 $(PY) -m sweeps.demo --out $(DEMO_OUT)
 
 # One run under torchrun, e.g. `make train NPROC=2 ARGS="+experiment=engram_25pct"`.
 train: data
@@ -60,4 +62,4 @@ sweep: data
 	$(PY) -m sweeps.run --budget $(BUDGET) --family $(FAMILY) --out $(OUT) $(if $(RHOS),--rho $(RHOS),) $(SWEEP_ARGS)
 
 clean-demo:
-	rm -rf runs/demo-seed1234
+	rm -rf $(DEMO_OUT)

@@ -27,7 +27,8 @@ class EngramConfig:
     heads_per_ngram: hash heads per order, each with its own prime-sized table slice.
     embed_dim_per_ngram: memory dims per order, split evenly over its heads; the retrieved memory
         of one token has (max_ngram - 1) * embed_dim_per_ngram dims.
-    table_sizes: base table size per order (primes are searched upward from each), or
+    table_sizes: base table size per order (primes are searched upward from each; a base of 1 gives
+        every head of that order a single row: the memory-ablation control, sweeps/ablation.py), or
     table_params: total table parameters over all Engram layers, solved into base sizes by
         :mod:`memory.sizing`. Exactly one of the two is set.
     seed: hash seed (layer l draws its multipliers from numpy's default_rng(seed + 10007 * l)).
@@ -79,8 +80,8 @@ class EngramConfig:
             if len(self.table_sizes) != self.n_orders:
                 raise ValueError(f"engram.table_sizes needs one base size per order 2..{self.max_ngram} "
                                  f"({self.n_orders}), got {self.table_sizes}")
-            if min(self.table_sizes) < 2:
-                raise ValueError(f"engram.table_sizes must be >= 2, got {self.table_sizes}")
+            if min(self.table_sizes) < 1:
+                raise ValueError(f"engram.table_sizes must be >= 1 (1: one row per head), got {self.table_sizes}")
         if self.table_params is not None:
             tp = self.table_params
             if isinstance(tp, bool) or float(tp) != int(float(tp)) or int(float(tp)) <= 0:

@@ -57,19 +57,24 @@ def assign_table_primes(base_sizes: Sequence[int], n_heads: int,
     """Prime size of every hash head: ``{layer_id: [order n = 2..N][head] -> prime}``.
 
     ``base_sizes[n - 2]`` is order n's base table size; primes are unique over the whole result.
+    A base of 1 gives each head of that order one row (every n-gram hashes to it: no memory left, the
+    control arm of sweeps/ablation.py); those sizes are not primes and take no prime from the others.
     """
     if n_heads < 1:
         raise ValueError(f"n_heads must be >= 1, got {n_heads}")
     if len(set(layer_ids)) != len(layer_ids):
         raise ValueError(f"layer ids must be unique, got {list(layer_ids)}")
     for b in base_sizes:
-        if int(b) != b or b < 2:
-            raise ValueError(f"base table sizes must be integers >= 2, got {list(base_sizes)}")
+        if int(b) != b or b < 1:
+            raise ValueError(f"base table sizes must be integers >= 1, got {list(base_sizes)}")
     seen: set[int] = set()
     out: dict[int, list[list[int]]] = {}
     for layer_id in layer_ids:
         per_order = []
         for base in base_sizes:
+            if int(base) == 1:
+                per_order.append([1] * n_heads)
+                continue
             heads, start = [], int(base) - 1
             for _ in range(n_heads):
                 p = next_prime_above(start, seen)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from sweeps.ablation import ablation_specs, ablation_summary
 from sweeps.fit import json_safe
 from sweeps.runloop import (RUN_LOG, SWEEP_LOCK, SweepLocked, _SweepLock, _write_json,  # noqa: F401  re-exported
                             check_plan_unchanged, log_tail_reason, run_sweep, run_sweeps)
@@ -151,6 +152,7 @@ def build_sweep(specs: Sequence[Any], *, out: Path, family: str, budget: float, 
             raise ValueError("a memory sweep needs specs with a slot count (.slots)")
         label = getattr(spec, "requested_slots", slots)
         point = f"slots{int(label)}" if mode == MEMORY else f"rho{rho_tag(float(spec.rho))}"
+        point += "-ablate" if getattr(spec, "memory_ablated", False) else ""  # sweeps/ablation.py
         if point in seen:
             raise ValueError(f"two planned runs share the point {point}: give distinct values")
         seen.add(point)
@@ -189,6 +191,10 @@ class _PlannedRun:
     def overrides(self) -> list[str]:
         return self.spec.overrides(include_name=False)
 
+    @property
+    def memory_ablated(self) -> bool:
+        return bool(getattr(self.spec, "memory_ablated", False))
+
 
 @dataclass(frozen=True)
 class MemorySpec(_PlannedRun):
@@ -212,14 +218,19 @@ class _AllocationSpec(_PlannedRun):
 
 
 def plan_allocation(family: str, budget: float, rhos: Sequence[float], *, data_dir: Optional[str] = None,
-                    ep_size: int = 1, round_experts_to_ep: bool = False) -> tuple[list[Any], list[str]]:
-    """Run specs of an allocation sweep from the budget solver, and its warnings."""
+                    ep_size: int = 1, round_experts_to_ep: bool = False,
+                    ablate_memory: bool = False) -> tuple[list[Any], list[str]]:
+    """Run specs of an allocation sweep from the budget solver, and its warnings. ``ablate_memory`` adds
+    the control arm: one run per rho < 1 with one-row tables (:mod:`sweeps.ablation`), whose cost
+    estimates are its twin's (the same compute; memory a little lower)."""
     from sweeps.budget import solve_plan
     from sweeps.families import load_family
 
     plan = solve_plan(load_family(family), float(budget), list(rhos), ep_size=ep_size,
                       round_experts_to_ep=round_experts_to_ep, data_dir=data_dir)
-    return [_AllocationSpec(s, d) for s, d in zip(plan.runs, plan.to_list())], list(plan.warnings)
+    described = plan.to_list()
+    arm = ablation_specs(plan.runs, described) if ablate_memory else []
+    return [_AllocationSpec(s, d) for s, d in [*zip(plan.runs, described), *arm]], list(plan.warnings)
 
 
 def plan_memory(family: str, budget: float, slots: Sequence[int], *,
@@ -330,6 +341,7 @@ def summarize(sweep: Sweep, records: Sequence[RunRecord], *, n_boot: int = 4000,
         wandb_dir = json.loads(state.read_text()).get("location")
     if wandb_dir:
         summary["wandb_summary_dir"] = wandb_dir
+    summary["ablation"] = ablation_summary(records, level=level, emit=emit)  # control arm (sweeps/ablation.py)
     _write_json(sweep.dir / "summary.json", json_safe(summary))
     return summary
 
@@ -346,8 +358,8 @@ def overlay_allocation_sweeps(out: Path, path: Optional[Path] = None) -> Optiona
         s = json.loads(summary_path.read_text())
         if s.get("mode") != ALLOCATION:
             continue
-        done = [p for p in s["points"]
-                if p["status"] == COMPLETED and p["val_loss"] is not None and not p.get("excluded")]
+        done = [p for p in s["points"] if p["status"] == COMPLETED and p["val_loss"] is not None
+                and not p.get("excluded")]  # as in the fit: off-budget runs and the ablation arm stay off
         if not done:
             continue
         fit = UCurveFit.from_dict(s["fit"]) if s.get("fit") else None

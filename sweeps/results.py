@@ -96,6 +96,8 @@ SCHEMA = pa.schema([
 ISO_COLUMNS = ("rho_eff", "planned_flops", "flops_error", "excluded", "tokens_per_active_param",
                "tokens_per_total_param", "lookups_per_row", "active_params_error")
 FLOPS_EXCLUDE = 0.005  # |spent / budget - 1| above which an allocation point is left out of the fit
+ABLATED_REASON = ("memory-ablation control arm (tables of one row): compared with its full-memory twin "
+                  "(sweeps/ablation.py), not on the U-curve")
 
 
 def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
@@ -123,6 +125,8 @@ def _fill_iso_fields(r: "RunRecord") -> None:
             and abs(r.flops_error) > FLOPS_EXCLUDE:
         r.excluded = (f"spent {r.train_flops:.4g} training FLOPs, {r.flops_error:+.2%} from the budget "
                       f"{r.budget:.4g} (limit {FLOPS_EXCLUDE:.1%}): not iso-FLOP")
+    if r.excluded is None and spec.get("memory_ablated"):
+        r.excluded = ABLATED_REASON
     if r.tokens_per_active_param is None:
         r.tokens_per_active_param = _ratio(tokens, r.active_params or spec.get("active_params"))
     if r.tokens_per_total_param is None:

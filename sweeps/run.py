@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
                         f"(default {','.join(map(str, DEFAULT_RHOS))})")
     g.add_argument("--slots", type=_numbers, nargs="+",
                    help="memory mode: Engram table rows in total, e.g. 1e4 1e5 1e6")
+    g.add_argument("--ablate-memory", action="store_true",
+                   help="allocation: add a control run per rho < 1 with each Engram table collapsed to one row "
+                        "(same model compute; sweeps/ablation.py) and report full minus ablated")
     g.add_argument("--seeds", type=int, default=1, help="seeds per point (seeds 0..N-1 + --seed-offset)")
     g.add_argument("--seed-offset", type=int, default=0)
     g.add_argument("--data-dir", help="token shards for every run (default: the family's data_dir)")
@@ -157,7 +160,8 @@ def _plan(args: argparse.Namespace, family: str, budget: float, seeds: list[int]
         specs, warnings = plan_memory(args.family, budget, [int(s) for s in args.slots], data_dir=args.data_dir)
     else:
         specs, warnings = plan_allocation(args.family, budget, args.rhos, data_dir=args.data_dir,
-                                          ep_size=args.ep_size, round_experts_to_ep=args.round_experts_to_ep)
+                                          ep_size=args.ep_size, round_experts_to_ep=args.round_experts_to_ep,
+                                          ablate_memory=args.ablate_memory)
     refuse_planned_overrides(args.overrides)
     return build_sweep(specs, out=args.out, family=family, budget=budget, seeds=seeds, mode=args.mode,
                        extra_overrides=args.overrides, wandb_mode=args.wandb_mode,
@@ -183,6 +187,8 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-boot must be >= 100 and --level in (0, 1), got {args.n_boot} and {args.level}")
     if args.parallel < 1 or args.procs_per_run < 1:
         raise ValueError("--parallel and --procs-per-run must be >= 1")
+    if args.mode == MEMORY and args.ablate_memory:
+        raise ValueError("--ablate-memory is a control arm of allocation sweeps, not of --mode memory")
     if args.mode == MEMORY and not args.slots:
         raise ValueError("--mode memory needs --slots (Engram table rows in total), e.g. --slots 1e4 3e4 1e5 3e5 1e6")
     if args.mode == MEMORY and any(s <= 0 or s != int(s) for s in args.slots):

@@ -37,6 +37,7 @@ class RunSpec:
     total_params_error: float  # total_params / total_params(rho = 1) - 1
     active_params_error: float = 0.0  # active_params / active_params(rho = 1) - 1 (Engram's dense parts)
     engram_dim_reduced_from: Optional[int] = None  # drift compensation (b), if it was needed
+    memory_ablated: bool = False  # control arm: tables of one row, P_tot lower, FLOPs kept (sweeps/ablation.py)
 
     @property
     def n_routed_experts(self) -> int:
@@ -93,10 +94,10 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        """Deterministic run name, e.g. ``paper-C2e20-rho0.8``."""
+        """Deterministic run name, e.g. ``paper-C2e20-rho0.8`` (``...-rho0.8-ablate`` for the memory ablation)."""
         budget = f"{self.budget:.3g}".replace("+", "")
         rho = f"{self.rho:.3f}".rstrip("0").rstrip(".")
-        return f"{self.family}-C{budget}-rho{rho}"
+        return f"{self.family}-C{budget}-rho{rho}" + ("-ablate" if self.memory_ablated else "")
 
     def overrides(self, include_name: bool = True) -> list[str]:
         """Hydra overrides that make ``python train/main.py`` train exactly this run."""
@@ -125,7 +126,7 @@ class RunSpec:
             "top_k": self.top_k, "routed_expert_params": self.routed_expert_params,
             "engram_params": self.engram_params, "engram_dense_params": self.engram_dense_params,
             "engram_table_sizes": None if self.model["engram"] is None else list(self.model["engram"]["table_sizes"]),
-            "engram_dim_reduced_from": self.engram_dim_reduced_from,
+            "engram_dim_reduced_from": self.engram_dim_reduced_from, "memory_ablated": self.memory_ablated,
             "flops_per_token": self.flops_per_token, "forward_flops_per_token": self.forward_flops_per_token,
             "flops_drift": self.flops_drift, "total_params_error": self.total_params_error,
             "active_params_error": self.active_params_error,

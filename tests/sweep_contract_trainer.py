@@ -97,6 +97,7 @@ def main() -> int:
             ckpt.mkdir(exist_ok=True)
             atomic_write_json(latest, {"step": step, "tag": f"step_{step:08d}"})
     val = contract_memory_loss(float(args["sweep.slots"]), seed) if "sweep.slots" in args else contract_loss(rho, seed)
+    val += float(args.get("contract.loss_offset", 0.0))  # e.g. a control arm's known effect (test_ablation.py)
     spent = float(args.get("sweep.budget", 6e9 * steps))  # an honest run spends its sweep's budget exactly
     atomic_write_json(run_dir / FINAL, {
         "status": "completed", "val_loss": val, "steps": steps, "tokens": steps * 1024, "train_flops": spent,

@@ -35,7 +35,7 @@ ENGRAM = dict(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram
     (dict(layer_ids=[]), "at least one"),
     (dict(n_branches=0), "n_branches"),
     (dict(pad_id=-1), "pad_id"),
-    (dict(table_sizes=[100, 1]), ">= 2"),
+    (dict(table_sizes=[100, 0]), ">= 1"),
     (dict(colour="red"), "unknown model.engram keys"),
 ])
 def test_config_rejects_bad_values(change, match):
