@@ -30,6 +30,10 @@ def test_muon_kill_and_resume_is_exact_and_lists_groups(tiny_data, tmp_path, zer
     assert "BranchRMSNorm" in norm and " wd 0 " in norm
     assert any("experts[" in ln and " muon " in ln for ln in lines)
     assert any("engram_tables" in ln and "adam(lazy)" in ln and " wd 0 " in ln for ln in lines)
+    mem = final(ref_dir)["memory"]  # table and optimizer-state memory, as the start-up line reports it
+    table = int(next(ln for ln in lines if "engram_tables" in ln).split(" params ")[1].split()[0].replace(",", ""))
+    assert mem["table_params"] == table > 0 and mem["table_optimizer_state_bytes"] == 8 * table
+    assert f"Engram tables {table:,} params" in p.stdout + p.stderr
     kill_after_checkpoint(tiny_data, cut_dir, n, *common)
     run_train(tiny_data, cut_dir, *common)
     ref, cut = losses(ref_dir), losses(cut_dir)
