@@ -74,6 +74,7 @@ def test_paper_runs_train_with_the_whole_muon_recipe():
         planned = compose("config", overrides=run.overrides())
         muon = compose("config", overrides=["optim=muon", *(f"optim.{k}={v}" for k, v in run.optim.items())])
     assert planned.optim.kind == "muon" and "optim=muon" in run.overrides()  # the group, not just the key
+    assert (planned.optim.lr, planned.optim.weight_decay) == (4e-4, 0.1)  # the paper's Muon lr and wd
     assert OmegaConf.to_container(planned.optim, resolve=True) == OmegaConf.to_container(muon.optim, resolve=True)
     assert planned.model.engram.n_branches is None and planned.model.get("n_branches", 1) == 1
     assert planned.train.grad_clip == 0.0 and planned.train.zero_stage == 2
