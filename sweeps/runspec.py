@@ -107,7 +107,9 @@ class RunSpec:
                 f"train.seq_len={self.seq_len}", f"train.global_batch_size={self.global_batch_size}",
                 f"train.train_tokens={self.train_tokens}"]
         out += [f"++train.{k}={hydra_value(v)}" for k, v in _flatten(self.train)]
-        out += [f"++optim.{k}={hydra_value(v)}" for k, v in _flatten(self.optim)]
+        # optim.kind picks the whole conf/optim/<kind>.yaml (groups, Muon settings), not just the key
+        out += [f"optim={self.optim['kind']}"] if "kind" in self.optim else []
+        out += [f"++optim.{k}={hydra_value(v)}" for k, v in _flatten(self.optim) if k != "kind"]
         if self.data_dir is not None:
             out.append(f"data.dir={hydra_value(self.data_dir)}")
         if include_name:

@@ -1,5 +1,5 @@
 """The Muon recipe through the real trainer: start-up group lines, exact resume after a kill (CPU,
-fp32, ZeRO 0 and ZeRO 1), a 2-rank ZeRO-2 run whose loss falls."""
+fp32, ZeRO 0, 1 and 2), a 2-rank ZeRO-2 run whose loss falls."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +18,8 @@ def _falls(run_dir, n):
     assert np.mean([ls[s] for s in range(1, 4)]) > np.mean([ls[s] for s in range(n - 2, n + 1)]) + 0.3, ls
 
 
-@pytest.mark.parametrize("zero", [[], ["train.zero_stage=1", "train.grad_clip=0"]], ids=["zero0", "zero1"])
+@pytest.mark.parametrize("zero", [[], ["train.zero_stage=1", "train.grad_clip=0"], ["train.zero_stage=2", "train.grad_clip=0"]],
+                         ids=["zero0", "zero1", "zero2"])
 def test_muon_kill_and_resume_is_exact_and_lists_groups(tiny_data, tmp_path, zero):
     n = 8
     common = [*MUON, *zero, "optim.table_update=lazy", f"train.max_steps={2 * n}", f"train.ckpt_interval={n}",
@@ -30,6 +31,10 @@ def test_muon_kill_and_resume_is_exact_and_lists_groups(tiny_data, tmp_path, zer
     assert "BranchRMSNorm" in norm and " wd 0 " in norm
     assert any("experts[" in ln and " muon " in ln for ln in lines)
     assert any("engram_tables" in ln and "adam(lazy)" in ln and " wd 0 " in ln for ln in lines)
+    mem = final(ref_dir)["memory"]  # table and optimizer-state memory, as the start-up line reports it
+    table = int(next(ln for ln in lines if "engram_tables" in ln).split(" params ")[1].split()[0].replace(",", ""))
+    assert mem["table_params"] == table > 0 and mem["table_optimizer_state_bytes"] == 8 * table
+    assert f"Engram tables {table:,} params" in p.stdout + p.stderr
     kill_after_checkpoint(tiny_data, cut_dir, n, *common)
     run_train(tiny_data, cut_dir, *common)
     ref, cut = losses(ref_dir), losses(cut_dir)

@@ -61,6 +61,27 @@ def test_paper_family_balances_with_bias_and_sequence_aux_loss():
         assert fam.rung_moe(i)["balance"] == "both" and fam.rung_moe(i)["aux_loss_coef"] == 1e-4
 
 
+def test_paper_runs_train_with_the_whole_muon_recipe():
+    """A planned paper run's trainer config is conf/optim/muon.yaml (groups, Muon settings, table
+    update) with only the family's own optim keys changed, not adamw.yaml with kind flipped; its
+    Engram follows the backbone's branch count and it trains unclipped (the documented departure)."""
+    from hydra import compose, initialize_config_dir
+
+    from sweeps.budget import solve_plan
+
+    run = solve_plan(load_family("paper"), 2e20, [0.8]).runs[0]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        planned = compose("config", overrides=run.overrides())
+        muon = compose("config", overrides=["optim=muon", *(f"optim.{k}={v}" for k, v in run.optim.items())])
+    assert planned.optim.kind == "muon" and "optim=muon" in run.overrides()  # the group, not just the key
+    assert (planned.optim.lr, planned.optim.weight_decay) == (4e-4, 0.1)  # the paper's Muon lr and wd
+    assert OmegaConf.to_container(planned.optim, resolve=True) == OmegaConf.to_container(muon.optim, resolve=True)
+    assert planned.model.engram.n_branches is None and planned.model.get("n_branches", 1) == 1
+    assert planned.train.grad_clip == 0.0 and planned.train.zero_stage == 2
+    text = (Path(__file__).resolve().parents[1] / "conf/family/paper.yaml").read_text()
+    assert "DEPARTURE from the DeepSeek recipe (clip at 1.0)" in text
+
+
 # ---- data_dir: required to launch, not to plan ----------------------------------------------------
 def test_paper_family_without_data_dir_refuses_to_launch_in_one_line(tmp_path, capsys):
     from sweeps.run import main

@@ -16,7 +16,7 @@ from torch import nn
 
 from models import ModelConfig, Transformer
 from models.param_groups import GROUPS, UndeclaredParameter, group_of, grouped_parameters, owner_path, tag
-from train.optim import build_optimizer
+from train.optim import build_optimizer, describe_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -113,3 +113,6 @@ def test_optimizer_configs_cover_every_group_and_keep_engram_norms_undecayed(opt
     assert len(norm_ids) == 6 and [g["weight_decay"] for g in holding] == [0.0]
     assert not holding[0].get("use_muon")
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    # the start-up line counts owning modules: 3 blocks x 2 + final RMSNorm; key, query, conv norm x 2 Engrams
+    norm_line = next(ln for ln in describe_optimizer(opt) if ln.startswith("optim group norm "))
+    assert " wd 0 " in norm_line and norm_line.endswith("[RMSNorm x7, BranchRMSNorm x6]")

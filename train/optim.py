@@ -52,8 +52,13 @@ def _check_config(optim_cfg: Mapping, train_cfg: Mapping) -> None:
 
 
 def _owners(model: torch.nn.Module, names: list[str]) -> str:
-    """``RMSNorm x9, BranchRMSNorm x3``: the module types whose parameters a group holds."""
-    c = Counter(owner_path(model, n).split(":")[0].split(">")[-1] for n in names)
+    """``RMSNorm x9, BranchRMSNorm x3``: how many modules of each type own a group's parameters."""
+    owners: dict[str, str] = {}  # owning module's dotted path -> its type
+    for n in names:
+        chain, attr = owner_path(model, n).split(":")
+        parts = n.split(".")
+        owners[".".join(parts[:len(parts) - len(attr.split("."))])] = chain.split(">")[-1]
+    c = Counter(owners.values())
     return ", ".join(f"{t} x{k}" for t, k in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

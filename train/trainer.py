@@ -281,7 +281,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts)
     try:
         step = loop.run(start_step)
-        return _finish(cfg, dist, p, loop, step, started)
+        return _finish(cfg, dist, p, loop, step, started, optim_mem)
     except Diverged as e:
         loop.progress.close()
         if dist.is_main:
@@ -290,7 +290,8 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
         raise
 
 
-def _finish(cfg: DictConfig, dist: DistInfo, p: Prepared, loop: Loop, step: int, started: float) -> int:
+def _finish(cfg: DictConfig, dist: DistInfo, p: Prepared, loop: Loop, step: int, started: float,
+            optim_mem: dict) -> int:
     """Final checkpoint first (an evaluation failure must not cost the trained weights), then eval, final.json."""
     counts, tracker = loop.counts, loop.tracker
     loop.save(step)
@@ -301,7 +302,7 @@ def _finish(cfg: DictConfig, dist: DistInfo, p: Prepared, loop: Loop, step: int,
              "train_flops": counts.train_flops_per_token * tokens,
              "flops_per_token": counts.train_flops_per_token, "total_params": counts.total_params,
              "active_params": counts.active_params, "wall_time_s": time.time() - started,
-             "wandb_run_id": tracker.run_id}
+             "wandb_run_id": tracker.run_id, "memory": optim_mem}  # table / optimizer-state bytes
     if dist.is_main:
         atomic_write_json(p.run_dir / FINAL, final)
         tracker.summary({"final/val_loss": val, "final/tokens": final["tokens"],
