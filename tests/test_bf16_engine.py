@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from models import ModelConfig, Transformer
 from tests.trainer_utils import REPO, TINY_MODEL
 from train.optim import build_optimizer
-from train.trainer import deepspeed_config, fp32_grad_accumulation
+from train.ds_config import deepspeed_config, fp32_grad_accumulation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ACCUM = 2
