@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -117,6 +118,10 @@ class TrainBatches:
             raise ValueError(f"train split has {split.n_tokens} tokens: fewer than one global batch of "
                              f"{global_batch_size} x {seq_len + 1}-token windows")
 
+    @lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> WindowOrder:
+        return WindowOrder(self.n_windows, self.seed, epoch)  # a few round keys, nothing per window
+
     def window_ids(self, step: int, micro_step: int) -> np.ndarray:
         """Window ids [n] of this rank's micro-batch ``micro_step`` of step ``step``: a pure function of
         (seed, step, micro-step, rank), computed from the sample ids without any per-epoch index."""
@@ -124,7 +129,7 @@ class TrainBatches:
         out = np.empty(pos.shape, dtype=np.int64)
         for e in np.unique(epoch):  # a micro-batch spans at most two epochs
             sel = epoch == e
-            out[sel] = WindowOrder(self.n_windows, self.seed, int(e))(pos[sel])
+            out[sel] = self._order(int(e))(pos[sel])
         return out
 
     def sequences_in(self, step: int) -> int:
