@@ -306,7 +306,9 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     p.startup.update(model_s=t1 - t0, engine_s=time.perf_counter() - t1)
     start_step, meta = 0, {}
     if p.tags:
+        t2 = time.perf_counter()
         meta = ckpt.load(engine, p.ckpt_dir, p.tags, dist.device, _loaded_check(cfg, p, dist))
+        p.startup["load_s"] = time.perf_counter() - t2
         start_step = int(meta["step"])
         log.info("resumed from %s at step %d", p.ckpt_dir / ckpt.tag_for(start_step), start_step)
 
@@ -345,7 +347,9 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
 def _log_startup(times: dict, first_step_s: float, dist: DistInfo) -> None:
     """The start-up timing line (rank 0; every rank's own in its rank log at debug level)."""
     line = (f"start-up: read/verify {times['read_s']:.2f} s ({times['verified']}), model build "
-            f"{times['model_s']:.2f} s, engine init {times['engine_s']:.2f} s, first step {first_step_s:.2f} s")
+            f"{times['model_s']:.2f} s, engine init {times['engine_s']:.2f} s, "
+            + (f"checkpoint load {times['load_s']:.2f} s, " if "load_s" in times else "")
+            + f"first step {first_step_s:.2f} s")
     log.log(logging.INFO if dist.is_main else logging.DEBUG, line)
 
 
