@@ -140,7 +140,8 @@ def main() -> None:
     for w, warm, warm_bytes, mean, worst in rows:
         restart, first = warm + worst, cold_s + worst
         print(f"{w:>5} | {warm * 1e3:>10.1f} ms | {mean * 1e3:>6.1f} ms (max {worst * 1e3:4.1f}) | "
-              f"{restart * 1e3:>5.1f} ms | {restart / base_restart:>5.2f} | {first:>9.1f} s | {first / base_first:>5.2f} | "
+              f"{restart * 1e3:>5.1f} ms | {restart / base_restart:>5.2f} | {first:>9.1f} s | "
+              f"{first / base_first:>5.2f} | "
               f"{'now %.1f (restart %d)' % (cold_bytes / 1e9, warm_bytes):>17}, before {w * cold_bytes / 1e9:>6.1f} | "
               f"{cold_s + perm_s:>14.1f} s")
     if not args.keep:

@@ -3,8 +3,9 @@
 The train split's token stream is cut into non-overlapping windows of ``seq_len + 1`` tokens
 (inputs and shifted targets). Each epoch visits every window once in an order given by a keyed
 bijection of ``[0, n_windows)`` (:class:`WindowOrder`, a Feistel permutation keyed by (seed, epoch)),
-computed per sample: no rank materialises an epoch's permutation (8 bytes x n_windows). Optimizer step ``s`` consumes the global sample
-indices ``[s * G, (s + 1) * G)`` (G = global batch size in sequences); micro-step ``m`` of rank
+computed per sample: no rank materialises an epoch's permutation (8 bytes x n_windows). Optimizer
+step ``s`` consumes the global sample indices ``[s * G, (s + 1) * G)`` (G = global batch size in
+sequences); micro-step ``m`` of rank
 ``r`` takes its ``micro_batch_size`` slice of those, so the data seen per step is independent of
 how the global batch is split over ranks and accumulation steps.
 
