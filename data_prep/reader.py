@@ -7,21 +7,18 @@ with the data dir raises ``DataError`` with a one-line message naming the path.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from bisect import bisect_right
 from operator import index
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from data_prep.manifest import MANIFEST_NAME, schema_problem
+from data_prep.verify import DataError, check_shard, check_size
 
 PREPARE_HINT = "python -m data_prep.prepare --source stdlib --tokenizer bpe --out"
-
-
-class DataError(Exception):
-    """A data dir that is missing, incomplete, corrupt, or asked for something it lacks."""
 
 
 def load_manifest(data_dir: str | Path) -> dict:
@@ -62,20 +59,15 @@ def load_tokenizer(data_dir: str | Path):
     return tok
 
 
-def data_tokenizer_id(data_dir: str | Path) -> str:
+def data_tokenizer_id(data_dir: str | Path, manifest: Optional[dict] = None) -> str:
     """The tokenizer id (:func:`data_prep.tokenization.tokenizer_id`) the manifest records, or, for a
     data dir prepared before manifests recorded one, the id of its tokenizer.json."""
-    recorded = load_manifest(data_dir)["tokenizer"].get("id")
+    recorded = (manifest or load_manifest(data_dir))["tokenizer"].get("id")
     if isinstance(recorded, str) and recorded:
         return recorded
     from data_prep.tokenization import tokenizer_id
 
     return tokenizer_id(load_tokenizer(data_dir))
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class TokenSplit:
@@ -84,9 +76,9 @@ class TokenSplit:
     Attributes: ``n_tokens``, ``n_docs``, ``vocab_size``, ``eod_id``, ``dtype`` (numpy dtype of
     the shards), ``name``, ``data_dir``, ``shard_paths``."""
 
-    def __init__(self, data_dir: str | Path, name: str, verify: bool = True):
+    def __init__(self, data_dir: str | Path, name: str, verify: bool = True, manifest: Optional[dict] = None):
         self.data_dir, self.name, self.verify = Path(data_dir), name, verify
-        manifest = load_manifest(self.data_dir)
+        manifest = manifest if manifest is not None else load_manifest(self.data_dir)
         splits = manifest["splits"]
         if name not in splits:
             raise DataError(f"data dir {self.data_dir} has no split {name!r} "
@@ -100,29 +92,18 @@ class TokenSplit:
         self._open()
 
     def _check_shards(self, shards: list[dict]) -> None:
+        """Sizes always (cheap); checksums and id ranges when ``verify`` (a full read of every shard)."""
         for path, shard in zip(self.shard_paths, shards):
-            if not path.is_file():
-                raise DataError(f"shard {path} of split {self.name!r} is missing")
-            expected = shard["n_tokens"] * self.dtype.itemsize
-            size = path.stat().st_size
-            if size != expected:
-                raise DataError(f"shard {path} is truncated or corrupt: {size} bytes, expected "
-                                f"{expected} ({shard['n_tokens']} x {self.dtype.name})")
-            if self.verify and _sha256_file(path) != shard["sha256"]:
-                raise DataError(f"shard {path} fails its checksum: sha256 differs from the "
-                                f"manifest (corrupt or modified file)")
+            check_size(path, shard["n_tokens"], self.dtype)
+        if self.verify:
+            for path, shard in zip(self.shard_paths, shards):
+                check_shard(path, shard["sha256"], self.dtype, self.vocab_size)
 
     def _open(self) -> None:
         self._maps = [np.memmap(p, dtype=self.dtype, mode="r") for p in self.shard_paths]
         self._starts = [0]
         for m in self._maps:
             self._starts.append(self._starts[-1] + len(m))
-        if self.verify:
-            for path, m in zip(self.shard_paths, self._maps):
-                top = int(m.max())
-                if top >= self.vocab_size:
-                    raise DataError(f"shard {path} holds token id {top} >= vocab_size "
-                                    f"{self.vocab_size}")
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -157,16 +138,11 @@ class TokenSplit:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._open_without_verify()
-
-    def _open_without_verify(self) -> None:
-        verify, self.verify = self.verify, False
-        try:
-            self._open()
-        finally:
-            self.verify = verify
+        self._open()
 
 
-def open_split(data_dir: str | Path, split: str, verify: bool = True) -> TokenSplit:
-    """Open ``split`` of ``data_dir``. ``verify`` checks each shard's SHA-256 and id range."""
-    return TokenSplit(data_dir, split, verify=verify)
+def open_split(data_dir: str | Path, split: str, verify: bool = True, manifest: Optional[dict] = None) -> TokenSplit:
+    """Open ``split`` of ``data_dir``. ``verify`` checks each shard's SHA-256 and id range (a full read; the
+    trainer verifies once per manifest with :func:`data_prep.verify.verify_data_dir` and opens with
+    ``verify=False``); ``manifest`` is the already loaded manifest (read once per start)."""
+    return TokenSplit(data_dir, split, verify=verify, manifest=manifest)

@@ -61,6 +61,7 @@ class Loop:
         # DeepSpeed computes the norm itself under ZeRO 1/2 and its bf16 optimizer; plain fp32 ZeRO-0 does not.
         self._own_grad_norm = int(self.t.zero_stage) == 0 and self.t.precision == "fp32"
         self._grad_norm = None
+        self.on_first_step = None  # called with the first step's seconds (the trainer's start-up timing line)
 
     def checkpoint_meta(self, step: int) -> dict:
         return {**self.p.fingerprints, "settings": self.p.run_state["settings"], "step": step,
@@ -163,6 +164,10 @@ class Loop:
             while self.step < steps:
                 loss_vec, lr, out = self.one_step(self.step, data)
                 self.step += 1
+                if self.step == start_step + 1 and self.on_first_step is not None:
+                    if self.dist.device.type == "cuda":
+                        torch.cuda.synchronize(self.dist.device)  # once: the first step's real duration
+                    self.on_first_step(time.time() - window[0])
                 self.log_step(self.step, loss_vec, lr, out, window)
                 self._periodic(self.step, window)
         finally:

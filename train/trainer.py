@@ -5,19 +5,22 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data_prep.reader import open_split, load_manifest
+from data_prep.reader import DataError, load_manifest, open_split
+from data_prep.verify import verify_data_dir
 from models import ModelConfig, Transformer
 from train import checkpoint as ckpt
 from train.data import TrainBatches, eval_windows, run_length
-from train.distributed import DistInfo, barrier, broadcast_object
+from train.ds_config import deepspeed_config, fp32_grad_accumulation
+from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
@@ -35,18 +38,20 @@ class RunLocked(ConfigError):
     """Another live trainer owns the run directory: say so, and write nothing into it."""
 
 
-def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int) -> ModelConfig:
+def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int,
+                         manifest: Optional[dict] = None) -> ModelConfig:
     """The model config for this data, refusing any data/model tokenizer mismatch before compute.
 
     The model's vocabulary must be the data's (or it padded to a multiple of 128), and the tokenizer
     Engram compresses for must be the one the data was tokenized with (compared by tokenizer id):
     otherwise a model sized for one tokenizer trains on another's ids, and Engram merges ids as if
-    they were the other tokenizer's.
+    they were the other tokenizer's. ``manifest``: the data dir's, already read (else read here).
     """
     model_dict = OmegaConf.to_container(cfg.model, resolve=True)
     engram = model_dict.get("engram")
     if engram and engram.get("tokenizer") == "data":  # compress with the tokenizer the data was made with
-        tok = load_manifest(data_dir)["tokenizer"]
+        manifest = manifest if manifest is not None else load_manifest(data_dir)
+        tok = manifest["tokenizer"]
         engram["tokenizer"] = str((data_dir / tok["file"]).resolve())
     mcfg = ModelConfig.from_dict(model_dict)
     padded = -(-data_vocab // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
@@ -60,7 +65,7 @@ def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int) -> Mo
         from memory.compression import resolve_tokenizer_file
         from tokenizers import Tokenizer
 
-        data_id = data_tokenizer_id(data_dir)
+        data_id = data_tokenizer_id(data_dir, manifest)
         engram_id = tokenizer_id(Tokenizer.from_file(str(resolve_tokenizer_file(engram["tokenizer"]))))
         if engram_id != data_id:
             raise ValueError(f"model.engram.tokenizer={engram['tokenizer']!r} (id {engram_id}) is not the tokenizer "
@@ -71,8 +76,8 @@ def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int) -> Mo
     return mcfg
 
 
-def stream_fingerprint(data_dir: Path, cfg: DictConfig) -> str:
-    manifest = load_manifest(data_dir)
+def stream_fingerprint(data_dir: Path, cfg: DictConfig, manifest: Optional[dict] = None) -> str:
+    manifest = manifest if manifest is not None else load_manifest(data_dir)
     shards = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
     blob = json.dumps([shards, cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.seed])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -93,21 +98,6 @@ def total_steps(cfg: DictConfig) -> int:
     return step_schedule(cfg)[0]
 
 
-def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
-    t = cfg.train  # values checked by train.schema.validate
-    return {
-        "train_batch_size": int(t.global_batch_size),
-        "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(t.grad_clip or 0.0),
-        "zero_optimization": {"stage": int(t.zero_stage)},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
 @dataclass
 class Prepared:
     """Everything checked before any compute: data, model config, resume point, step count."""
@@ -121,6 +111,7 @@ class Prepared:
     tags: list  # checkpoint tags to resume from, newest first (empty: a fresh start)
     steps: int
     batches: TrainBatches
+    startup: dict = field(default_factory=dict)  # rank 0's read/verify seconds and verification line
 
 
 def _hold_run_lock(run_dir: Path, dist: DistInfo) -> Optional[int]:
@@ -189,32 +180,85 @@ def _check_resume(cfg: DictConfig, p: Prepared, latest: dict, dist: DistInfo) ->
         p.run_state.setdefault("config_changes", []).append({"step": latest.get("step"), "changes": diff})
 
 
+def _on_main(dist: DistInfo, fn):
+    """``fn()`` on rank 0 alone, its result or its exception broadcast: every rank returns or raises the same
+    (rank 0's view of the run directory and data is the one all ranks act on)."""
+    out, err = None, None
+    if dist.is_main:
+        try:
+            out = fn()
+        except Exception as e:  # raised on every rank below, not only here
+            err = e
+        try:
+            pickle.dumps(err)
+        except Exception:  # an unpicklable exception would stall the broadcast: send its message
+            err = RuntimeError(f"{type(err).__name__}: {err}")
+    out, err = broadcast_object((out, err))
+    if err is not None:
+        raise err
+    return out
+
+
+def _read_start(cfg: DictConfig, run_dir: Path, ckpt_dir: Path) -> dict:
+    """Rank 0's start-up reads: run state, finished run, committed checkpoint (the resume point), then the
+    manifest (once) and its shards (verified once per manifest, :mod:`data_prep.verify`)."""
+    t0 = time.perf_counter()
+    start = {"run_state": _read_json(run_dir / RUN_STATE), "final": None}
+    if (run_dir / FINAL).exists():
+        _check_finished(cfg, run_dir, start["run_state"])
+        start["final"] = _read_json(run_dir / FINAL)
+        return start
+    latest = ckpt.read_latest(ckpt_dir)
+    if latest is not None and cfg.train.resume == "never":
+        raise ConfigError(f"run_dir {run_dir} already holds checkpoints (train.resume=never); use a new run_dir")
+    data_dir = Path(cfg.data.dir)
+    manifest = load_manifest(data_dir)
+    report = verify_data_dir(data_dir, manifest, ["train", "val"])
+    return {**start, "latest": latest, "tags": ckpt.candidates(ckpt_dir, latest) if latest is not None else [],
+            "manifest": manifest, "verified": report.line(), "read_s": time.perf_counter() - t0}
+
+
+def _verify_other_nodes(cfg: DictConfig, manifest: dict, dist: DistInfo) -> None:
+    """On more than one node, each other node's first rank checks its view of the data too (against the
+    record rank 0 wrote: stat calls on a shared file system, a full check of a node-local copy)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    if local_world >= dist.world_size:
+        return
+    problem = ""
+    if dist.local_rank == 0 and not dist.is_main:
+        try:
+            verify_data_dir(Path(cfg.data.dir), manifest, ["train", "val"])
+        except DataError as e:
+            problem = str(e)
+    if all_reduce_sum(torch.tensor([1.0 if problem else 0.0], device=dist.device)).item():
+        raise DataError(problem or "the data dir failed its check on another node (see that node's rank log)")
+
+
 def prepare(cfg: DictConfig, dist: DistInfo) -> Optional[Prepared]:
     """Validate config, run directory, data and resume point; None when the run already finished."""
     check_schema(cfg)
     validate(cfg)
     t, run_dir = cfg.train, Path(cfg.run_dir)
     ckpt_dir = run_dir / CHECKPOINTS
-    run_state = _read_json(run_dir / RUN_STATE)
-    if (run_dir / FINAL).exists():
-        _check_finished(cfg, run_dir, run_state)
-        final = _read_json(run_dir / FINAL)
+    start = _on_main(dist, lambda: _read_start(cfg, run_dir, ckpt_dir))  # the one broadcast of the start state
+    run_state, latest = start["run_state"], start.get("latest")
+    if start["final"] is not None:
         if dist.is_main:
-            print(f"run already completed: val_loss={final.get('val_loss'):.4f} ({run_dir / FINAL})")
+            print(f"run already completed: val_loss={start['final'].get('val_loss'):.4f} ({run_dir / FINAL})")
         return None
-    latest = ckpt.read_latest(ckpt_dir)
-    if latest is not None and t.resume == "never":
-        raise ConfigError(f"run_dir {run_dir} already holds checkpoints (train.resume=never); use a new run_dir")
-    data_dir = Path(cfg.data.dir)
-    train_split, val_split = open_split(data_dir, "train"), open_split(data_dir, "val")
-    mcfg = resolve_model_config(cfg, data_dir, train_split.vocab_size)
-    fingerprints = {"model_fingerprint": mcfg.fingerprint(), "stream_fingerprint": stream_fingerprint(data_dir, cfg)}
+    data_dir, manifest = Path(cfg.data.dir), start["manifest"]
+    _verify_other_nodes(cfg, manifest, dist)
+    t0 = time.perf_counter()
+    train_split, val_split = (open_split(data_dir, s, verify=False, manifest=manifest) for s in ("train", "val"))
+    mcfg = resolve_model_config(cfg, data_dir, train_split.vocab_size, manifest)
+    fingerprints = {"model_fingerprint": mcfg.fingerprint(),
+                    "stream_fingerprint": stream_fingerprint(data_dir, cfg, manifest)}
     steps, last_sequences = step_schedule(cfg)
     batches = TrainBatches(train_split, t.seq_len, t.micro_batch_size, t.global_batch_size,
                            dist.rank, dist.world_size, t.seed, steps, last_sequences)
     eval_windows(val_split, t.seq_len, t.eval_tokens)  # the held-out set can hold one window: fail now, not at the end
-    p = Prepared(run_dir, ckpt_dir, train_split, val_split, mcfg, fingerprints, run_state,
-                 ckpt.candidates(ckpt_dir, latest) if latest is not None else [], steps, batches)
+    p = Prepared(run_dir, ckpt_dir, train_split, val_split, mcfg, fingerprints, run_state, start["tags"], steps,
+                 batches, {"read_s": start["read_s"] + time.perf_counter() - t0, "verified": start["verified"]})
     saved_settings = run_state.get("settings")
     p.run_state.update({**fingerprints, "settings": trajectory_settings(cfg)})
     if latest is not None and latest.get("tag"):
@@ -249,17 +293,22 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     t = cfg.train
     # ---- model, optimizer, engine -----------------------------------------------------------
     torch.manual_seed(t.seed)
+    t0 = time.perf_counter()
     model = Transformer(p.mcfg)
     counts = model.model_counts(t.seq_len)
     optimizer = build_optimizer(model, cfg.optim, t)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
     import deepspeed
 
+    t1 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, p.batches.accum_steps))
+    p.startup.update(model_s=t1 - t0, engine_s=time.perf_counter() - t1)
     start_step, meta = 0, {}
     if p.tags:
+        t2 = time.perf_counter()
         meta = ckpt.load(engine, p.ckpt_dir, p.tags, dist.device, _loaded_check(cfg, p, dist))
+        p.startup["load_s"] = time.perf_counter() - t2
         start_step = int(meta["step"])
         log.info("resumed from %s at step %d", p.ckpt_dir / ckpt.tag_for(start_step), start_step)
 
@@ -278,7 +327,12 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
                  t.global_batch_size * t.seq_len)
         for line in [*optim_lines, memory_line(optim_mem)]:
             log.info(line)
+    if t.precision == "bf16" and not fp32_grad_accumulation(cfg) and p.batches.accum_steps > 1 and dist.is_main:
+        log.warning("bf16 gradients of the %d micro-steps accumulate in bf16 at train.zero_stage=%d (DeepSpeed 0.19 "
+                    "accumulates in fp32 only at ZeRO 2, or ZeRO 1 without Muon); they are reduced in fp32",
+                    p.batches.accum_steps, t.zero_stage)
     loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts)
+    loop.on_first_step = lambda seconds: _log_startup(p.startup, seconds, dist)
     try:
         step = loop.run(start_step)
         return _finish(cfg, dist, p, loop, step, started, optim_mem)
@@ -288,6 +342,15 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
             atomic_write_json(p.run_dir / FAILED, {"status": "diverged", "reason": str(e), "step": loop.step})
         tracker.finish(1)
         raise
+
+
+def _log_startup(times: dict, first_step_s: float, dist: DistInfo) -> None:
+    """The start-up timing line (rank 0; every rank's own in its rank log at debug level)."""
+    line = (f"start-up: read/verify {times['read_s']:.2f} s ({times['verified']}), model build "
+            f"{times['model_s']:.2f} s, engine init {times['engine_s']:.2f} s, "
+            + (f"checkpoint load {times['load_s']:.2f} s, " if "load_s" in times else "")
+            + f"first step {first_step_s:.2f} s")
+    log.log(logging.INFO if dist.is_main else logging.DEBUG, line)
 
 
 def _finish(cfg: DictConfig, dist: DistInfo, p: Prepared, loop: Loop, step: int, started: float,
