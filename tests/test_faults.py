@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import pickle
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from fault_rows import readme_section, row, table
 from trainer_utils import REPO, env
 from train import checkpoint as ckpt
 from train.resume import changes, trajectory_settings
-from train.run_files import try_lock
+from train.run_files import LOCK_NAME, process_start, try_lock
 from train.schema import ConfigError, check_schema, validate
 from train.tracking import Progress, Tracker
 
@@ -90,6 +92,49 @@ def test_second_launch_into_a_live_run_dir_is_refused(tmp_path):
         assert "in use by another live trainer" in msg and ".run.lock" in msg
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
     finally:
+        os.close(fd)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _files(run_dir: Path) -> dict[str, float]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime for p in run_dir.rglob("*") if p.name != LOCK_NAME}
+
+
+@row("a second torchrun / DeepSpeed launch into a live run: its ranks other than 0",
+     "wait, writing nothing (no Hydra files, no rank log), until their own rank 0 holds the lock; "
+     "the refused rank 0's exit makes the launcher stop them")
+def test_peer_rank_writes_nothing_until_its_own_rank0_holds_the_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    fd = try_lock(run_dir, owner="10.0.0.9:29500 run=none world=2 launcher=7@7")  # the live run's rank 0
+    (run_dir / "hydra").mkdir()
+    (run_dir / "hydra" / "config.yaml").write_text("the live run's\n")
+    (run_dir / "rank1.log").write_text("the live run's\n")
+    before = _files(run_dir)
+    port = _free_port()
+    rank1 = {**env(), "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port)}
+    rank1.pop("TORCHELASTIC_RUN_ID", None)
+    proc = subprocess.Popen([sys.executable, "train/main.py", f"run_dir={run_dir}", f"data.dir={tmp_path / 'data'}"],
+                            cwd=REPO, env=rank1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6.0)  # composing the config takes about a second; Hydra would write right after
+        assert proc.poll() is None, proc.stderr.read()
+        assert _files(run_dir) == before
+        # its own rank 0 (this process is the peer's launcher) takes the lock: the peer goes on into Hydra
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"127.0.0.1:{port} run= world=2 launcher={os.getpid()}@{process_start(os.getpid())}".encode(), 0)
+        deadline = time.time() + 60
+        while time.time() < deadline and _files(run_dir) == before:
+            time.sleep(0.2)
+        assert "hydra/overrides.yaml" in _files(run_dir)  # Hydra's job started: the peer went on
+    finally:
+        proc.kill()
+        proc.wait()
         os.close(fd)
 
 
