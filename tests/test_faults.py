@@ -228,6 +228,37 @@ def test_trajectory_settings_cover_optimizer_schedule_budget_data_and_model_only
         assert changes(base, trajectory_settings(_compose(override))) == [], override
 
 
+class _Engine:
+    """Stands in for a DeepSpeed engine: writes a checkpoint's files as it would (a rank's shards)."""
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        (Path(save_dir) / tag).mkdir(parents=True)
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+            (Path(save_dir) / tag / name).write_bytes(b"x" * 64)
+
+
+@row("a power loss right after a checkpoint save",
+     "`latest.json` never names bytes not on disk: every checkpoint file and directory is fsynced before it moves")
+def test_checkpoint_files_are_fsynced_before_latest_json_moves(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt.save(_Engine(), tmp_path, 6, {"step": 6}, is_main=True, keep=2)
+    moved = events.index(("replace", str(tmp_path / "latest.json")))
+    synced = {path for what, path in events[:moved] if what == "fsync"}
+    tag = tmp_path / "step_00000006"
+    assert {str(f) for f in tag.iterdir()} | {str(tag)} <= synced, events
+    assert json.loads((tmp_path / "latest.json").read_text())["tag"] == "step_00000006"
+
+
 def test_candidates_fall_back_to_directories_when_the_index_is_corrupt(tmp_path, caplog):
     for step in (10, 20):
         (tmp_path / ckpt.tag_for(step)).mkdir()
