@@ -15,6 +15,9 @@ import torch.distributed as dist
 
 from train.run_files import parent_pid
 
+if not torch.cuda.is_available():  # before anything imports deepspeed: no "Setting accelerator to CPU"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # warning on stderr above a one-line error
+
 
 @dataclass(frozen=True)
 class DistInfo:
