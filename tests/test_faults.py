@@ -25,7 +25,7 @@ from fault_rows import readme_section, row, table
 from trainer_utils import REPO, env
 from train import checkpoint as ckpt
 from train.resume import changes, trajectory_settings
-from train.run_files import LOCK_NAME, process_start, try_lock
+from train.run_files import LOCK_NAME, process_start, stamp_lock_owner, try_lock
 from train.schema import ConfigError, check_schema, validate
 from train.tracking import Progress, Tracker
 
@@ -108,7 +108,8 @@ def _files(run_dir: Path) -> dict[str, float]:
 @row("a second torchrun / DeepSpeed launch into a live run: its ranks other than 0",
      "wait, writing nothing (no Hydra files, no rank log), until their own rank 0 holds the lock; "
      "the refused rank 0's exit makes the launcher stop them")
-def test_peer_rank_writes_nothing_until_its_own_rank0_holds_the_lock(tmp_path):
+@pytest.mark.parametrize("node", ["rank 0's node", "another node"])
+def test_peer_rank_writes_nothing_until_its_own_rank0_holds_the_lock(tmp_path, node):
     run_dir = tmp_path / "run"
     fd = try_lock(run_dir, owner="10.0.0.9:29500 run=none world=2 launcher=7@7")  # the live run's rank 0
     (run_dir / "hydra").mkdir()
@@ -116,8 +117,9 @@ def test_peer_rank_writes_nothing_until_its_own_rank0_holds_the_lock(tmp_path):
     (run_dir / "rank1.log").write_text("the live run's\n")
     before = _files(run_dir)
     port = _free_port()
-    rank1 = {**env(), "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(port)}
+    remote = node == "another node"  # then it matches the rendezvous only: its launcher is not rank 0's
+    rank1 = {**env(), "RANK": "1", "LOCAL_RANK": "0" if remote else "1", "WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     rank1.pop("TORCHELASTIC_RUN_ID", None)
     proc = subprocess.Popen([sys.executable, "train/main.py", f"run_dir={run_dir}", f"data.dir={tmp_path / 'data'}"],
                             cwd=REPO, env=rank1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -125,9 +127,9 @@ def test_peer_rank_writes_nothing_until_its_own_rank0_holds_the_lock(tmp_path):
         time.sleep(6.0)  # composing the config takes about a second; Hydra would write right after
         assert proc.poll() is None, proc.stderr.read()
         assert _files(run_dir) == before
-        # its own rank 0 (this process is the peer's launcher) takes the lock: the peer goes on into Hydra
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"127.0.0.1:{port} run= world=2 launcher={os.getpid()}@{process_start(os.getpid())}".encode(), 0)
+        # its own rank 0 takes the lock (this process is the peer's launcher; on another node, another one)
+        launcher = "1@1" if remote else f"{os.getpid()}@{process_start(os.getpid())}"
+        stamp_lock_owner(run_dir, f"127.0.0.1:{port} run= world=2 launcher={launcher}")
         deadline = time.time() + 60
         while time.time() < deadline and _files(run_dir) == before:
             time.sleep(0.2)

@@ -76,6 +76,8 @@ def _wait_for_own_rank0(run_dir: Path, timeout_s: float = 300.0) -> None:
         if owner == me or (not same_node and owner.split(" launcher=")[0] == me.split(" launcher=")[0]):
             return
         time.sleep(0.1)
+    if os.getppid() != launcher:
+        raise SystemExit(2)  # the launcher is gone: nothing to say to anyone
     print(f"error: rank {os.environ.get('RANK')}: rank 0 of this launch did not take {run_dir}'s lock within "
           f"{timeout_s:.0f} s (is run_dir on storage every node shares?)", file=sys.stderr, flush=True)
     raise SystemExit(2)
@@ -86,11 +88,14 @@ def _lock_run_dir(run_dir: Path) -> None:
     (the descriptor is passed on to the trainer in ISOFLOP_RUN_LOCK_FD); the other ranks wait until it
     holds it. A second launch into a live run stops here, every rank touching nothing in the directory;
     under torchrun or the DeepSpeed launcher, rank 0's exit makes the launcher stop the peers."""
-    from train.run_files import LOCK_FD_ENV, LOCK_NAME, launch_id, try_lock
+    from train.run_files import LOCK_FD_ENV, LOCK_NAME, launch_id, stamp_lock_owner, try_lock
 
-    if os.environ.get(LOCK_FD_ENV):
-        return  # a launcher (the sweep driver) holds the lock for us
-    if int(os.environ.get("RANK", "0")) != 0:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if os.environ.get(LOCK_FD_ENV):  # a launcher (the sweep driver) holds the lock for this launch
+        if rank0 and "RANK" in os.environ:
+            stamp_lock_owner(run_dir, launch_id())  # for ranks on nodes the launcher's lock does not reach
+        return
+    if not rank0:
         return _wait_for_own_rank0(run_dir)
     fd = try_lock(run_dir, owner=launch_id())
     if fd is None:

@@ -87,10 +87,24 @@ def try_lock(run_dir: Path, owner: Optional[str] = None) -> Optional[int]:
         os.close(fd)
         return None
     if owner is not None:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, owner.encode(), 0)
-        os.fsync(fd)
+        _stamp(fd, owner)
     return fd
+
+
+def _stamp(fd: int, owner: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    os.fsync(fd)
+
+
+def stamp_lock_owner(run_dir: Path, owner: str) -> None:
+    """Write ``owner`` into the lock file of a run whose lock a launcher holds for this launch (the sweep
+    driver's Slurm job on node 0): the ranks on other nodes wait for it (train/main.py)."""
+    fd = os.open(Path(run_dir) / LOCK_NAME, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        _stamp(fd, owner)
+    finally:
+        os.close(fd)
 
 
 def lock_owner(run_dir: Path) -> str:
