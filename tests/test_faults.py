@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import pickle
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from fault_rows import readme_section, row, table
 from trainer_utils import REPO, env
 from train import checkpoint as ckpt
 from train.resume import changes, trajectory_settings
-from train.run_files import try_lock
+from train.run_files import LOCK_NAME, process_start, stamp_lock_owner, try_lock
 from train.schema import ConfigError, check_schema, validate
 from train.tracking import Progress, Tracker
 
@@ -90,6 +92,51 @@ def test_second_launch_into_a_live_run_dir_is_refused(tmp_path):
         assert "in use by another live trainer" in msg and ".run.lock" in msg
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
     finally:
+        os.close(fd)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _files(run_dir: Path) -> dict[str, float]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime for p in run_dir.rglob("*") if p.name != LOCK_NAME}
+
+
+@row("a second torchrun / DeepSpeed launch into a live run: its ranks other than 0",
+     "wait, writing nothing (no Hydra files, no rank log), until their own rank 0 holds the lock; "
+     "the refused rank 0's exit makes the launcher stop them")
+@pytest.mark.parametrize("node", ["rank 0's node", "another node"])
+def test_peer_rank_writes_nothing_until_its_own_rank0_holds_the_lock(tmp_path, node):
+    run_dir = tmp_path / "run"
+    fd = try_lock(run_dir, owner="10.0.0.9:29500 run=none world=2 launcher=7@7")  # the live run's rank 0
+    (run_dir / "hydra").mkdir()
+    (run_dir / "hydra" / "config.yaml").write_text("the live run's\n")
+    (run_dir / "rank1.log").write_text("the live run's\n")
+    before = _files(run_dir)
+    port = _free_port()
+    remote = node == "another node"  # then it matches the rendezvous only: its launcher is not rank 0's
+    rank1 = {**env(), "RANK": "1", "LOCAL_RANK": "0" if remote else "1", "WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    rank1.pop("TORCHELASTIC_RUN_ID", None)
+    proc = subprocess.Popen([sys.executable, "train/main.py", f"run_dir={run_dir}", f"data.dir={tmp_path / 'data'}"],
+                            cwd=REPO, env=rank1, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6.0)  # composing the config takes about a second; Hydra would write right after
+        assert proc.poll() is None, proc.stderr.read()
+        assert _files(run_dir) == before
+        # its own rank 0 takes the lock (this process is the peer's launcher; on another node, another one)
+        launcher = "1@1" if remote else f"{os.getpid()}@{process_start(os.getpid())}"
+        stamp_lock_owner(run_dir, f"127.0.0.1:{port} run= world=2 launcher={launcher}")
+        deadline = time.time() + 60
+        while time.time() < deadline and _files(run_dir) == before:
+            time.sleep(0.2)
+        assert "hydra/overrides.yaml" in _files(run_dir)  # Hydra's job started: the peer went on
+    finally:
+        proc.kill()
+        proc.wait()
         os.close(fd)
 
 
@@ -181,6 +228,37 @@ def test_trajectory_settings_cover_optimizer_schedule_budget_data_and_model_only
     for override in ("train.eval_interval=7", "train.log_interval=3", "train.micro_batch_size=2",
                      "logging.wandb.mode=disabled", "train.keep_checkpoints=5", "train.allow_config_change=true"):
         assert changes(base, trajectory_settings(_compose(override))) == [], override
+
+
+class _Engine:
+    """Stands in for a DeepSpeed engine: writes a checkpoint's files as it would (a rank's shards)."""
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        (Path(save_dir) / tag).mkdir(parents=True)
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+            (Path(save_dir) / tag / name).write_bytes(b"x" * 64)
+
+
+@row("a power loss right after a checkpoint save",
+     "`latest.json` never names bytes not on disk: every checkpoint file and directory is fsynced before it moves")
+def test_checkpoint_files_are_fsynced_before_latest_json_moves(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt.save(_Engine(), tmp_path, 6, {"step": 6}, is_main=True, keep=2)
+    moved = events.index(("replace", str(tmp_path / "latest.json")))
+    synced = {path for what, path in events[:moved] if what == "fsync"}
+    tag = tmp_path / "step_00000006"
+    assert {str(f) for f in tag.iterdir()} | {str(tag)} <= synced, events
+    assert json.loads((tmp_path / "latest.json").read_text())["tag"] == "step_00000006"
 
 
 def test_candidates_fall_back_to_directories_when_the_index_is_corrupt(tmp_path, caplog):

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,19 +129,40 @@ def test_one_rank_failure_stops_every_rank_with_its_message(tiny_data, tmp_path)
 
 
 def _workers_of(run_dir: Path) -> list[int]:
+    """The trainer processes of ``run_dir``: not the launchers, whose command lines also name the script."""
     out = subprocess.run(["pgrep", "-f", f"train/main.py .*run_dir={run_dir} "], capture_output=True, text=True)
-    return [int(x) for x in out.stdout.split()]
+    pids = [int(x) for x in out.stdout.split()]
+    return [p for p in pids if not any(w in _cmdline(p) for w in (b"deepspeed", b"torch.distributed.run"))]
 
 
-@row("the torchrun launcher killed with SIGKILL", "its workers get SIGTERM and exit (`PR_SET_PDEATHSIG`)")
-def test_workers_exit_when_their_launcher_dies(tiny_data, tmp_path):
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _launch(tiny_data: Path, run_dir: Path, launcher: str) -> list[str]:
+    cmd = train_cmd(tiny_data, run_dir, "train.max_steps=100000", nproc=2 if launcher == "torchrun" else 1)
+    if launcher == "torchrun":
+        return cmd
+    port = 29500 + os.getpid() % 1000
+    return [str(Path(sys.executable).with_name("deepspeed")), "--no_local_rank", "--num_gpus=2",
+            f"--master_port={port}", *cmd[1:]]
+
+
+@row("the torchrun or `deepspeed` launcher killed with SIGKILL",
+     "its workers get SIGTERM and exit: `PR_SET_PDEATHSIG` for the worker's parent (torchrun, DeepSpeed's "
+     "`launcher.launch`), and a watch on DeepSpeed's runner above it")
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_workers_exit_when_their_launcher_dies(tiny_data, tmp_path, launcher):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(tiny_data, run_dir, "train.max_steps=100000", nproc=2), cwd=REPO, env=env(),
+    proc = subprocess.Popen(_launch(tiny_data, run_dir, launcher), cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.2)
-    workers = [w for w in _workers_of(run_dir) if w != proc.pid]
+    workers = _workers_of(run_dir)
     assert len(workers) == 2, workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -159,7 +159,8 @@ def load(engine, ckpt_dir: Path, tags: list[str], device: torch.device,
         except CheckpointError as e:
             reason = str(e)
         except Exception as e:  # unpickling / zip / EOF / shape errors: the file is damaged
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            empty = "a file ends early (empty or truncated)" if isinstance(e, EOFError) else "no message"
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else empty}"
         bad = all_reduce_sum(torch.tensor([1.0 if reason else 0.0], device=device)).item()
         if not bad:
             check(meta, ckpt_dir / tag)

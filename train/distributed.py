@@ -5,10 +5,18 @@ import ctypes
 import datetime
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from train.run_files import parent_pid
+
+if not torch.cuda.is_available():  # before anything imports deepspeed: no "Setting accelerator to CPU"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # warning on stderr above a one-line error
 
 
 @dataclass(frozen=True)
@@ -37,11 +45,27 @@ def _skip_cpu_shm_build() -> None:
     ds_torch_comm.build_shm_op = lambda: None
 
 
+def _watch_grandparent(parent: int, grandparent: int, every_s: float = 1.0) -> None:
+    """SIGTERM this process once ``parent`` stops being ``grandparent``'s child (the grandparent died and
+    the parent was re-parented), checked every ``every_s`` in a daemon thread."""
+    def watch() -> None:
+        while parent_pid(parent) == grandparent:
+            time.sleep(every_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def die_with_launcher() -> None:
     """A worker started by torchrun / the DeepSpeed launcher gets SIGTERM when its launcher dies (even
-    by SIGKILL) instead of training on, unattended, into a run directory someone may relaunch (Linux)."""
+    by SIGKILL) instead of training on, unattended, into a run directory someone may relaunch (Linux).
+
+    torchrun is the worker's parent: ``PR_SET_PDEATHSIG`` covers it. ``deepspeed`` is two processes, the
+    runner and its child ``deepspeed.launcher.launch`` (the worker's parent), which outlives a killed
+    runner: the worker also watches the runner and stops when it is gone."""
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return  # a plain `python train/main.py`: nobody to outlive
+    parent = os.getppid()
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
@@ -49,6 +73,14 @@ def die_with_launcher() -> None:
         return
     if os.getppid() == 1:  # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        parent_cmd = Path(f"/proc/{parent}/cmdline").read_bytes()
+    except OSError:
+        return
+    if b"deepspeed.launcher.launch" in parent_cmd:
+        grandparent = parent_pid(parent)
+        if grandparent > 1:
+            _watch_grandparent(parent, grandparent)
 
 
 def _free_port() -> int:

@@ -61,15 +61,43 @@ def _compose_and_validate(argv: list[str]):
         raise SystemExit(2) from None
 
 
+def _wait_for_own_rank0(run_dir: Path, timeout_s: float = 300.0) -> None:
+    """A peer rank writes nothing into run_dir (Hydra's yaml files, its rank log) until its own rank 0
+    holds the lock, which rank 0 marks by writing this launch's id into the lock file. A launch refused
+    because another trainer is live there thus touches nothing: its rank 0 exits and the launcher stops
+    the peers while they wait here. Peers on other nodes (RANK != LOCAL_RANK) match the rendezvous only."""
+    from train.run_files import launch_id, lock_owner
+
+    me = launch_id()
+    same_node = os.environ.get("RANK") == os.environ.get("LOCAL_RANK", "0")
+    deadline, launcher = time.time() + timeout_s, os.getppid()
+    while time.time() < deadline and os.getppid() == launcher:  # a dead launcher: nobody to wait for
+        owner = lock_owner(run_dir)
+        if owner == me or (not same_node and owner.split(" launcher=")[0] == me.split(" launcher=")[0]):
+            return
+        time.sleep(0.1)
+    if os.getppid() != launcher:
+        raise SystemExit(2)  # the launcher is gone: nothing to say to anyone
+    print(f"error: rank {os.environ.get('RANK')}: rank 0 of this launch did not take {run_dir}'s lock within "
+          f"{timeout_s:.0f} s (is run_dir on storage every node shares?)", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def _lock_run_dir(run_dir: Path) -> None:
     """Rank 0 takes run_dir/.run.lock before Hydra writes its logs there, and keeps it until it exits
-    (the descriptor is passed on to the trainer in ISOFLOP_RUN_LOCK_FD). A second launch into a live run
-    stops here, touching nothing in the directory; under torchrun its launcher then stops the peers."""
-    from train.run_files import LOCK_FD_ENV, LOCK_NAME, try_lock
+    (the descriptor is passed on to the trainer in ISOFLOP_RUN_LOCK_FD); the other ranks wait until it
+    holds it. A second launch into a live run stops here, every rank touching nothing in the directory;
+    under torchrun or the DeepSpeed launcher, rank 0's exit makes the launcher stop the peers."""
+    from train.run_files import LOCK_FD_ENV, LOCK_NAME, launch_id, stamp_lock_owner, try_lock
 
-    if int(os.environ.get("RANK", "0")) != 0 or os.environ.get(LOCK_FD_ENV):
-        return  # a peer rank, or a launcher (the sweep driver) holds the lock for us
-    fd = try_lock(run_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if os.environ.get(LOCK_FD_ENV):  # a launcher (the sweep driver) holds the lock for this launch
+        if rank0 and "RANK" in os.environ:
+            stamp_lock_owner(run_dir, launch_id())  # for ranks on nodes the launcher's lock does not reach
+        return
+    if not rank0:
+        return _wait_for_own_rank0(run_dir)
+    fd = try_lock(run_dir, owner=launch_id())
     if fd is None:
         _fail(f"run_dir {run_dir} is in use by another live trainer ({run_dir / LOCK_NAME}); "
               f"wait for it, stop it, or use another run_dir")
