@@ -29,6 +29,28 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+_DIST_ENV = ("MASTER_PORT",)  # RANK / LOCAL_RANK / WORLD_SIZE stay: DeepSpeed reads them at every initialize
+
+
+@pytest.fixture(scope="session")
+def inprocess_dist():
+    """One one-rank process group in this pytest process, for every test that builds engines or runs the
+    trainer in-process (DeepSpeed cannot start a second group once one was torn down). The torch.distributed
+    port it set is taken out of the environment at once: trainer subprocesses inherit the environment, and a
+    MASTER_PORT held by this live group made every later single-process trainer fail with EADDRINUSE."""
+    from train.distributed import setup, teardown
+
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    info = setup()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    yield info
+    teardown()
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "stdlib_bpe1k"

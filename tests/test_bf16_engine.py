@@ -21,16 +21,9 @@ ACCUM = 2
 
 
 @pytest.fixture(scope="module")
-def dist_world():
-    """A one-rank gloo process group for in-process engines (torn down after the module)."""
-    import os
-
-    from train.distributed import setup, teardown
-
-    os.environ["MASTER_PORT"] = str(29000 + os.getpid() % 500)
-    info = setup()
-    yield info
-    teardown()
+def dist_world(inprocess_dist):
+    """A one-rank gloo process group for in-process engines (conftest: torn down, env restored)."""
+    return inprocess_dist
 
 
 def _cfg(zero: int, kind: str = "adamw", precision: str = "bf16"):

@@ -27,8 +27,7 @@ ENGRAM = ["memory=engram_tiny", "model.engram.layer_ids=[1]", "model.engram.embe
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _train_in_process(cfg_overrides, monkeypatch):
-    from train.distributed import setup
+def _train_in_process(cfg_overrides, monkeypatch, dist):
     from train.trainer import train
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -51,16 +50,16 @@ def _train_in_process(cfg_overrides, monkeypatch):
     engine_step = DeepSpeedEngine.step
     monkeypatch.setattr(DeepSpeedEngine, "step", optimizer_step)
     monkeypatch.setattr(loop_mod.Loop, "one_step", step_without_sync)
-    assert train(cfg, setup()) == 0
+    assert train(cfg, dist) == 0
     return guarded["steps"]
 
 
-def test_training_steps_never_read_the_device(tiny_data, tmp_path, monkeypatch):
+def test_training_steps_never_read_the_device(tiny_data, tmp_path, monkeypatch, inprocess_dist):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     steps = _train_in_process([f"data.dir={tiny_data}", f"run_dir={run_dir}", *TINY_MODEL, *TINY_TRAIN, *ENGRAM,
                                "train.max_steps=8", "train.log_interval=4", "train.eval_interval=100",
-                               "train.ckpt_interval=100"], monkeypatch)
+                               "train.ckpt_interval=100"], monkeypatch, inprocess_dist)
     assert steps == 8
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in recs if "train/loss" in r]
@@ -69,7 +68,7 @@ def test_training_steps_never_read_the_device(tiny_data, tmp_path, monkeypatch):
         assert math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0, r
 
 
-def test_divergence_is_caught_at_the_next_read_and_names_its_step(tiny_data, tmp_path, monkeypatch):
+def test_divergence_is_caught_at_the_next_read_and_names_its_step(tiny_data, tmp_path, monkeypatch, inprocess_dist):
     from train.loop import Diverged
 
     run_dir = tmp_path / "run"
@@ -77,6 +76,6 @@ def test_divergence_is_caught_at_the_next_read_and_names_its_step(tiny_data, tmp
     with pytest.raises(Diverged, match=r"at step 1 \(limit train.max_loss=0.5\)"):
         _train_in_process([f"data.dir={tiny_data}", f"run_dir={run_dir}", *TINY_MODEL, *TINY_TRAIN,
                            "train.max_steps=8", "train.log_interval=4", "train.max_loss=0.5",
-                           "train.eval_interval=100", "train.ckpt_interval=2"], monkeypatch)
+                           "train.eval_interval=100", "train.ckpt_interval=2"], monkeypatch, inprocess_dist)
     assert not (run_dir / "checkpoints" / "latest.json").exists()  # the diverged state was never saved
     assert json.loads((run_dir / "failed.json").read_text())["status"] == "diverged"
