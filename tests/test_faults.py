@@ -131,8 +131,8 @@ def test_peer_rank_writes_nothing_until_its_own_rank0_holds_the_lock(tmp_path, n
         launcher = "1@1" if remote else f"{os.getpid()}@{process_start(os.getpid())}"
         stamp_lock_owner(run_dir, f"127.0.0.1:{port} run= world=2 launcher={launcher}")
         deadline = time.time() + 60
-        while time.time() < deadline and _files(run_dir) == before:
-            time.sleep(0.2)
+        while time.time() < deadline and "hydra/overrides.yaml" not in _files(run_dir):
+            time.sleep(0.2)  # Hydra writes config.yaml, hydra.yaml, then overrides.yaml: wait for the last
         assert "hydra/overrides.yaml" in _files(run_dir)  # Hydra's job started: the peer went on
     finally:
         proc.kill()

@@ -13,9 +13,12 @@ pytestmark = pytest.mark.slow
 MUON = ["optim=muon", *MOE, *ENGRAM]
 
 
-def _falls(run_dir, n):
+def _falls(run_dir, n, margin=0.2):
+    """The mean loss of the last 3 steps is below the first 3 by ``margin`` (step-to-step noise here is
+    ~0.03; the margin was 0.3 before the window order became a Feistel permutation, which changed the
+    batches: the fall measured then was 0.26)."""
     ls = losses(run_dir)
-    assert np.mean([ls[s] for s in range(1, 4)]) > np.mean([ls[s] for s in range(n - 2, n + 1)]) + 0.3, ls
+    assert np.mean([ls[s] for s in range(1, 4)]) > np.mean([ls[s] for s in range(n - 2, n + 1)]) + margin, ls
 
 
 @pytest.mark.parametrize("zero", [[], ["train.zero_stage=1", "train.grad_clip=0"], ["train.zero_stage=2", "train.grad_clip=0"]],
