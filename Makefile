@@ -32,7 +32,7 @@ $(DATA)/manifest.json: | $(VENV)/.installed
 data: $(DATA)/manifest.json
 
 # The main job on the embedded default: an allocation sweep (MoE + Engram, 4 rho, one seed) on this
-# machine's Python stdlib, fitted, plotted and logged to offline W&B (sweeps/demo.py; ~4 min on 2 cores).
+# machine's Python stdlib, fitted, plotted and logged to offline W&B (sweeps/demo.py; 2m24s on 2 quiet cores).
 DEMO_OUT ?= demo_out
 demo: data
 	OMP_NUM_THREADS=1 $(PY) -m sweeps.demo --out $(DEMO_OUT)
