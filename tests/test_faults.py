@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from fault_rows import readme_section, row, table
 from trainer_utils import REPO, env
 from train import checkpoint as ckpt
+from train.distributed import free_port
 from train.resume import changes, trajectory_settings
 from train.run_files import LOCK_NAME, process_start, stamp_lock_owner, try_lock
 from train.schema import ConfigError, check_schema, validate
@@ -95,12 +95,6 @@ def test_second_launch_into_a_live_run_dir_is_refused(tmp_path):
         os.close(fd)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _files(run_dir: Path) -> dict[str, float]:
     return {str(p.relative_to(run_dir)): p.stat().st_mtime for p in run_dir.rglob("*") if p.name != LOCK_NAME}
 
@@ -116,7 +110,7 @@ def test_peer_rank_writes_nothing_until_its_own_rank0_holds_the_lock(tmp_path, n
     (run_dir / "hydra" / "config.yaml").write_text("the live run's\n")
     (run_dir / "rank1.log").write_text("the live run's\n")
     before = _files(run_dir)
-    port = _free_port()
+    port = free_port()
     remote = node == "another node"  # then it matches the rendezvous only: its launcher is not rank 0's
     rank1 = {**env(), "RANK": "1", "LOCAL_RANK": "0" if remote else "1", "WORLD_SIZE": "2",
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer_utils import REPO, env, final, losses, run_train, train_cmd
+from trainer_utils import REPO, env, final, kill_after_checkpoint, losses, run_train, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -66,19 +65,7 @@ def test_kill_and_resume_is_exact(tiny_data, tmp_path, length):
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     run_train(tiny_data, ref_dir, *common)
 
-    proc = subprocess.Popen(train_cmd(tiny_data, cut_dir, *common, "train.log_interval=1"), cwd=REPO,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = cut_dir / "checkpoints" / "latest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] == n:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (cut_dir / "final.json").exists()
+    kill_after_checkpoint(tiny_data, cut_dir, n, *common, "train.log_interval=1")
 
     run_train(tiny_data, cut_dir, *common)
     ref, cut = losses(ref_dir), losses(cut_dir)

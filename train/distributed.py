@@ -83,7 +83,7 @@ def die_with_launcher() -> None:
             _watch_grandparent(parent, grandparent)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port the OS reports free now (two single-process runs on one machine once collided on a
     pid-derived port: EADDRINUSE at start-up)."""
     import socket
@@ -107,7 +107,7 @@ def setup(timeout_s: float = 1800.0) -> DistInfo:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a lone process (no launcher): any free port, not a guessed one
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     import deepspeed
 
     if not use_cuda:
