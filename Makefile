@@ -13,7 +13,7 @@ NPROC  ?= 1
 SWEEP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install data demo train test test-fast bench plan sweep clean-demo
+.PHONY: install data demo train test test-fast bench plan sweep study clean-demo
 
 # torch first, from its CPU wheel: an unpinned resolve (or deepspeed first) pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -63,3 +63,9 @@ sweep: data
 
 clean-demo:
 	rm -rf $(DEMO_OUT)
+
+# A committed study (studies/<name>/study.yaml): trains only the points not yet in the folder, then
+# rewrites its RESULTS.md and the README's results section, e.g. `make study STUDY=studies/cpu-allocation`.
+STUDY ?= studies/cpu-allocation
+study: data
+	OMP_NUM_THREADS=1 $(PY) -m sweeps.study $(STUDY)
