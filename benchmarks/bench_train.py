@@ -231,6 +231,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (one thread is the cpu family's setting)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer override")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
+    p.add_argument("--compile-too", action="store_true",
+                   help="also run every case with train.compile=blocks (the bare loop stays eager, so fw/bare of the "
+                        "compiled row is the speed-up over eager PyTorch)")
     args = p.parse_args(argv)
     if bool(args.family) == bool(args.experiment) or (args.family and args.budget is None):
         p.error("give --experiment NAME (repeatable) or --family F --budget C")
@@ -246,10 +249,12 @@ def main(argv=None) -> int:
     dist = setup()
     cases = (plan_cases(args.family, args.budget, [float(r) for r in args.rhos.split(",")]) if args.family
              else [(name, [f"+experiment={name}"]) for name in args.experiment])
+    if args.compile_too:
+        cases = [c for label, ov in cases for c in ((label, ov), (f"{label}+compile", [*ov, "train.compile=blocks"]))]
     peak, peak_how = measure_peak(dist.device)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         results = [run_case(label, [*ov, *args.set], args.steps, dist, peak, Path(tmp), args.repeats) for label, ov in cases]
-    out = report(results, peak, peak_how, dist.device, plan=bool(args.family))
+    out = report(results, peak, peak_how, dist.device, plan=bool(args.family) and not args.compile_too)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     teardown()

@@ -55,6 +55,8 @@ if [ "$DEVICE" = cuda ]; then
   fi
   step bench_train "$PY" benchmarks/bench_train.py --family gpu --budget "$BUDGET" --device cuda --steps 20 \
     --json "$OUT/bench_train.json"
+  step bench_train_compiled "$PY" benchmarks/bench_train.py --family gpu --budget "$BUDGET" --device cuda --steps 20 \
+    --set train.compile=blocks --json "$OUT/bench_train_compiled.json"
   name=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
 else
   # CPU: the same scripts at sizes two cores finish in about a minute (the parity tests run in the default suite).

@@ -28,6 +28,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2)
 RESUME_MODES = ("auto", "never")
+COMPILE_MODES = ("off", "blocks", "auto")  # train/compile.py
 WANDB_MODES = ("offline", "online", "disabled")
 OPTIM_KINDS = ("adamw", "muon")
 TABLE_UPDATES = ("dense", "lazy")
@@ -93,6 +94,7 @@ class TrainConfig:
     progress: bool = True
     allow_config_change: bool = False  # resume although a trajectory setting changed (recorded in run.json)
     dist_timeout_s: float = 1800.0  # a collective waiting longer fails every rank (ranks without a launcher)
+    compile: str = "off"  # off | blocks | auto (blocks on CUDA, off on CPU): train/compile.py
 
 
 @dataclass
@@ -199,6 +201,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.zero_stage", t.zero_stage, ZERO_STAGES)
     _choice("train.resume", t.resume, RESUME_MODES)
+    _choice("train.compile", t.compile, COMPILE_MODES)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")

@@ -18,6 +18,7 @@ from data_prep.reader import DataError, load_manifest, open_split
 from data_prep.verify import verify_data_dir
 from models import ModelConfig, Transformer
 from train import checkpoint as ckpt
+from train.compile import compile_blocks
 from train.data import TrainBatches, eval_windows, run_length
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
@@ -296,6 +297,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     t0 = time.perf_counter()
     model = Transformer(p.mcfg)
     counts = model.model_counts(t.seq_len)
+    compile_blocks(model, t.compile, dist.device)
     optimizer = build_optimizer(model, cfg.optim, t)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
     import deepspeed

@@ -1,0 +1,38 @@
+"""``train.compile``: torch.compile the transformer blocks, or not.
+
+Blocks are compiled in place (``nn.Module.compile``), so parameter names, state dicts and checkpoints are
+the same with and without it, and a run may resume with the other setting. Only the blocks: the
+embedding, output head and loss stay eager (the vocabulary projection is one matmul either way), and a
+block's MoE dispatch, whose group sizes change every step, is compiled with dynamic shapes.
+
+``auto`` compiles on CUDA and not on a CPU: compilation costs tens of seconds per block shape on a
+CPU (measured: benchmarks/README.md), more than a cpu-family run gains back in its one to three minutes.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from train.schema import COMPILE_MODES
+
+log = logging.getLogger(__name__)
+
+
+def resolve_compile(mode: str, device: torch.device) -> bool:
+    """Whether ``mode`` compiles on ``device`` (``auto``: CUDA yes, CPU no)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile={mode!r} must be one of {', '.join(COMPILE_MODES)}")
+    return mode == "blocks" or (mode == "auto" and device.type == "cuda")
+
+
+def compile_blocks(model: nn.Module, mode: str, device: torch.device) -> int:
+    """Compile every block of ``model.layers`` in place when ``mode`` asks for it; returns how many."""
+    if not resolve_compile(mode, device):
+        return 0
+    blocks = list(getattr(model, "layers", []))
+    for block in blocks:
+        block.compile(dynamic=None)  # in place: state_dict keys unchanged (no `_orig_mod.` prefix)
+    log.info("torch.compile: %d blocks (train.compile=%s, %s)", len(blocks), mode, device.type)
+    return len(blocks)
