@@ -222,11 +222,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 or null: no clipping)")
 
 
+def engram_tables(cfg: DictConfig) -> str:
+    """``parallel.engram_tables`` (replicated where a config has no parallel section)."""
+    return str((cfg.get("parallel") or {}).get("engram_tables", "replicated"))
+
+
 def _check_parallel(cfg: DictConfig) -> None:
     """Sharded tables are clipped by the trainer (train/shards.py), which reads the engine's reduced
     gradients: only fp32 ZeRO 0 leaves them in ``p.grad`` before the step."""
-    par, t = cfg.get("parallel") or {}, cfg.train
-    mode = par.get("engram_tables", "replicated")
+    t, mode = cfg.train, engram_tables(cfg)
     _choice("parallel.engram_tables", mode, ENGRAM_TABLE_MODES)
     if mode == "sharded" and (t.grad_clip or 0) > 0 and (t.precision != "fp32" or t.zero_stage != 0):
         raise ConfigError(f"parallel.engram_tables=sharded with train.grad_clip={t.grad_clip} needs train.precision="
