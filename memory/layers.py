@@ -59,8 +59,7 @@ class MultiHeadTable(nn.Module):
         rows = ids + self.offsets  # [..., heads] global row ids
         if self.shard is None:
             return F.embedding(rows, self.weight).flatten(-2)  # [..., heads * head_dim]
-        s = self.shard
-        return sharded_lookup(s.weight, rows, s.layout.world, s.grad_scale, s.group).flatten(-2)
+        return sharded_lookup(self.shard, rows).flatten(-2)
 
     def counts(self, seq_len: int) -> Counts:
         return Counts(self.num_params, 0, 0.0)

@@ -16,7 +16,7 @@ the mean loss over ranks: exactly the replicated table's gradient after the data
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -54,15 +54,23 @@ def reshard_rows(saved: torch.Tensor, saved_layout: RowLayout, out: torch.Tensor
     out[g[mine] // layout.world] = saved[mine.to(saved.device)].to(out.dtype)
 
 
-def _segment_sum(rows: torch.Tensor, grads: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """sum of ``grads`` [M, D] per row id of ``rows`` [M] into [n_rows, D], in a fixed order."""
+def _ordered_sum(rows: torch.Tensor, src: torch.Tensor, micro: torch.Tensor, grads: torch.Tensor, world: int,
+                 n_micro: int, n_rows: int) -> torch.Tensor:
+    """Sum of ``grads`` [M, D] per row id ``rows`` [M] into [n_rows, D] in the replicated run's order: per
+    (row, source rank, micro-step) in token order (each rank's embedding backward), then over the
+    micro-steps in order (autograd's accumulation), then over the source ranks in rank order (the
+    all-reduce). No atomics: deterministic, and at two ranks bit for bit the replicated gradient."""
     out = grads.new_zeros(n_rows, grads.shape[1])
     if rows.numel() == 0:
         return out
-    order = torch.argsort(rows, stable=True)
-    uniq, counts = torch.unique_consecutive(rows[order], return_counts=True)
+    key = (rows * world + src) * n_micro + micro  # [M]
+    order = torch.argsort(key, stable=True)
+    keys, counts = torch.unique_consecutive(key[order], return_counts=True)
     sums = torch.segment_reduce(grads[order], "sum", lengths=counts, axis=0)
-    return out.index_copy_(0, uniq, sums)
+    for width in (n_micro, world):  # fold micro-steps, then source ranks
+        keys, counts = torch.unique_consecutive(keys // width, return_counts=True)
+        sums = torch.segment_reduce(sums, "sum", lengths=counts, axis=0)
+    return out.index_copy_(0, keys, sums)
 
 
 def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -74,7 +82,8 @@ def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch
 
 class _ShardedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard: torch.Tensor, ids: torch.Tensor, world: int, grad_scale: float, group):
+    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, shard: "TableShard"):
+        world, group = shard.layout.world, shard.group
         owner = ids % world
         order = torch.argsort(owner, stable=True)  # [N]: requests grouped by owner, ties in token order
         send_t = torch.bincount(owner, minlength=world)
@@ -82,39 +91,58 @@ class _ShardedLookup(torch.autograd.Function):
         dist.all_to_all_single(recv_t, send_t, group=group)
         send, recv = send_t.tolist(), recv_t.tolist()
         wanted = _exchange((ids // world)[order], send, recv, group)  # [M] local rows asked of this rank
-        found = _exchange(shard.index_select(0, wanted), recv, send, group)  # [N, D] in owner order
+        found = _exchange(weight.index_select(0, wanted), recv, send, group)  # [N, D] in owner order
         out = torch.empty_like(found).index_copy_(0, order, found)  # [N, D] in token order
         ctx.save_for_backward(order, wanted)
-        ctx.meta = (send, recv, world, grad_scale, group, shard.shape[0])
+        ctx.meta = (send, recv, shard)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         order, wanted = ctx.saved_tensors
-        send, recv, world, grad_scale, group, n_rows = ctx.meta
-        to_owner = _exchange(grad.float().index_select(0, order), send, recv, group)  # [M, D]
-        g = _segment_sum(wanted, to_owner, n_rows)
-        return (g * grad_scale if grad_scale != 1.0 else g), None, None, None, None
-
-
-def sharded_lookup(shard: torch.Tensor, ids: torch.Tensor, world: int, grad_scale: float = 1.0,
-                   group=None) -> torch.Tensor:
-    """Rows ``ids`` [...] (global row ids) of a table cyclically sharded over ``group`` (``shard``: this
-    rank's [local_rows, D]) -> [..., D]. A collective: every rank of ``group`` calls it, in the same order."""
-    if ids.dtype != torch.int64:
-        raise ValueError(f"sharded_lookup needs int64 row ids, got {ids.dtype}")
-    if world == 1:
-        return torch.nn.functional.embedding(ids, shard)
-    flat = _ShardedLookup.apply(shard, ids.reshape(-1), world, grad_scale, group)
-    return flat.view(*ids.shape, shard.shape[1])
+        send, recv, shard = ctx.meta
+        world = shard.layout.world
+        to_owner = _exchange(grad.float().index_select(0, order), send, recv, shard.group)  # [M, D]
+        src = torch.repeat_interleave(torch.arange(world, device=wanted.device),
+                                      torch.tensor(recv, device=wanted.device))  # [M] sending rank
+        shard.pending.append((wanted, src, to_owner))  # summed at flush(), in the replicated order
+        return None, None, None
 
 
 @dataclass
 class TableShard:
     """This rank's rows of one table. ``weight`` [layout.local_rows(), D] is a leaf parameter held outside
     the model's module tree: the data-parallel engine neither all-reduces nor partitions it (its gradient
-    already sums every rank's lookups), and it stays fp32 under a bf16 engine."""
+    sums every rank's lookups), and it stays fp32 under a bf16 engine.
+
+    The row gradients the owner receives wait in ``pending`` until :meth:`flush` (the accumulation
+    boundary) sums them into ``weight.grad``, scaled by ``grad_scale``."""
     weight: torch.nn.Parameter
     layout: RowLayout
     grad_scale: float
     group: object = None
+    pending: list = field(default_factory=list)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        dev = self.weight.device
+        micro = torch.cat([torch.full_like(w, i) for i, (w, _, _) in enumerate(self.pending)])
+        rows, src, grads = (torch.cat(parts) for parts in zip(*self.pending))
+        g = _ordered_sum(rows.to(dev), src.to(dev), micro.to(dev), grads, self.layout.world, len(self.pending),
+                         self.weight.shape[0])
+        g = g * self.grad_scale if self.grad_scale != 1.0 else g
+        self.weight.grad = g if self.weight.grad is None else self.weight.grad + g
+        self.pending.clear()
+
+
+def sharded_lookup(shard: TableShard, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` [...] (global row ids) of a table cyclically sharded over ``shard.group`` -> [..., D]. A
+    collective: every rank of the group calls it, in the same order. The shard's gradient of the backward
+    is complete after ``shard.flush()``."""
+    if ids.dtype != torch.int64:
+        raise ValueError(f"sharded_lookup needs int64 row ids, got {ids.dtype}")
+    if shard.layout.world == 1:
+        return torch.nn.functional.embedding(ids, shard.weight)
+    flat = _ShardedLookup.apply(shard.weight, ids.reshape(-1), shard)
+    return flat.view(*ids.shape, shard.weight.shape[1])

@@ -65,10 +65,12 @@ def _layer_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)))
-    h, ids, w = _batch(0, 2 * world, 16)
-    mine = slice(2 * rank, 2 * rank + 2)  # this rank's micro-batch of the global batch
+    h, ids, w = _batch(0, 4 * world, 16)
+    micro = [slice(4 * rank + 2 * k, 4 * rank + 2 * k + 2) for k in range(2)]  # this rank's two micro-batches
+    mine = micro[0]
     ref = _engram(0)
-    ref(h[mine], ids[mine]).mul(w[mine]).sum().backward()
+    for sl in micro:  # gradient accumulation over two micro-steps
+        ref(h[sl], ids[sl]).mul(w[sl]).sum().backward()
     own = {n: p.grad.clone() for n, p in ref.named_parameters() if n != "tables.weight"}  # before the average
     for p in ref.parameters():  # data-parallel average, as the engine does
         dist.all_reduce(p.grad)
@@ -79,6 +81,9 @@ def _layer_worker(rank: int, world: int, port: int, out: str) -> None:
         shard = sh.tables.shard_(rank, world, group)
         y = sh(h[mine], ids[mine])
         y.mul(w[mine]).sum().backward()
+        sh(h[micro[1]], ids[micro[1]]).mul(w[micro[1]]).sum().backward()
+        assert shard.weight.grad is None  # the owner's sum waits for the accumulation boundary
+        shard.flush()
         others = {n: p.grad.clone() for n, p in sh.named_parameters()}
         results.append((y.detach().clone(), shard.weight.grad.clone(), others))
     full_grad = ref.tables.weight.grad
@@ -95,6 +100,8 @@ def test_sharded_layer_matches_replicated(tmp_path, world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         (y0, g0, o0), (y1, g1, o1) = got["runs"]
         assert torch.equal(y0, got["ref_out"])  # a lookup is a copy: exactly the replicated rows
+        if world == 2:  # the replicated order of sums: bit for bit
+            assert torch.equal(g0, got["ref_table_grad"])
         torch.testing.assert_close(g0, got["ref_table_grad"], rtol=1e-6, atol=1e-7)
         assert g0.abs().sum() > 0
         assert sorted(o0) == sorted(got["ref_others"])  # the table is no longer a parameter of the module

@@ -55,9 +55,11 @@ class ShardedTables:
         return sq
 
     def clip_(self, engine_params, max_norm: float) -> torch.Tensor:
-        """Global gradient norm of the engine's (already averaged, replicated) gradients and the shards';
+        """Completes the shards' gradients (:meth:`TableShard.flush`), then: global gradient norm of the engine's (already averaged, replicated) gradients and the shards';
         if ``max_norm`` > 0, every gradient is scaled by min(1, max_norm / (norm + 1e-6)) as DeepSpeed's
         ZeRO-0 fp32 clip does. Returns the norm before clipping (a device tensor, no host read)."""
+        for s in self.shards.values():  # the accumulation boundary: the owners' row sums
+            s.flush()
         grads = [p.grad for p in engine_params if p.grad is not None]
         sq = self.grad_sq_norm()
         if grads:
