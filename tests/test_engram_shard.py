@@ -109,3 +109,36 @@ def test_sharded_layer_matches_replicated(tmp_path, world):
             torch.testing.assert_close(o0[name], g, rtol=1e-6, atol=1e-7)
         assert torch.equal(y0, y1) and torch.equal(g0, g1)  # deterministic
         assert all(torch.equal(o0[n], o1[n]) for n in o0)
+
+
+def test_layout_rules_for_table_modes():
+    from train import checkpoint as ckpt
+
+    sharded2 = ckpt.layout(2, 0, "sharded")
+    for now in (ckpt.layout(1, 0), ckpt.layout(4, 0, "sharded"), ckpt.layout(2, 0)):
+        ckpt.check_layout(sharded2, now, Path("c"))  # ZeRO 0: another world size, or replicated
+    ckpt.check_layout({"world_size": 2, "zero_stage": 0}, ckpt.layout(2, 0), Path("c"))  # older records
+    refused = [(ckpt.layout(2, 0), ckpt.layout(2, 0, "sharded")),  # replicated -> sharded
+               (ckpt.layout(2, 2, "sharded"), ckpt.layout(2, 2)),  # partitioned engine state
+               (ckpt.layout(2, 2, "sharded"), ckpt.layout(4, 2, "sharded"))]
+    for saved, now in refused:
+        with pytest.raises(ckpt.CheckpointError, match="relaunch|resumes"):
+            ckpt.check_layout(saved, now, Path("c"))
+
+
+def test_sharded_tables_with_clipping_need_fp32_zero0():
+    from omegaconf import OmegaConf
+
+    from train.schema import Config, ConfigError, validate
+
+    cfg = OmegaConf.structured(Config)
+    cfg.parallel.engram_tables = "sharded"
+    validate(cfg)  # fp32, ZeRO 0, grad_clip 1.0: the trainer clips
+    cfg.train.zero_stage = 2
+    with pytest.raises(ConfigError, match="needs train.precision=fp32 and train.zero_stage=0"):
+        validate(cfg)
+    cfg.train.grad_clip = 0.0
+    validate(cfg)
+    cfg.parallel.engram_tables = "striped"
+    with pytest.raises(ConfigError, match="parallel.engram_tables='striped' is not one of replicated, sharded"):
+        validate(cfg)

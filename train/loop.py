@@ -102,7 +102,8 @@ class Loop:
             self.engine.backward(out.loss if weight == 1 else out.loss * weight)
             last = micro == b.accum_steps - 1
             if last and self.tables is not None:  # the engine does not see the shards: clip both here
-                self._grad_norm = self.tables.clip_(self.model.parameters(), float(self.t.grad_clip or 0.0))
+                params = self.model.parameters() if self._own_grad_norm else ()  # else: the shards' norm alone
+                self._grad_norm = self.tables.clip_(params, float(self.t.grad_clip or 0.0))
             elif last and self._own_grad_norm and self.is_log_step(step + 1):
                 self._grad_norm = grad_norm(self.model.parameters())  # averaged, before clipping
             self.engine.step()
@@ -138,8 +139,9 @@ class Loop:
         self.check_diverged()
         loss_host = loss_vec.tolist()  # waits for the device: the window's time below is honest
         tps = window[1] / max(time.time() - window[0], 1e-9)
-        own = self._own_grad_norm or self.tables is not None  # the engine's norm would miss the shards
-        norm = self._grad_norm if own else self.engine.get_global_grad_norm()
+        norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        if self.tables is not None and not self._own_grad_norm and norm is not None:
+            norm = math.hypot(float(norm), float(self._grad_norm))  # the engine's norm misses the shards
         metrics = {"train/loss": loss_host[0], "train/lr": lr, "train/tokens": self.p.batches.tokens_through(step),
                    "train/tokens_per_s": tps, "train/epoch": self.p.batches.epochs_at(step),
                    "train/grad_norm": float(norm) if norm is not None else math.nan}

@@ -29,6 +29,10 @@ log = logging.getLogger("train")
 SHARD_DIR = "engram_tables"
 
 
+class TableShards(nn.Module):
+    """This rank's shard parameters (``tables.<i>``), the module the table optimizer's group is built from."""
+
+
 class ShardedTables:
     """This rank's shards of every Engram table, their optimizer, clipping and checkpoint files."""
 
@@ -38,7 +42,7 @@ class ShardedTables:
         replicated_floats = sum(m.num_params for m in model.modules() if isinstance(m, MultiHeadTable))
         self.shards: dict[str, TableShard] = shard_tables(model, rank, world, group, device)
         self.rank, self.world, self.replicated_params = rank, world, replicated_floats
-        holder = nn.Module()
+        holder = TableShards()
         holder.tables = nn.ParameterList([s.weight for s in self.shards.values()])
         self.optimizer = build_optimizer(holder, optim_cfg, train_cfg)
         self.params = list(holder.tables)
@@ -55,9 +59,10 @@ class ShardedTables:
         return sq
 
     def clip_(self, engine_params, max_norm: float) -> torch.Tensor:
-        """Completes the shards' gradients (:meth:`TableShard.flush`), then: global gradient norm of the engine's (already averaged, replicated) gradients and the shards';
-        if ``max_norm`` > 0, every gradient is scaled by min(1, max_norm / (norm + 1e-6)) as DeepSpeed's
-        ZeRO-0 fp32 clip does. Returns the norm before clipping (a device tensor, no host read)."""
+        """At the accumulation boundary: completes the shards' gradients (:meth:`TableShard.flush`), takes the
+        global norm of ``engine_params``' (already averaged, replicated) gradients and the shards', and if
+        ``max_norm`` > 0 scales every gradient by min(1, max_norm / (norm + 1e-6)), as DeepSpeed's ZeRO-0 fp32
+        clip does. Returns the norm before clipping (a device tensor, no host read)."""
         for s in self.shards.values():  # the accumulation boundary: the owners' row sums
             s.flush()
         grads = [p.grad for p in engine_params if p.grad is not None]
@@ -77,7 +82,8 @@ class ShardedTables:
 
     # ---- start-up lines ----------------------------------------------------------------------
     def describe(self) -> list[str]:
-        return [f"{line}  (this rank's shard, 1/{self.world} of the rows)" for line in describe_optimizer(self.optimizer)]
+        note = f"  (this rank's shard, 1/{self.world} of the rows)"
+        return [line + note for line in describe_optimizer(self.optimizer)]
 
     def memory(self, base: Mapping[str, int]) -> dict:
         """``base`` (train.optim.optimizer_memory of the engine's optimizer, which holds no table) with this
