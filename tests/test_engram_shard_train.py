@@ -17,8 +17,10 @@ from train.checkpoint import safe_load
 pytestmark = pytest.mark.slow
 
 TABLE = "layers.1.memory.tables.weight"
+HEAD_DIM = 16  # conf/memory/engram_tiny.yaml: 64 dims per order over 4 heads
 RUN = ["memory=engram_tiny", "train.max_steps=20", "train.micro_batch_size=2", "train.global_batch_size=8",
-       "train.eval_interval=100", "train.ckpt_interval=10", "train.keep_checkpoints=0", "train.grad_clip=1.0"]
+       "train.eval_interval=100", "train.ckpt_interval=10", "train.keep_checkpoints=0", "train.grad_clip=1.0",
+       "optim.eps=1e-6"]  # Adam's eps above fp32 roundoff of near-zero gradients: see test_four_ranks_...
 SHARDED = "parallel.engram_tables=sharded"
 
 
@@ -63,13 +65,17 @@ def two_rank_runs(tiny_data, tmp_path_factory):
 def test_two_ranks_sharded_matches_replicated(two_rank_runs):
     root, p = two_rank_runs
     _assert_same_run(root / "replicated", root / "sharded")
-    rows = final(root / "replicated")["memory"]["table_params"]
+    full = final(root / "replicated")["memory"]["table_params"]
+    rows = full // HEAD_DIM
     mem = final(root / "sharded")["memory"]
-    assert mem["table_params_replicated"] == rows and mem["table_params"] == (rows + 1) // 2  # rank 0's share
+    assert mem["table_params_replicated"] == full and mem["table_params"] == -(-rows // 2) * HEAD_DIM  # rank 0's
     assert mem["table_optimizer_state_bytes"] == 8 * mem["table_params"]
     assert "memory per rank: Engram tables sharded over 2 ranks" in p.stderr + p.stdout
-    assert sorted(f.name for f in (root / "sharded/checkpoints/step_00000020/engram_tables").iterdir()) == \
-        ["rank0.pt", "rank1.pt"]
+    files = sorted((root / "sharded/checkpoints/step_00000020/engram_tables").iterdir())
+    assert [f.name for f in files] == ["rank0.pt", "rank1.pt"]
+    held = [safe_load(str(f))["tables"][TABLE] for f in files]  # what each rank holds: rows and Adam state
+    assert all(t["exp_avg"].shape == t["exp_avg_sq"].shape == t["weight"].shape for t in held)
+    assert [t["weight"].numel() for t in held] == [-(-rows // 2) * HEAD_DIM, rows // 2 * HEAD_DIM]
 
 
 def _resume_copy(src: Path, dst: Path, step: int) -> None:
@@ -99,9 +105,24 @@ def test_replicated_checkpoint_does_not_resume_sharded(two_rank_runs, tiny_data)
     assert "written with engram_tables=replicated; this launch has sharded" in p.stderr
 
 
-def test_four_ranks_sharded_matches_replicated(tiny_data, tmp_path):
+def _worst(a: Path, b: Path) -> float:
+    la, lb = losses(a), losses(b)
+    return max(abs(la[s] - lb[s]) for s in range(1, 21))
+
+
+def test_four_ranks_sharded_matches_replicated(two_rank_runs, tiny_data, tmp_path):
+    """At 4 ranks gloo's all-reduce adds the replicated gradients in a per-chunk order the owners cannot repeat,
+    and over 20 steps Adam grows that roundoff: the replicated run itself moves by 3.9e-4 when only its world
+    size (its order of sums) changes from 2 to 4 (measured on this corpus; 3.7e-5 on the 8k one). So: the first
+    steps agree to 1e-6 (measured 2.4e-7), the trajectory within 5e-3 (measured 1.4e-3), the tables row for row."""
+    root, _ = two_rank_runs
     run_train(tiny_data, tmp_path / "replicated", *RUN, nproc=4)
     run_train(tiny_data, tmp_path / "sharded", *RUN, SHARDED, nproc=4)
-    _assert_same_run(tmp_path / "replicated", tmp_path / "sharded")
-    assert final(tmp_path / "sharded")["memory"]["table_params"] == \
-        (final(tmp_path / "replicated")["memory"]["table_params"] + 3) // 4
+    la, lb = losses(tmp_path / "replicated"), losses(tmp_path / "sharded")
+    early = max(abs(la[s] - lb[s]) for s in range(1, 5))
+    got = _worst(tmp_path / "replicated", tmp_path / "sharded")
+    spread = _worst(root / "replicated", tmp_path / "replicated")  # replicated: 2 vs 4 ranks
+    print(f"4 ranks: sharded vs replicated {got:.3g} (steps 1-4: {early:.3g}); replicated 2 vs 4 ranks {spread:.3g}")
+    assert early < 1e-6 and got < 5e-3, (early, got, spread)
+    diff = (_tables(tmp_path / "replicated") - _tables(tmp_path / "sharded")).abs()  # measured: max 0.055
+    assert diff.max() < 0.2 and diff.mean(1).max() < 0.1  # a row on the wrong rank: ~1.1 per element (N(0, 1))
