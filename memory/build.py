@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
+import torch
 from torch import nn
 
 from memory.compression import find_pad_id, identity_compression, load_compression
@@ -11,6 +12,8 @@ from memory.config import EngramConfig
 from memory.engram import Engram
 from memory.hashing import NgramHasher
 from memory.indexer import EngramIndexer
+from memory.layers import MultiHeadTable
+from memory.sharded import TableShard
 from memory.sizing import resolve_base_sizes
 
 
@@ -49,3 +52,11 @@ def build_memory(engram: Union[EngramConfig, Mapping[str, Any]],
         for l in cfg.layer_ids
     }
     return indexer, layers
+
+
+def shard_tables(model: nn.Module, rank: int, world: int, group=None,
+                 device: Optional[torch.device] = None) -> dict[str, TableShard]:
+    """Shard every Engram table of ``model`` over ``world`` ranks (memory/sharded.py); returns this rank's
+    shards by the parameter name the table had (``layers.1.memory.tables.weight``), in module order."""
+    return {f"{name}.weight": m.shard_(rank, world, group, device)
+            for name, m in model.named_modules() if isinstance(m, MultiHeadTable)}

@@ -2,7 +2,7 @@
 short depthwise causal convolution."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch import nn
 
 from models.accounting import Counts
 from models.param_groups import tag, tag_module
+from memory.sharded import RowLayout, TableShard, sharded_lookup
 
 TABLE_GROUP = "engram_tables"
 
@@ -19,6 +20,8 @@ class MultiHeadTable(nn.Module):
     offset_j .. offset_j + size_j - 1. ``forward(ids [..., heads]) -> [..., heads * head_dim]``.
 
     Lookups are gathers (0 FLOPs); the table counts in total but not in active parameters.
+    After :meth:`shard_` the module keeps only this rank's rows (memory/sharded.py) and looks the
+    others up from their owners.
     """
 
     def __init__(self, sizes: Sequence[int], head_dim: int, init_std: float = 1.0):
@@ -27,6 +30,7 @@ class MultiHeadTable(nn.Module):
         if not sizes or min(sizes) < 1 or head_dim < 1:
             raise ValueError(f"MultiHeadTable needs positive sizes and head_dim, got {sizes}, {head_dim}")
         self.sizes, self.head_dim = sizes, int(head_dim)
+        self.shard: Optional[TableShard] = None  # set by shard_(): then there is no self.weight
         offsets = torch.tensor([0] + sizes[:-1], dtype=torch.int64).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
         self.weight = nn.Parameter(torch.empty(sum(sizes), head_dim))
@@ -35,19 +39,34 @@ class MultiHeadTable(nn.Module):
 
     @property
     def num_params(self) -> int:
-        return self.weight.numel()
+        return sum(self.sizes) * self.head_dim
+
+    def shard_(self, rank: int, world: int, group=None, device: Optional[torch.device] = None) -> TableShard:
+        """Keep rows rank, rank + world, ... of the table (drawn whole at init, so a sharded run starts
+        from the replicated run's exact weights) and drop the rest; returns the shard."""
+        if self.shard is not None:
+            raise ValueError("MultiHeadTable is already sharded")
+        layout = RowLayout(sum(self.sizes), rank, world)
+        full = self._parameters.pop("weight").detach()
+        weight = tag(nn.Parameter(full[rank::world].to(device or full.device, torch.float32).clone()),
+                     TABLE_GROUP)
+        self.shard = TableShard(weight, layout, 1.0 / world, group)
+        return self.shard
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.shape[-1] != len(self.sizes):
             raise ValueError(f"expected {len(self.sizes)} hash ids per token, got {ids.shape[-1]}")
-        rows = F.embedding(ids + self.offsets, self.weight)  # [..., heads, head_dim]
-        return rows.flatten(-2)
+        rows = ids + self.offsets  # [..., heads] global row ids
+        if self.shard is None:
+            return F.embedding(rows, self.weight).flatten(-2)  # [..., heads * head_dim]
+        return sharded_lookup(self.shard, rows).flatten(-2)
 
     def counts(self, seq_len: int) -> Counts:
         return Counts(self.num_params, 0, 0.0)
 
     def extra_repr(self) -> str:
-        return f"heads={len(self.sizes)}, rows={sum(self.sizes)}, head_dim={self.head_dim}"
+        where = "" if self.shard is None else f", shard {self.shard.layout.rank}/{self.shard.layout.world}"
+        return f"heads={len(self.sizes)}, rows={sum(self.sizes)}, head_dim={self.head_dim}{where}"
 
 
 class BranchRMSNorm(nn.Module):

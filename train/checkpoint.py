@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,8 +62,8 @@ def candidates(ckpt_dir: Path, latest: dict) -> list[str]:
     return [t for t in tags if (Path(ckpt_dir) / t).is_dir()]
 
 
-def layout(world_size: int, zero_stage: int) -> dict:
-    return {"world_size": int(world_size), "zero_stage": int(zero_stage)}
+def layout(world_size: int, zero_stage: int, engram_tables: str = "replicated") -> dict:
+    return {"world_size": int(world_size), "zero_stage": int(zero_stage), "engram_tables": engram_tables}
 
 
 def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:
@@ -70,6 +71,12 @@ def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:
     fails with an internal traceback); stage 0 keeps whole states, so only its world size may change."""
     if not saved:
         return
+    tables = (saved.get("engram_tables", "replicated"), now.get("engram_tables", "replicated"))
+    if tables[0] != tables[1] and (tables[0] == "replicated" or now["zero_stage"] != 0
+                                   or saved.get("zero_stage") != 0):
+        raise CheckpointError(
+            f"checkpoint in {where} was written with engram_tables={tables[0]}; this launch has {tables[1]}: "
+            f"a sharded checkpoint resumes replicated at ZeRO 0 only, a replicated one resumes replicated only")
     same_stage = saved.get("zero_stage") == now["zero_stage"]
     if same_stage and (now["zero_stage"] == 0 or saved.get("world_size") == now["world_size"]):
         return
@@ -100,7 +107,9 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
-def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int) -> None:
+def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int,
+         save_extra: Optional[Callable[[Path], None]] = None) -> None:
+    """``save_extra(tag_dir)``: every rank's own files besides the engine's (sharded Engram tables)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     if is_main:
@@ -110,6 +119,8 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int
             shutil.rmtree(stale)
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"meta": meta}, save_latest=False)
+    if save_extra is not None:
+        save_extra(ckpt_dir / tag)
     barrier()
     fsync_tree(ckpt_dir / tag)  # every rank: on a multi-node file system each node flushes its own writes
     barrier()
@@ -138,24 +149,38 @@ def safe_load(path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _load_one(engine, ckpt_dir: Path, tag: str) -> dict:
-    engine.checkpoint_engine.load = safe_load  # DeepSpeed's own loader uses weights_only=False
+def _load_one(engine, ckpt_dir: Path, tag: str, hooks: Optional["LoadHooks"] = None) -> dict:
+    loader = safe_load
+    if hooks is not None and hooks.adapt is not None:
+        def loader(path, map_location=None):  # noqa: F811  every file DeepSpeed reads passes through adapt
+            return hooks.adapt(safe_load(path, map_location=map_location), Path(path).parent)
+    engine.checkpoint_engine.load = loader  # DeepSpeed's own loader uses weights_only=False
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {ckpt_dir / tag}")
+    if hooks is not None and hooks.after is not None:
+        hooks.after(ckpt_dir / tag)
     return client.get("meta", {})
 
 
+@dataclass
+class LoadHooks:
+    """What a run with sharded Engram tables adds to a load: ``after(tag_dir)`` reads this rank's shards once
+    the engine has loaded; ``adapt(state, tag_dir)`` rewrites a file DeepSpeed read before it sees it."""
+    after: Optional[Callable[[Path], None]] = None
+    adapt: Optional[Callable[[dict, Path], dict]] = None
+
+
 def load(engine, ckpt_dir: Path, tags: list[str], device: torch.device,
-         check: Callable[[dict, Path], None]) -> dict:
+         check: Callable[[dict, Path], None], hooks: Optional[LoadHooks] = None) -> dict:
     """Load the newest readable checkpoint of ``tags`` (newest first) on every rank; ``check`` vets
     its meta. All ranks agree on the outcome of each try (a file may be bad for one rank only)."""
     tried = []
     for i, tag in enumerate(tags):
         meta, reason = {}, None
         try:
-            meta = _load_one(engine, ckpt_dir, tag)
+            meta = _load_one(engine, ckpt_dir, tag, hooks)
         except CheckpointError as e:
             reason = str(e)
         except Exception as e:  # unpickling / zip / EOF / shape errors: the file is damaged

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from train.schema import engram_tables
+
 
 def fp32_grad_accumulation(cfg: DictConfig) -> bool:
     """Whether DeepSpeed 0.19 can accumulate this run's bf16 gradients in fp32 (``data_types.grad_accum_dtype``).
@@ -22,13 +24,14 @@ def fp32_grad_accumulation(cfg: DictConfig) -> bool:
 def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
     """The engine's config. In bf16, gradients are reduced over ranks in fp32 (``communication_data_type``,
     honoured at ZeRO 0, 1 and 2) and accumulated over micro-steps in fp32 where DeepSpeed can
-    (:func:`fp32_grad_accumulation`): a bf16 sum of many micro-batch gradients keeps 8 mantissa bits."""
+    (:func:`fp32_grad_accumulation`): a bf16 sum of many micro-batch gradients keeps 8 mantissa bits.
+    With sharded Engram tables the trainer clips (train/shards.py): the engine sees no table gradient."""
     t = cfg.train  # values checked by train.schema.validate
     out = {
         "train_batch_size": int(t.global_batch_size),
         "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": float(t.grad_clip or 0.0),
+        "gradient_clipping": 0.0 if engram_tables(cfg) == "sharded" else float(t.grad_clip or 0.0),
         "zero_optimization": {"stage": int(t.zero_stage)},
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True,

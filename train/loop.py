@@ -31,6 +31,7 @@ from train.evaluate import evaluate
 from train.hardware import peak_flops
 from train.optim import set_lr
 from train.schedule import lr_factor
+from train.schema import engram_tables
 from train.tracking import Progress
 
 log = logging.getLogger("train")
@@ -49,8 +50,9 @@ def grad_norm(parameters) -> torch.Tensor:
 class Loop:
     """One run's steps, their logging, periodic evaluation and checkpoints (see the module docstring)."""
 
-    def __init__(self, cfg, dist, p, engine, model, optimizer, tracker, counts):
-        self.cfg, self.t, self.dist, self.p = cfg, cfg.train, dist, p
+    def __init__(self, cfg, dist, p, engine, model, optimizer, tracker, counts, tables=None):
+        """``tables``: a train.shards.ShardedTables (sharded Engram tables: their own clip, step, files)."""
+        self.cfg, self.t, self.dist, self.p, self.tables = cfg, cfg.train, dist, p, tables
         self.engine, self.model, self.optimizer, self.tracker, self.counts = engine, model, optimizer, tracker, counts
         self.peak = peak_flops(dist.device, cfg.logging.get("peak_tflops"))
         self.base_lr = float(cfg.optim.lr)
@@ -65,19 +67,19 @@ class Loop:
 
     def checkpoint_meta(self, step: int) -> dict:
         return {**self.p.fingerprints, "settings": self.p.run_state["settings"], "step": step,
-                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage),
+                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage, engram_tables(self.cfg)),
                 "wandb_run_id": self.tracker.run_id, "tokens": self.p.batches.tokens_through(step)}
 
     def save(self, step: int) -> None:
         self.check_diverged()
         ckpt.save(self.engine, self.p.ckpt_dir, step, self.checkpoint_meta(step), self.dist.is_main,
-                  self.t.keep_checkpoints)
+                  self.t.keep_checkpoints, self.tables.save if self.tables is not None else None)
 
     def evaluate(self) -> float:
         self.check_diverged()
         t, d = self.t, self.dist
         return evaluate(self.engine, self.p.val_split, t.seq_len, t.eval_tokens, t.micro_batch_size, d.rank,
-                        d.world_size, d.device)
+                        d.world_size, d.device, lockstep=self.tables is not None)
 
     def is_log_step(self, step: int) -> bool:
         """``step`` counts completed steps (1-based)."""
@@ -89,6 +91,8 @@ class Loop:
         o, b, d = self.cfg.optim, self.p.batches, self.dist
         factor = lr_factor(step, self.p.steps, o.schedule, o.warmup_steps, o.min_lr_ratio, o.get("decay_frac", 0.2))
         lr = set_lr(self.optimizer, self.base_lr, factor)
+        if self.tables is not None:
+            set_lr(self.tables.optimizer, self.base_lr, factor)
         loss_sum = torch.zeros(2, dtype=torch.float64, device=d.device)  # [ce, aux]
         for micro in range(b.accum_steps):
             maybe_inject_fault(d.rank, step)
@@ -96,9 +100,15 @@ class Loop:
             weight = b.loss_weight(step, micro)  # 1 except on a short last step
             out = self.engine(x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True))
             self.engine.backward(out.loss if weight == 1 else out.loss * weight)
-            if micro == b.accum_steps - 1 and self._own_grad_norm and self.is_log_step(step + 1):
+            last = micro == b.accum_steps - 1
+            if last and self.tables is not None:  # the engine does not see the shards: clip both here
+                params = self.model.parameters() if self._own_grad_norm else ()  # else: the shards' norm alone
+                self._grad_norm = self.tables.clip_(params, float(self.t.grad_clip or 0.0))
+            elif last and self._own_grad_norm and self.is_log_step(step + 1):
                 self._grad_norm = grad_norm(self.model.parameters())  # averaged, before clipping
             self.engine.step()
+            if last and self.tables is not None:
+                self.tables.step()
             loss_sum[0] += weight * out.ce_loss.detach().double()
             if out.aux_loss is not None:
                 loss_sum[1] += weight * out.aux_loss.detach().double()
@@ -130,6 +140,8 @@ class Loop:
         loss_host = loss_vec.tolist()  # waits for the device: the window's time below is honest
         tps = window[1] / max(time.time() - window[0], 1e-9)
         norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
+        if self.tables is not None and not self._own_grad_norm and norm is not None:
+            norm = math.hypot(float(norm), float(self._grad_norm))  # the engine's norm misses the shards
         metrics = {"train/loss": loss_host[0], "train/lr": lr, "train/tokens": self.p.batches.tokens_through(step),
                    "train/tokens_per_s": tps, "train/epoch": self.p.batches.epochs_at(step),
                    "train/grad_norm": float(norm) if norm is not None else math.nan}

@@ -155,6 +155,12 @@ def optimizer_memory(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
 def memory_line(mem: Mapping[str, int]) -> str:
     mib = 2.0 ** 20
+    if mem.get("engram_tables") == "sharded":  # train/shards.py: this rank's rows only
+        world, full = mem["world_size"], mem["table_params_replicated"]
+        return (f"memory per rank: Engram tables sharded over {world} ranks: {mem['table_params']:,} params = "
+                f"{mem['table_bytes_fp32'] / mib:.2f} MiB fp32 (+{mem['table_optimizer_state_bytes'] / mib:.2f} MiB "
+                f"Adam state), {mem['table_params'] / max(full, 1):.3f} of the replicated {full:,} params "
+                f"({4 * full / mib:.2f} MiB + {8 * full / mib:.2f} MiB)")
     return (f"memory: Engram tables {mem['table_params']:,} params = {mem['table_bytes_fp32'] / mib:.1f} MiB fp32 "
             f"(+{mem['table_optimizer_state_bytes'] / mib:.1f} MiB Adam state); optimizer state "
             f"{mem['optimizer_state_bytes'] / mib:.1f} MiB in all (fp32, summed over ZeRO shards)")

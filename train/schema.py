@@ -33,6 +33,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 OPTIM_KINDS = ("adamw", "muon")
 TABLE_UPDATES = ("dense", "lazy")
 MUON_LR_FNS = ("match_rms_adamw", "original")
+ENGRAM_TABLE_MODES = ("replicated", "sharded")
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,13 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # Engram tables: "replicated" (every rank holds every row; the gradient is all-reduced) or "sharded"
+    # (rows split over the data-parallel ranks, looked up from their owners: memory/sharded.py).
+    engram_tables: str = "replicated"  # one of ENGRAM_TABLE_MODES
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # one of WANDB_MODES
     project: Optional[str] = "isoflop-engram"
@@ -122,6 +130,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sweep: Dict[str, Any] = field(default_factory=dict)
 
@@ -203,6 +212,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("train.resume", t.resume, RESUME_MODES)
     _choice("train.compile", t.compile, COMPILE_MODES)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    _check_parallel(cfg)
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
@@ -213,3 +223,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 (0 keeps all)")
     if t.grad_clip is not None and t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 or null: no clipping)")
+
+
+def engram_tables(cfg: DictConfig) -> str:
+    """``parallel.engram_tables`` (replicated where a config has no parallel section)."""
+    return str((cfg.get("parallel") or {}).get("engram_tables", "replicated"))
+
+
+def _check_parallel(cfg: DictConfig) -> None:
+    """Sharded tables are clipped by the trainer (train/shards.py), which reads the engine's reduced
+    gradients: only fp32 ZeRO 0 leaves them in ``p.grad`` before the step."""
+    t, mode = cfg.train, engram_tables(cfg)
+    _choice("parallel.engram_tables", mode, ENGRAM_TABLE_MODES)
+    if mode == "sharded" and (t.grad_clip or 0) > 0 and (t.precision != "fp32" or t.zero_stage != 0):
+        raise ConfigError(f"parallel.engram_tables=sharded with train.grad_clip={t.grad_clip} needs train.precision="
+                          f"fp32 and train.zero_stage=0 (got {t.precision}, {t.zero_stage}): set train.grad_clip=0")

@@ -25,7 +25,8 @@ from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_objec
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
-from train.schema import ConfigError, check_schema, validate
+from train.schema import ConfigError, check_schema, engram_tables, validate
+from train.shards import ShardedTables, load_hooks
 from train.loop import Diverged, Loop
 from train.tracking import Tracker
 
@@ -173,7 +174,7 @@ def _vet_settings(cfg: DictConfig, meta: dict, p: Prepared, where: Path) -> list
 
 def _check_resume(cfg: DictConfig, p: Prepared, latest: dict, dist: DistInfo) -> None:
     """Layout and trajectory settings of the committed checkpoint against this launch's."""
-    ckpt.check_layout(latest.get("layout"), ckpt.layout(dist.world_size, cfg.train.zero_stage), p.ckpt_dir)
+    ckpt.check_layout(latest.get("layout"), _layout(cfg, dist), p.ckpt_dir)
     diff = _vet_settings(cfg, latest, p, p.ckpt_dir)
     if diff:
         log.warning("resuming at step %s under changed settings (train.allow_config_change=true): %s",
@@ -284,9 +285,13 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
 def _loaded_check(cfg: DictConfig, p: Prepared, dist: DistInfo):
     """Vets the meta of the checkpoint actually loaded (an older one, after a fallback, has its own)."""
     def check(meta: dict, where: Path) -> None:
-        ckpt.check_layout(meta.get("layout"), ckpt.layout(dist.world_size, cfg.train.zero_stage), where)
+        ckpt.check_layout(meta.get("layout"), _layout(cfg, dist), where)
         _vet_settings(cfg, meta, p, where)
     return check
+
+
+def _layout(cfg: DictConfig, dist: DistInfo) -> dict:
+    return ckpt.layout(dist.world_size, cfg.train.zero_stage, engram_tables(cfg))
 
 
 def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
@@ -297,9 +302,13 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     t0 = time.perf_counter()
     model = Transformer(p.mcfg)
     counts = model.model_counts(t.seq_len)
+    tables = (ShardedTables(model, cfg.optim, t, dist.rank, dist.world_size, dist.device)
+              if engram_tables(cfg) == "sharded" and p.mcfg.engram is not None else None)
     compile_blocks(model, t.compile, dist.device)
     optimizer = build_optimizer(model, cfg.optim, t)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
+    if tables is not None:
+        optim_lines, optim_mem = optim_lines + tables.describe(), tables.memory(optim_mem)
     import deepspeed
 
     t1 = time.perf_counter()
@@ -309,7 +318,8 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     start_step, meta = 0, {}
     if p.tags:
         t2 = time.perf_counter()
-        meta = ckpt.load(engine, p.ckpt_dir, p.tags, dist.device, _loaded_check(cfg, p, dist))
+        meta = ckpt.load(engine, p.ckpt_dir, p.tags, dist.device, _loaded_check(cfg, p, dist),
+                         load_hooks(tables, model, optimizer))
         p.startup["load_s"] = time.perf_counter() - t2
         start_step = int(meta["step"])
         log.info("resumed from %s at step %d", p.ckpt_dir / ckpt.tag_for(start_step), start_step)
@@ -333,7 +343,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
         log.warning("bf16 gradients of the %d micro-steps accumulate in bf16 at train.zero_stage=%d (DeepSpeed 0.19 "
                     "accumulates in fp32 only at ZeRO 2, or ZeRO 1 without Muon); they are reduced in fp32",
                     p.batches.accum_steps, t.zero_stage)
-    loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts)
+    loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts, tables)
     loop.on_first_step = lambda seconds: _log_startup(p.startup, seconds, dist)
     try:
         step = loop.run(start_step)
