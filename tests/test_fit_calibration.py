@@ -84,7 +84,8 @@ def optimum(truth):
 
 @pytest.mark.parametrize("shape", ["quadratic", "lopsided"])
 @pytest.mark.parametrize("n_rho,seeds,noise,seed_sd", [(5, 1, 0.01, 0.0), (5, 2, 0.01, 0.02), (5, 2, 0.05, 0.03),
-                                                       (9, 2, 0.005, 0.0), (9, 1, 0.02, 0.0), (5, 5, 0.005, 0.02)])
+                                                       (9, 2, 0.005, 0.0), (9, 1, 0.02, 0.0), (5, 5, 0.005, 0.02),
+                                                       (5, 10, 0.005, 0.0)])
 def test_intervals_cover_the_truth(shape, n_rho, seeds, noise, seed_sd):
     truth = quadratic if shape == "quadratic" else lopsided
     rho_true, gain_true = optimum(truth)
