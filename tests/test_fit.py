@@ -30,6 +30,7 @@ def test_exact_quadratic_is_recovered_with_a_u_verdict():
     assert f.predict([0.5])[0] == pytest.approx(truth(0.5), abs=2e-4)
     assert f.gain_vs_moe == pytest.approx(truth(1.0) - truth(RHO_TRUE), abs=2e-4)
     assert f.rho_star_ci[0] < RHO_TRUE < f.rho_star_ci[1] and f.gain_vs_moe_ci[0] > 0
+    assert f.rho_star_shape < 0.005  # a parabola has no shape error to widen for
 
 
 def test_monotone_truth_is_called_monotone():
