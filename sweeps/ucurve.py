@@ -299,7 +299,7 @@ def _finish(f: UCurveFit, m: _Model, idx_ok: np.ndarray, rho_ref: float, n_draws
     grid, W, w_ref = _grid_weights(tuple(float(v) for v in m.levels), ref)  # [G], [G, R], [R]
     draws = _mu_draws(m, n_draws, rng)  # [B, R]
     curves = draws @ W.T  # [B, G]
-    rs, mins = _argmin(curves, grid)
+    rs, _ = _argmin(curves, grid)
     star, min_hat = _argmin((W @ m.mu)[None, :], grid)
     q = [(1 - level) / 2, (1 + level) / 2]
     f.rho_star = float(star[0])
