@@ -38,12 +38,10 @@ def verdict_line(fit: Optional[dict]) -> str:
         return head
     lvl = f"{100 * fit['level']:.0f}%"
     mde = fit.get("mde")
-    gain, (lo, _) = fit["gain_vs_moe"], fit["gain_vs_moe_ci"] or (None, None)
-    below = gain is not None and lo is not None and gain < lo  # a bias-corrected point under its interval
-    note = f" ({fit.get('gain_estimator', 'estimate')}, below its interval: no gain seen)" if below else ""
+    what = fit.get("gain_estimator") or "point"  # the gain point: a lower bound inside its interval (sweeps.ucurve)
     return (f"{head}; rho* = {fit['rho_star']:.3f} {ci_text(fit['rho_star_ci'], '.3f')}, gain over rho="
-            f"{fit['rho_ref']:g} = {gain:+.4f} nats{note} {ci_text(fit['gain_vs_moe_ci'], '.4f')} ({lvl}); "
-            f"noise sd {fit['sigma']:.4f} ({fit['sigma_dof']} dof); detectable gain "
+            f"{fit['rho_ref']:g} = {fit['gain_vs_moe']:+.4f} nats ({what}) {ci_text(fit['gain_vs_moe_ci'], '.4f')} "
+            f"({lvl}); noise sd {fit['sigma']:.4f} ({fit['sigma_dof']} dof); detectable gain "
             + ("?" if mde is None else f"{mde:.4f}") + " nats")
 
 

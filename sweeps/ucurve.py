@@ -20,14 +20,22 @@ complete design) when that has >= 3 dof or at least as many as the alternative; 
 from the residuals of a quadratic-plus-seeds model (n_rho - 3 dof for one seed). Lack of fit of the
 quadratic can only inflate that estimate: intervals get wider, never falsely narrow.
 
-Intervals. Draws of mu from its exact posterior under a flat prior, a multivariate t with the noise's
-dof (``mu_hat + sqrt(cov) z * sqrt(dof / chi2_dof)``): with 2 dof the tails are as heavy as they must be,
-with no bootstrap quantile beyond its replicates. rho* gets the percentile interval of its draws: measured
-87.7-99.7% at nominal 90% and 92.0-99.7% at 95% (tests/test_fit_calibration.py). Its weak spot is the
-spline's shape error (0.011 on the lopsided test truth with 5 rho, 0.003 with 9): when the means are known
-to ~0.002 nats (5 seeds at noise 0.005) that error is a third of the interval and coverage falls to the
-floor (lopsided truth, nominal 90%, 200 sweeps: 5 rho x 5 seeds 87.7%, 5 rho x 10 seeds 80%, 9 rho x 10
-seeds 93.5%); more rho values, not more seeds, fix it.
+Intervals. Draws of mu from its exact posterior under a flat prior, a multivariate t with the noise's dof
+(``mu_hat + sqrt(cov) z * sqrt(dof / chi2_dof)``): with 2 dof the tails are as heavy as they must be, with
+no bootstrap quantile beyond its replicates. rho* gets the percentile interval of its draws, widened at
+both ends by a shape-error term. Without it, the spline's own shape error (0.011 on the lopsided test
+truth with 5 rho, 0.003 with 9) is a third of the interval once the means are known to ~0.002 nats (5
+seeds at noise 0.005), and coverage fell below the floor (lopsided truth, nominal 90%, 300 sweeps: 5 rho x
+10 seeds 80.3%, 5 rho x 5 seeds 87.7%). The term is the posterior mean of the gap between each draw's
+spline rho* and the vertex of the parabola through its three best means: the two are exact on different
+shapes (cubics, parabolas), so their gap measures how far the shape between knots can move rho*
+(noise-free, over 300 lopsided truths on 5 / 9 rho, the gap is >= the spline's error in 74% / 92% of them
+and short of it by <= 0.008 / 0.001; 0 on a parabola); averaging over the draws keeps noise from making it
+small by chance. With it those designs cover 90.3% and 95.0%, all the designs of
+tests/test_fit_calibration.py cover 90.3-99.7% at nominal 90% and 95.3-100% at 95%, the interval is
+~0.03-0.05 wider everywhere, and the power of "U" at gain = mde is unchanged (tests/test_fit_power.py);
+more rho values, not more seeds, shrink the term. Where the gap falls short of the error (a quarter of
+lopsided truths on 5 rho), coverage still falls as seeds grow without bound.
 
 The gain ``g = L(ref) - min L = max_r D(r)``, ``D(r) = L(ref) - L(r)``, is a maximum, so percentile
 intervals of its draws are pulled by selection (the earlier shifted-percentile interval covered 86.8% at
@@ -39,17 +47,25 @@ nominal 90% and 95%, tests/test_fit_calibration.py). The lower end is >= 0 (D(re
 when some rho beats rho_ref significantly. It treats the spline through the true means as the curve;
 between knots the spline of a lopsided truth misstates its gain by <= 2e-4 nats on 5-9 rho in [0.2, 1].
 
-Gain point estimate. The plug-in ``g(mu_hat)`` is biased upward (never negative: under a flat truth it
-reports noise as a gain). With 2+ seeds the gain is cross-fitted: rho* picked on one half of the seeds,
-D(rho*) read on the other, both ways, averaged over up to 10 splits: the half that reads never chose, so
-under a flat truth it is centred on 0 (measured -0.14 .. +0.16 noise sd over 200 sweeps per design, 5-9
-rho x 2-5 seeds; the plug-in minus b below was +0.25 .. +0.64), at the price of a downward bias on real
-gains (rho* from half the seeds lands off the optimum: -0.07 .. -0.41 noise sd on the quadratic and
-lopsided truths of the tests). With one seed no half exists: the gain is ``g(mu_hat) - b``,
-b = mean g(draws) - g(mu_hat) (first-order bias correction; it may be negative): under a flat truth it is
-still +0.07 (5 rho) to +0.8 (9 rho) noise sd high (the plug-in: +0.7 .. +1.3), on real gains -0.78 (5 rho,
-where lack of fit of the quadratic inflates sigma and so b) to +0.36 (9 rho) noise sd.
-``gain_estimator`` names the one used. The point may lie below the interval (which is confined to g >= 0).
+Gain point. A maximum of noisy contrasts is biased upward: the plug-in ``g(mu_hat)`` is never negative and
+reports noise as a gain (+0.7 .. +1.3 noise sd under a flat truth). Any point inside the gain's interval
+is >= 0 (g is), so under a flat truth its mean is small only if it is 0 in most sweeps. The point is
+therefore the one-sided lower bound of the same band at confidence q = ``GAIN_POINT_CONF`` (0.75): k = the
+q-quantile of ``max_r (D_hat - D) / se`` (from the same draws), point = ``max_r (D_hat - k se)``. With
+probability >= q every D(r) >= D_hat(r) - k se(r), so the true gain is >= the point in >= 75% of sweeps
+for every truth, design and seed count (measured 85-94%); it is 0 in >= 75% of sweeps without an effect;
+and k <= c, so it lies inside the interval (clipped into it when ``level`` < q). Measured over 200-300
+sweeps per design (tests/test_fit_calibration.py): under a flat truth its mean is +0.06 .. +0.18 noise sd
+(5-9 rho x 1-5 seeds; +0.12 .. +0.14 with one seed); on the quadratic and lopsided truths (gains of 0.4-4
+noise sd) it reads low by 0.22 .. 1.41 noise sd: conservative, the price of not reporting noise as gain;
+the deficit is about k se, so it shrinks with the noise. The alternatives, measured on the same
+simulations: the bias-corrected plug-in ``g(mu_hat) - (mean g(draws) - g(mu_hat))`` stays +0.07 (5 rho) ..
++0.85 (9 rho) noise sd high with one seed and falls below its interval in 20-50% of flat-truth sweeps;
+cross-fitting (rho* chosen on half the seeds, the gain read on the other half) is centred on 0 under a
+flat truth but negative in about half of those sweeps, i.e. outside its interval, and clipped into the
+interval it is +0.2 .. +0.4 high; it needs 2+ seeds. The median bound (q = 0.5) is +0.26 .. +0.44 high
+under a flat truth, q = 0.7 +0.12 .. +0.22; q = 0.75 is the smallest with a margin under 0.2 noise sd at
+one seed.
 
 Verdict (at ``level``, alpha = 1 - level):
   insufficient  fewer than 3 finished rho, or no degree of freedom left for the noise (reason given);
@@ -65,7 +81,6 @@ in at most alpha of sweeps, whatever the design, seed effects included (they are
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
@@ -81,6 +96,7 @@ from sweeps.power import BAND_STRIDE, GRID_POINTS, mde_of  # GRID_POINTS: resolu
 
 BAND_POINTS = 41  # pointwise band of the curve written to summary.json
 PURE_MIN_DOF = 3
+GAIN_POINT_CONF = 0.75  # the gain point is the band's one-sided lower bound at this confidence
 VERDICTS = ("U", "flat", "monotone", "insufficient")
 
 
@@ -92,7 +108,7 @@ class UCurveFit:
     reason: str
     rho_star: float
     rho_star_ci: list[float]
-    gain_vs_moe: float  # bias-corrected L(rho_ref) - L(rho*): may be negative when there is no gain
+    gain_vs_moe: float  # 75% lower bound of L(rho_ref) - min L (inside gain_vs_moe_ci; see the docstring)
     gain_vs_moe_ci: list[float]
     mde: float  # smallest gain this design detects at 80% power (see sweeps.power)
     p_effect: float  # F test of "loss does not depend on rho"
@@ -114,13 +130,14 @@ class UCurveFit:
     outliers: list[int] = field(default_factory=list)  # input indices, |residual| > 3.5 robust sd (flagged, kept)
     n_draws: int = 0
     boot_interior_frac: float = math.nan  # share of draws whose minimum is interior
+    rho_star_shape: float = math.nan  # shape-error term added to both ends of rho_star_ci (see the docstring)
     differs_from_ref: bool = False  # the gain band puts some rho significantly above or below rho_ref
     ref_extrapolated: bool = False
     band_rho: list[float] = field(default_factory=list)
     band_lo: list[float] = field(default_factory=list)
     band_hi: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    gain_estimator: str = "bias-corrected plug-in"  # or "cross-fit over seeds" (2+ seeds): see the docstring
+    gain_estimator: str = ""  # what gain_vs_moe is, in words (older summaries: another estimator)
 
     def predict(self, rho) -> np.ndarray:
         r = np.asarray(rho, dtype=np.float64)
@@ -139,7 +156,7 @@ class UCurveFit:
         for key in ("rho_star_ci", "gain_vs_moe_ci"):
             kw[key] = nan_list(kw.get(key))
         for key in ("rho_star", "gain_vs_moe", "mde", "p_effect", "loss_star", "loss_ref", "sigma",
-                    "boot_interior_frac"):
+                    "boot_interior_frac", "rho_star_shape"):
             kw[key] = math.nan if kw.get(key) is None else kw[key]
         return cls(**kw)
 
@@ -178,46 +195,6 @@ def _design(rho: np.ndarray, seeds: np.ndarray, levels: np.ndarray) -> tuple[np.
     S = effect_coding(s, seed_levels.size)  # [n, S-1]
     onehot = (g[:, None] == np.arange(levels.size)[None, :]).astype(float)  # [n, R]
     return np.hstack([onehot, S]), S
-
-
-@lru_cache(maxsize=256)
-def _half_weights(levels: tuple[float, ...], pts: tuple[float, ...]) -> np.ndarray:
-    """[P, R] spline weights of a half's levels at pts (rows outside the levels' range are NaN: no extrapolation)."""
-    lv, x = np.asarray(levels), np.asarray(pts)
-    W = spline_matrix(lv, x)
-    W[(x < lv[0] - 1e-9) | (x > lv[-1] + 1e-9)] = np.nan
-    return W
-
-
-def _crossfit_gain(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray, grid: np.ndarray, ref: float,
-                   rng: np.random.Generator, max_splits: int = 10) -> Optional[float]:
-    """Gain by cross-fitting over seeds: rho* picked on the spline of one half of the seeds, the gain
-    ``L(ref) - L(rho*)`` read on the other half's spline, both ways, averaged over up to ``max_splits``
-    splits. The half that reads never chose the point it reads, so noise cannot select itself: under a flat
-    truth the estimate is centred on 0. A half with a failed run uses its own rho levels (>= 3). None with
-    one seed, or when no split gives both halves 3 levels spanning rho*, rho_ref."""
-    ids = np.unique(seeds)
-    if ids.size < 2:
-        return None
-    combos = list(itertools.combinations(range(ids.size), ids.size // 2))
-    pts = tuple(np.append(grid, ref).tolist())  # [G + 1]: the grid, then rho_ref
-    out = []
-    for k in rng.permutation(len(combos))[:max_splits]:
-        in_a = np.isin(seeds, ids[list(combos[k])])
-        curves = []  # per half: [G + 1] its spline at pts, NaN outside its levels
-        for mask in (in_a, ~in_a):
-            lv = np.unique(np.round(rho[mask], 9))
-            if lv.size >= 3:
-                X, _ = _design(rho[mask], seeds[mask], lv)
-                curves.append(_half_weights(tuple(lv.tolist()), pts) @ ols(X, y[mask])[0][:lv.size])
-        if len(curves) < 2:
-            continue
-        for pick, read in (curves, curves[::-1]):
-            j = int(np.nanargmin(pick[:-1]))
-            gain = read[-1] - read[j]
-            if math.isfinite(gain):
-                out.append(float(gain))
-    return float(np.mean(out)) if out else None
 
 
 def _models(rho: np.ndarray, seeds: np.ndarray, y: np.ndarray) -> _Model:
@@ -297,12 +274,7 @@ def fit_u_curve(rho: Sequence[float], loss: Sequence[float], seeds: Optional[Seq
                        f"noise: add seeds (or rho values)")
         return base
     rng = np.random.default_rng(seed)
-    f = _finish(base, m, ok, rho_ref, n_boot, level, rng)
-    ref = min(max(rho_ref, float(m.levels[0])), float(m.levels[-1]))
-    crossfit = _crossfit_gain(rho, seeds_arr, loss, _grid_weights(tuple(m.levels.tolist()), ref)[0], ref, rng)
-    if crossfit is not None:
-        f.gain_vs_moe, f.gain_estimator = crossfit, "cross-fit over seeds"
-    return f
+    return _finish(base, m, ok, rho_ref, n_boot, level, rng)
 
 
 def _empty(rho: np.ndarray, seeds: np.ndarray, levels: np.ndarray, rho_ref: float, level: float) -> UCurveFit:
@@ -327,15 +299,15 @@ def _finish(f: UCurveFit, m: _Model, idx_ok: np.ndarray, rho_ref: float, n_draws
     grid, W, w_ref = _grid_weights(tuple(float(v) for v in m.levels), ref)  # [G], [G, R], [R]
     draws = _mu_draws(m, n_draws, rng)  # [B, R]
     curves = draws @ W.T  # [B, G]
-    rs, mins = _argmin(curves, grid)
-    gains = draws @ w_ref - mins
+    rs, _ = _argmin(curves, grid)
     star, min_hat = _argmin((W @ m.mu)[None, :], grid)
-    gain_plugin = float(m.mu @ w_ref - min_hat[0])
     q = [(1 - level) / 2, (1 + level) / 2]
-    f.rho_star, f.rho_star_ci = float(star[0]), [float(v) for v in np.quantile(rs, q)]
-    bias = float(np.mean(gains)) - gain_plugin  # the draws' own selection bias of L(ref) - min L
-    f.gain_vs_moe = gain_plugin - bias
-    f.gain_vs_moe_ci, crit, worst_hi = _gain_band(m, W, w_ref, draws, level)
+    f.rho_star = float(star[0])
+    f.rho_star_shape = float(np.mean(np.abs(rs - _vertex(m.levels, draws))))  # the shape-error term
+    r_lo, r_hi = np.quantile(rs, q)
+    f.rho_star_ci = [max(float(r_lo) - f.rho_star_shape, lo), min(float(r_hi) + f.rho_star_shape, hi)]
+    f.gain_vs_moe_ci, crit, worst_hi, f.gain_vs_moe = _gain_band(m, W, w_ref, draws, level)
+    f.gain_estimator = f"{GAIN_POINT_CONF:.0%} lower bound"  # P(true gain >= gain_vs_moe) >= GAIN_POINT_CONF
     f.differs_from_ref = bool(f.gain_vs_moe_ci[0] > 0 or worst_hi < 0)
     f.loss_star, f.loss_ref = float(min_hat[0]), float(m.mu @ w_ref)
     f.interior = bool(lo + 1e-9 < f.rho_star < hi - 1e-9)
@@ -352,8 +324,24 @@ def _finish(f: UCurveFit, m: _Model, idx_ok: np.ndarray, rho_ref: float, n_draws
     return f
 
 
+def _vertex(levels: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """Per row of mu [B, R]: the vertex of the parabola through its three best means (the best level when
+    that parabola is not convex; clipped to the range) [B]."""
+    rows, R = np.arange(mu.shape[0]), levels.size
+    i = np.argmin(mu, axis=1)
+    j = np.clip(i, 1, R - 2)
+    x0, x1, x2 = levels[j - 1], levels[j], levels[j + 1]
+    y0, y1, y2 = mu[rows, j - 1], mu[rows, j], mu[rows, j + 1]
+    num = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
+    den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    convex = (y2 - y1) / (x2 - x1) > (y1 - y0) / (x1 - x0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.where(convex, x1 - 0.5 * num / den, levels[i])
+    return np.clip(v, levels[0], levels[-1])
+
+
 def _gain_band(m: _Model, W: np.ndarray, w_ref: np.ndarray, draws: np.ndarray,
-               level: float) -> tuple[list[float], float, float]:
+               level: float) -> tuple[list[float], float, float, float]:
     """Interval of the gain ``g = max_r D(r)``, ``D(r) = L(ref) - L(r)``, from a simultaneous band of D.
 
     D is linear in mu, so ``(D_hat - D) / se`` is multivariate t with the noise's dof, and the draws give
@@ -361,7 +349,8 @@ def _gain_band(m: _Model, W: np.ndarray, w_ref: np.ndarray, draws: np.ndarray,
     ``D_hat(r) +- c se(r)``, and then g (a maximum of D) lies in [max (D_hat - c se), max (D_hat + c se)]:
     coverage >= level whatever the dof, with no selection bias to correct (the lower end is >= 0 because
     D(ref) = 0; it is > 0 only when some rho beats rho_ref significantly). Also returns c (for ``mde``)
-    and min (D_hat + c se) over rho != ref: < 0 when some rho is significantly worse than rho_ref.
+    and min (D_hat + c se) over rho != ref: < 0 when some rho is significantly worse than rho_ref, and the
+    point ``max (D_hat - k se)``, k the one-sided GAIN_POINT_CONF quantile (see the module docstring).
     """
     C = w_ref[None, :] - W[::BAND_STRIDE]  # [G', R]: every 4th grid point (0.01 apart on [0.2, 1])
     d_hat = C @ m.mu  # [G']
@@ -369,10 +358,14 @@ def _gain_band(m: _Model, W: np.ndarray, w_ref: np.ndarray, draws: np.ndarray,
     dev = (draws - m.mu[None, :]) @ C.T  # [B, G']
     ok = se > 1e-12 * max(m.sigma, 1e-300)
     if not ok.any():
-        return [0.0, 0.0], math.nan, 0.0
-    c = float(np.quantile(np.max(np.abs(dev[:, ok]) / se[ok], axis=1), level))
+        return [0.0, 0.0], math.nan, 0.0, 0.0
+    t = dev[:, ok] / se[ok]  # [B, G'']: (D_draw - D_hat) / se; -t is distributed as (D_hat - D) / se
+    c = float(np.quantile(np.max(np.abs(t), axis=1), level))
+    k = float(np.quantile(np.max(-t, axis=1), GAIN_POINT_CONF))  # one-sided: D >= D_hat - k se everywhere
     upper = d_hat + c * se
-    return [max(0.0, float(np.max(d_hat - c * se))), float(np.max(upper))], c, float(np.min(upper[ok]))
+    ci = [max(0.0, float(np.max(d_hat - c * se))), float(np.max(upper))]
+    point = float(np.clip(np.max(d_hat - k * se), *ci))  # the ref row (D = 0, se = 0) keeps it >= 0
+    return ci, c, float(np.min(upper[ok])), point
 
 
 def verdict_of(f: UCurveFit, alpha: float) -> tuple[str, str]:

@@ -42,25 +42,28 @@ def simulate(truth, grid, seeds, rng, noise, seed_sd):
     return rho, seed, truth(rho) + rng.normal(0, noise, rho.size) + rng.normal(0, seed_sd, seeds)[seed]
 
 
-@pytest.mark.parametrize("n_rho,seeds", [(5, 1), (5, 2), (5, 3), (7, 2), (9, 1), (9, 5)])
+@pytest.mark.parametrize("n_rho,seeds", [(5, 1), (7, 1), (9, 1), (5, 2), (5, 3), (7, 2), (9, 5)])
 def test_flat_truth_gives_u_in_at_most_5_percent(n_rho, seeds):
     """Noise sd drawn per sweep from [0.005, 0.05]; a shared seed effect (sd 0.03) in half the sweeps.
-    The gain's mean over sweeps (in units of the noise sd) is its bias: the truth is 0."""
+    The gain point's mean over sweeps (in units of the noise sd) is its bias: the truth is 0, and the point
+    (a lower bound inside an interval confined to >= 0) cannot be negative, so only a small mean passes."""
     rng = np.random.default_rng(100 * n_rho + seeds)
     grid = np.linspace(0.2, 1.0, n_rho)
-    verdicts, gains = [], []
+    verdicts, gains, outside = [], [], 0
     for t in range(N_FLAT):
         noise = rng.uniform(0.005, 0.05)
         rho, seed, y = simulate(lambda r: 3.0 + 0 * r, grid, seeds, rng, noise, 0.03 * (t % 2))
         f = fit_u_curve(rho, y, seed, n_boot=DRAWS, level=0.95, seed=t)
         verdicts.append(f.verdict)
         gains.append(f.gain_vs_moe / noise)
+        outside += not f.gain_vs_moe_ci[0] <= f.gain_vs_moe <= f.gain_vs_moe_ci[1]
     rate, bias = verdicts.count("U") / N_FLAT, float(np.mean(gains))
-    msg = f"flat truth, {n_rho} rho x {seeds} seed(s): U in {rate:.1%}, mean gain {bias:+.2f} noise sd"
+    msg = (f"flat truth, {n_rho} rho x {seeds} seed(s): U in {rate:.1%}, mean gain {bias:+.2f} noise sd, "
+           f"gain point outside its interval in {outside} of {N_FLAT}")
     print(msg)
     assert rate <= 0.05, msg
-    # 2+ seeds: cross-fitted gain, centred on 0; one seed: bias-corrected plug-in, +0.07 .. +0.8 (sweeps/ucurve.py)
-    assert (abs(bias) <= 0.25) if seeds >= 2 else (bias <= 1.0), msg
+    # measured +0.12 .. +0.14 with one seed, +0.06 .. +0.18 with 2+ (sweeps/ucurve.py)
+    assert abs(bias) <= (0.2 if seeds == 1 else 0.25) and outside == 0, msg
     assert "insufficient" not in verdicts
 
 
@@ -81,14 +84,15 @@ def optimum(truth):
 
 @pytest.mark.parametrize("shape", ["quadratic", "lopsided"])
 @pytest.mark.parametrize("n_rho,seeds,noise,seed_sd", [(5, 1, 0.01, 0.0), (5, 2, 0.01, 0.02), (5, 2, 0.05, 0.03),
-                                                       (9, 2, 0.005, 0.0), (9, 1, 0.02, 0.0), (5, 5, 0.005, 0.02)])
+                                                       (9, 2, 0.005, 0.0), (9, 1, 0.02, 0.0), (5, 5, 0.005, 0.02),
+                                                       (5, 10, 0.005, 0.0)])
 def test_intervals_cover_the_truth(shape, n_rho, seeds, noise, seed_sd):
     truth = quadratic if shape == "quadratic" else lopsided
     rho_true, gain_true = optimum(truth)
     rng = np.random.default_rng(7 * n_rho + seeds + int(1000 * noise))
     grid = np.linspace(0.2, 1.0, n_rho)
     for level, floor in ((0.9, 0.87), (0.95, 0.92)):
-        cover_rho = cover_gain = 0
+        cover_rho = cover_gain = below = 0
         gains = []
         for t in range(N_COVER):
             rho, seed, y = simulate(truth, grid, seeds, rng, noise, seed_sd)
@@ -96,10 +100,13 @@ def test_intervals_cover_the_truth(shape, n_rho, seeds, noise, seed_sd):
             cover_rho += f.rho_star_ci[0] <= rho_true <= f.rho_star_ci[1]
             cover_gain += f.gain_vs_moe_ci[0] <= gain_true <= f.gain_vs_moe_ci[1]
             gains.append(f.gain_vs_moe)
-        r_rho, r_gain = cover_rho / N_COVER, cover_gain / N_COVER
+            below += f.gain_vs_moe <= gain_true
+        r_rho, r_gain, r_below = cover_rho / N_COVER, cover_gain / N_COVER, below / N_COVER
         bias = (np.mean(gains) - gain_true) / noise
         msg = (f"{shape}, {n_rho} rho x {seeds} seeds, noise {noise}, seed effect {seed_sd}: nominal {level:.0%} "
-               f"covers rho* in {r_rho:.1%}, the gain in {r_gain:.1%}; gain bias {bias:+.2f} noise sd")
+               f"covers rho* in {r_rho:.1%}, the gain in {r_gain:.1%}; gain point <= the true gain in "
+               f"{r_below:.1%} (a 75% lower bound), its bias {bias:+.2f} noise sd")
         print(msg)
         assert r_rho >= floor and r_gain >= floor, msg
-        assert abs(bias) <= 1.0, msg  # measured -0.78 .. +0.36 noise sd (see sweeps/ucurve.py)
+        assert r_below >= 0.72, msg  # nominal 75% (measured 85-94%); binomial sd 2.5% over 300 sweeps
+        assert -1.6 <= bias <= 0.25, msg  # conservative: measured -1.41 .. -0.22 noise sd (sweeps/ucurve.py)

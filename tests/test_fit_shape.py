@@ -47,3 +47,24 @@ def test_quadratic_fit_would_have_been_biased():
                 for loss, r in lopsided_family(rng, 300))
     print(f"global quadratic on the same truths: max |rho* error| {worst:.4f}")
     assert worst > 0.05
+
+
+def test_shape_error_term_sizes_the_spline_error():
+    """The rho* interval's shape-error term (sweeps.ucurve): the gap between the spline's rho* and the vertex
+    of the parabola through the three best means covers the spline's own error on most lopsided truths and
+    falls short by little; on a parabola it is 0."""
+    from sweeps.ucurve import _vertex
+
+    rng = np.random.default_rng(0)
+    levels = np.sort(DEFAULT_GRID)
+    rows = []
+    for loss, r_true in lopsided_family(rng, 300):
+        mu = loss(levels)
+        f = fit_u_curve(levels, mu + 1e-7 * np.array([1, -1, 1, -1, 1]), n_boot=100)
+        rows.append((abs(f.rho_star - r_true), abs(f.rho_star - _vertex(levels, mu[None, :])[0])))
+    err, gap = np.array(rows).T
+    share, short = float(np.mean(err <= gap)), float(np.max(err - gap))
+    parabola = _vertex(levels, (3.0 + (levels - 0.73) ** 2)[None, :])[0]
+    msg = f"gap >= error on {share:.1%} of 300 lopsided truths, short by <= {short:.4f}; parabola vertex {parabola:.4f}"
+    print(msg)
+    assert share >= 0.7 and short <= 0.01 and abs(parabola - 0.73) < 1e-9, msg
