@@ -96,6 +96,11 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    expert: int = 1  # expert parallelism: routed experts sharded over this many ranks (train/expert_parallel.py)
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # one of WANDB_MODES
     project: Optional[str] = "isoflop-engram"
@@ -121,6 +126,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sweep: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -208,5 +214,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.decay_frac={o.decay_frac} must lie in (0, 1]")
     if t.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 (0 keeps all)")
+    if cfg.get("parallel") is not None and cfg.parallel.expert < 1:
+        raise ConfigError(f"parallel.expert={cfg.parallel.expert} must be >= 1")
     if t.grad_clip is not None and t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 or null: no clipping)")

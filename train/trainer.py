@@ -21,6 +21,9 @@ from train import checkpoint as ckpt
 from train.data import TrainBatches, eval_windows, run_length
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from train.expert_checkpoint import ExpertCheckpoint
+from train.expert_parallel import (check_expert_parallel, ep_size, exact_fp32_clipping, expert_group,
+                                   routed_experts, setup_expert_parallel)
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
@@ -172,7 +175,8 @@ def _vet_settings(cfg: DictConfig, meta: dict, p: Prepared, where: Path) -> list
 
 def _check_resume(cfg: DictConfig, p: Prepared, latest: dict, dist: DistInfo) -> None:
     """Layout and trajectory settings of the committed checkpoint against this launch's."""
-    ckpt.check_layout(latest.get("layout"), ckpt.layout(dist.world_size, cfg.train.zero_stage), p.ckpt_dir)
+    now = ckpt.layout(dist.world_size, cfg.train.zero_stage, ep_size(cfg))
+    ckpt.check_layout(latest.get("layout"), now, p.ckpt_dir)
     diff = _vet_settings(cfg, latest, p, p.ckpt_dir)
     if diff:
         log.warning("resuming at step %s under changed settings (train.allow_config_change=true): %s",
@@ -251,6 +255,10 @@ def prepare(cfg: DictConfig, dist: DistInfo) -> Optional[Prepared]:
     t0 = time.perf_counter()
     train_split, val_split = (open_split(data_dir, s, verify=False, manifest=manifest) for s in ("train", "val"))
     mcfg = resolve_model_config(cfg, data_dir, train_split.vocab_size, manifest)
+    try:
+        check_expert_parallel(ep_size(cfg), dist.world_size, routed_experts(mcfg.moe), t.precision, int(t.zero_stage))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     fingerprints = {"model_fingerprint": mcfg.fingerprint(),
                     "stream_fingerprint": stream_fingerprint(data_dir, cfg, manifest)}
     steps, last_sequences = step_schedule(cfg)
@@ -283,7 +291,8 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
 def _loaded_check(cfg: DictConfig, p: Prepared, dist: DistInfo):
     """Vets the meta of the checkpoint actually loaded (an older one, after a fallback, has its own)."""
     def check(meta: dict, where: Path) -> None:
-        ckpt.check_layout(meta.get("layout"), ckpt.layout(dist.world_size, cfg.train.zero_stage), where)
+        now = ckpt.layout(dist.world_size, cfg.train.zero_stage, ep_size(cfg))
+        ckpt.check_layout(meta.get("layout"), now, where)
         _vet_settings(cfg, meta, p, where)
     return check
 
@@ -296,6 +305,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     t0 = time.perf_counter()
     model = Transformer(p.mcfg)
     counts = model.model_counts(t.seq_len)
+    ep_layout = setup_expert_parallel(model, ep_size(cfg), dist.world_size)  # before the optimizer
     optimizer = build_optimizer(model, cfg.optim, t)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
     import deepspeed
@@ -304,10 +314,13 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, p.batches.accum_steps))
     p.startup.update(model_s=t1 - t0, engine_s=time.perf_counter() - t1)
+    if ep_layout is not None and int(t.zero_stage) == 0 and t.precision == "fp32":
+        exact_fp32_clipping(engine, expert_group(model))
+    experts = ExpertCheckpoint(engine, model, optimizer, ep_layout, int(t.zero_stage), dist.rank)
     start_step, meta = 0, {}
     if p.tags:
         t2 = time.perf_counter()
-        meta = ckpt.load(engine, p.ckpt_dir, p.tags, dist.device, _loaded_check(cfg, p, dist))
+        meta = ckpt.load(engine, p.ckpt_dir, p.tags, dist.device, _loaded_check(cfg, p, dist), experts)
         p.startup["load_s"] = time.perf_counter() - t2
         start_step = int(meta["step"])
         log.info("resumed from %s at step %d", p.ckpt_dir / ckpt.tag_for(start_step), start_step)
@@ -332,6 +345,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
                     "accumulates in fp32 only at ZeRO 2, or ZeRO 1 without Muon); they are reduced in fp32",
                     p.batches.accum_steps, t.zero_stage)
     loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts)
+    loop.experts = experts
     loop.on_first_step = lambda seconds: _log_startup(p.startup, seconds, dist)
     try:
         step = loop.run(start_step)
