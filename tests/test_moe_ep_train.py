@@ -146,3 +146,15 @@ def test_expert_parallel_sizes_are_checked():
                       ((2, 2, None), "needs a MoE model"), ((2, 2, 8, "bf16", 0), "needs train.zero_stage 1 or 2")]:
         with pytest.raises(ValueError, match=msg):
             check_expert_parallel(*args)
+
+
+def test_planned_ep_size_reaches_the_trainer_overrides():
+    from sweeps.budget import solve_plan
+    from sweeps.families import load_family
+
+    fam = load_family("cpu").with_hardware(n_gpus=4)
+    for ep in (1, 4):
+        plan = solve_plan(fam, 1e13, [1.0, 0.5], ep_size=ep, round_experts_to_ep=True)
+        for r in plan.runs:
+            assert ("parallel.expert=4" in r.overrides()) == (ep == 4)
+            assert r.to_dict()["expert_parallel"] == ep and r.n_routed_experts % ep == 0
