@@ -70,6 +70,13 @@ def test_ep2_matches_ep1_in_losses_and_final_experts(ref_runs):
     assert sorted(e1) == sorted(e2) and all(v.shape[0] == 8 for v in e2.values())
     for k in e1:
         torch.testing.assert_close(e2[k], e1[k], rtol=0, atol=TOL, msg=k)
+    # the start-up memory line against what a rank really holds (its expert file: weights, Adam moments)
+    mem = json.loads((dir2 / "final.json").read_text())["memory"]
+    held = ckpt.safe_load(str(dir2 / "checkpoints" / tag / "experts_ep001_of_002.pt"))
+    params = sum(v.numel() for v in held["params"].values())
+    assert mem["expert_params_per_rank"] == params == 4 * 3 * 64 * 32  # 1 MoE layer, 4 of its 8 experts
+    moments = sum(v.numel() for st in held["state"].values() for v in st.values() if v.dim() > 0)
+    assert mem["expert_optimizer_state_bytes_per_rank"] == 4 * moments
 
 
 @pytest.mark.slow
@@ -158,3 +165,17 @@ def test_planned_ep_size_reaches_the_trainer_overrides():
         for r in plan.runs:
             assert ("parallel.expert=4" in r.overrides()) == (ep == 4)
             assert r.to_dict()["expert_parallel"] == ep and r.n_routed_experts % ep == 0
+
+
+def test_expert_layout_change_rules():
+    saved2 = ckpt.layout(4, 0, 2)
+    for now in (ckpt.layout(4, 0, 1), ckpt.layout(4, 0, 4), ckpt.layout(2, 0, 1)):
+        ckpt.check_layout(saved2, now, Path("c"))  # ZeRO 0 reshards experts saved by layout
+    ckpt.check_layout(ckpt.layout(4, 2, 2), ckpt.layout(4, 2, 2), Path("c"))
+    refused = [(ckpt.layout(4, 0, 1), ckpt.layout(4, 0, 2)),  # EP = 1 checkpoints hold no expert files
+               (ckpt.layout(4, 2, 2), ckpt.layout(4, 2, 4)),  # ZeRO 2 partitions follow the layout
+               ({"world_size": 4, "zero_stage": 1}, ckpt.layout(4, 1, 2))]  # a record from before EP: EP = 1
+    for saved, now in refused:
+        with pytest.raises(ckpt.CheckpointError, match=f"parallel.expert={saved.get('expert', 1)}; this launch has "
+                                                       f"world_size=4 zero_stage={now['zero_stage']} parallel.expert="):
+            ckpt.check_layout(saved, now, Path("c"))

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -113,6 +114,21 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+@contextmanager
+def _dense_layout(engine):
+    """DeepSpeed's dense checkpoint files (module on rank 0, ZeRO partitions per rank) even for an engine
+    with expert-parallel parameters: its MoE format wants its own MoE layer's key names; the experts
+    are saved and restored by train/expert_checkpoint.py instead."""
+    moe = getattr(engine, "has_moe_layers", False)
+    if moe:
+        engine.has_moe_layers = False
+    try:
+        yield
+    finally:
+        if moe:
+            engine.has_moe_layers = True
+
+
 def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int,
          experts: Optional["ExpertCheckpoint"] = None) -> None:
     """``experts``: an expert-parallel run's expert files, written next to DeepSpeed's (every rank)."""
@@ -124,11 +140,8 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int
         if stale.exists():  # left over by a run killed mid-save: never referenced by latest.json
             shutil.rmtree(stale)
     barrier()
-    moe, engine.has_moe_layers = engine.has_moe_layers, False  # DeepSpeed's dense files; experts below
-    try:
+    with _dense_layout(engine):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"meta": meta}, save_latest=False)
-    finally:
-        engine.has_moe_layers = moe
     if experts is not None:
         experts.save(ckpt_dir / tag)
     barrier()
@@ -163,11 +176,8 @@ def _load_one(engine, ckpt_dir: Path, tag: str, experts: Optional["ExpertCheckpo
     engine.checkpoint_engine.load = safe_load  # DeepSpeed's own loader uses weights_only=False
     record = saved_layout(ckpt_dir / tag)
     kwargs = experts.load_kwargs(record) if experts is not None else {"load_optimizer_states": True}
-    moe, engine.has_moe_layers = engine.has_moe_layers, False  # the dense files save() wrote
-    try:
+    with _dense_layout(engine):
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False, **kwargs)
-    finally:
-        engine.has_moe_layers = moe
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {ckpt_dir / tag}")
     if experts is not None and record is not None:

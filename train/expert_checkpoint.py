@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.moe import RoutedExperts
-from train.expert_parallel import ExpertLayout, is_expert_param
+from train.expert_parallel import ExpertLayout, exact_fp32_clipping, expert_group, is_expert_param
 
 LAYOUT_FILE = "expert_layout.json"
 WEIGHTS = ("w1", "w2", "w3")  # models.moe.experts.RoutedExperts' stacked expert weights
@@ -145,3 +145,13 @@ class ExpertCheckpoint:
         restore_experts(self.model, self.optimizer, tag_dir, record, self.layout, self.zero_stage)
         if self.zero_stage != 0:  # ZeRO 1/2: the fp32 master partitions follow the restored weights
             self.engine.optimizer.refresh_fp32_params()
+
+
+def engine_hooks(engine, model: nn.Module, optimizer: torch.optim.Optimizer, layout: Optional[ExpertLayout],
+                 train_cfg, rank: int) -> ExpertCheckpoint:
+    """What an expert-parallel run changes on the built engine: exact clipping at ZeRO 0 (fp32; bf16 is
+    refused there) and the expert checkpoint hooks (also for EP = 1 runs, which may resume EP > 1 files)."""
+    zero_stage = int(train_cfg.zero_stage)
+    if layout is not None and zero_stage == 0 and train_cfg.precision == "fp32":
+        exact_fp32_clipping(engine, expert_group(model))
+    return ExpertCheckpoint(engine, model, optimizer, layout, zero_stage, rank)

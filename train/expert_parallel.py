@@ -187,9 +187,15 @@ def expert_memory(model: nn.Module, optimizer: torch.optim.Optimizer, size: int,
             "expert_optimizer_state_bytes_per_rank": 4 * -(-state // shards)}
 
 
-def expert_memory_line(mem: dict[str, int], world_size: int) -> str:
+def expert_memory_lines(model: nn.Module, optimizer: torch.optim.Optimizer, mem: dict, size: int, world_size: int,
+                        zero_stage: int) -> list[str]:
+    """Adds :func:`expert_memory` to ``mem`` (the run's memory record) and returns its start-up line
+    (nothing for a dense model)."""
+    if not moe_layers(model):
+        return []
+    mem.update(expert_memory(model, optimizer, size, world_size, zero_stage))
     mib = 2.0 ** 20
-    return (f"memory per rank: routed experts {mem['expert_params_per_rank']:,} params = "
+    return [f"memory per rank: routed experts {mem['expert_params_per_rank']:,} params = "
             f"{mem['expert_bytes_per_rank'] / mib:.2f} MiB fp32, their optimizer state "
             f"{mem['expert_optimizer_state_bytes_per_rank'] / mib:.2f} MiB (parallel.expert={mem['expert_parallel']}, "
-            f"{world_size} ranks)")
+            f"{world_size} ranks)"]

@@ -21,9 +21,9 @@ from train import checkpoint as ckpt
 from train.data import TrainBatches, eval_windows, run_length
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
-from train.expert_checkpoint import ExpertCheckpoint
-from train.expert_parallel import (check_expert_parallel, ep_size, exact_fp32_clipping, expert_group, expert_memory,
-                                   expert_memory_line, moe_layers, routed_experts, setup_expert_parallel)
+from train.expert_checkpoint import engine_hooks
+from train.expert_parallel import (check_expert_parallel, ep_size, expert_memory_lines, routed_experts,
+                                   setup_expert_parallel)
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
@@ -308,18 +308,14 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     ep_layout = setup_expert_parallel(model, ep_size(cfg), dist.world_size)  # before the optimizer
     optimizer = build_optimizer(model, cfg.optim, t)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
-    if moe_layers(model):
-        optim_mem.update(expert_memory(model, optimizer, ep_size(cfg), dist.world_size, int(t.zero_stage)))
-        optim_lines.append(expert_memory_line(optim_mem, dist.world_size))
+    optim_lines += expert_memory_lines(model, optimizer, optim_mem, ep_size(cfg), dist.world_size, int(t.zero_stage))
     import deepspeed
 
     t1 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, p.batches.accum_steps))
     p.startup.update(model_s=t1 - t0, engine_s=time.perf_counter() - t1)
-    if ep_layout is not None and int(t.zero_stage) == 0 and t.precision == "fp32":
-        exact_fp32_clipping(engine, expert_group(model))
-    experts = ExpertCheckpoint(engine, model, optimizer, ep_layout, int(t.zero_stage), dist.rank)
+    experts = engine_hooks(engine, model, optimizer, ep_layout, t, dist.rank)
     start_step, meta = 0, {}
     if p.tags:
         t2 = time.perf_counter()
