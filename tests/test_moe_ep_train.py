@@ -92,7 +92,15 @@ def test_ep4_on_four_ranks_matches_ep1(tiny_data, tmp_path, ref_runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_partition_experts_over_their_data_parallel_group(tiny_data, tmp_path, ref_runs, stage):
-    assert_trajectory(ref_runs[1][1], run(tiny_data, tmp_path / "z", 2, 2, f"train.zero_stage={stage}"), range(1, 21))
+    zero = f"train.zero_stage={stage}"
+    lz = run(tiny_data, tmp_path / "z", 2, 2, zero)
+    assert_trajectory(ref_runs[1][1], lz, range(1, 21))
+    if stage == 2:  # a ZeRO-2 checkpoint resumes at its own layout, exactly; another EP size is refused
+        assert_trajectory(lz, run(tiny_data, rewound(tmp_path / "z", tmp_path / "again", 10), 2, 2, zero),
+                          range(1, 21))
+        p = run_train(tiny_data, rewound(tmp_path / "z", tmp_path / "ep1", 10), *MOE, zero, "parallel.expert=1",
+                      nproc=2, check=False)
+        assert p.returncode != 0 and "parallel.expert=2; this launch has" in p.stderr + p.stdout
 
 
 @pytest.mark.slow

@@ -41,9 +41,6 @@ class ExpertLayout:
     rank: int
     group_name: str
 
-    def record(self) -> dict:
-        return {"expert": self.size}
-
 
 def ep_size(cfg) -> int:
     """``parallel.expert`` of a run config (1 where the section is absent)."""
