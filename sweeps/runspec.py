@@ -38,6 +38,7 @@ class RunSpec:
     active_params_error: float = 0.0  # active_params / active_params(rho = 1) - 1 (Engram's dense parts)
     engram_dim_reduced_from: Optional[int] = None  # drift compensation (b), if it was needed
     memory_ablated: bool = False  # control arm: tables of one row, P_tot lower, FLOPs kept (sweeps/ablation.py)
+    expert_parallel: int = 1  # the plan's --ep-size: the trainer's parallel.expert (routed experts a multiple of it)
 
     @property
     def n_routed_experts(self) -> int:
@@ -112,6 +113,8 @@ class RunSpec:
         out += [f"++optim.{k}={hydra_value(v)}" for k, v in _flatten(self.optim) if k != "kind"]
         if self.data_dir is not None:
             out.append(f"data.dir={hydra_value(self.data_dir)}")
+        if self.expert_parallel > 1:
+            out.append(f"parallel.expert={self.expert_parallel}")
         if include_name:
             out.append(f"experiment_name={self.name}")
         return out
@@ -129,6 +132,7 @@ class RunSpec:
             "engram_params": self.engram_params, "engram_dense_params": self.engram_dense_params,
             "engram_table_sizes": None if self.model["engram"] is None else list(self.model["engram"]["table_sizes"]),
             "engram_dim_reduced_from": self.engram_dim_reduced_from, "memory_ablated": self.memory_ablated,
+            "expert_parallel": self.expert_parallel,
             "flops_per_token": self.flops_per_token, "forward_flops_per_token": self.forward_flops_per_token,
             "flops_drift": self.flops_drift, "total_params_error": self.total_params_error,
             "active_params_error": self.active_params_error,

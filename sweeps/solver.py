@@ -160,4 +160,4 @@ def solve_point(family: Family, backbone: Backbone, budget: float, rho: float, e
         engram_params=final.table_params, engram_dense_params=engram_dense,
         forward_flops_per_token=final.forward_flops, flops_drift=final.train_flops / base.train_flops - 1.0,
         total_params_error=param_err, active_params_error=final.active / base.active - 1.0,
-        engram_dim_reduced_from=dim_from)
+        engram_dim_reduced_from=dim_from, expert_parallel=int(ep_size))

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from train.distributed import all_reduce_sum, barrier
+from train.expert_checkpoint import ExpertCheckpoint, saved_layout
 from train.run_files import LATEST, atomic_write_json, fsync_dir
 
 log = logging.getLogger("train")
@@ -62,13 +64,17 @@ def candidates(ckpt_dir: Path, latest: dict) -> list[str]:
     return [t for t in tags if (Path(ckpt_dir) / t).is_dir()]
 
 
-def layout(world_size: int, zero_stage: int, engram_tables: str = "replicated") -> dict:
-    return {"world_size": int(world_size), "zero_stage": int(zero_stage), "engram_tables": engram_tables}
+def layout(world_size: int, zero_stage: int, engram_tables: str = "replicated", expert: int = 1) -> dict:
+    """``expert``: the EP size (``parallel.expert``); a record without it was written at EP = 1."""
+    return {"world_size": int(world_size), "zero_stage": int(zero_stage), "engram_tables": engram_tables,
+            "expert": int(expert)}
 
 
 def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:
-    """ZeRO-partitioned optimizer states cannot be read by another world size or stage (DeepSpeed
-    fails with an internal traceback); stage 0 keeps whole states, so only its world size may change."""
+    """ZeRO-partitioned optimizer states cannot be read by another world size, stage or EP size
+    (DeepSpeed fails with an internal traceback); stage 0 keeps whole states, so its world size may
+    change, and its EP size too once experts were saved by layout (train/expert_checkpoint.py: written
+    by EP > 1 runs only)."""
     if not saved:
         return
     tables = (saved.get("engram_tables", "replicated"), now.get("engram_tables", "replicated"))
@@ -77,13 +83,22 @@ def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:
         raise CheckpointError(
             f"checkpoint in {where} was written with engram_tables={tables[0]}; this launch has {tables[1]}: "
             f"a sharded checkpoint resumes replicated at ZeRO 0 only, a replicated one resumes replicated only")
+    was, now_ep = int(saved.get("expert", 1)), now.get("expert", 1)
     same_stage = saved.get("zero_stage") == now["zero_stage"]
-    if same_stage and (now["zero_stage"] == 0 or saved.get("world_size") == now["world_size"]):
+    if same_stage and now["zero_stage"] == 0 and (was == now_ep or was > 1):
         return
+    if same_stage and saved.get("world_size") == now["world_size"] and was == now_ep:
+        return
+    ep = was > 1 or now_ep > 1
+
+    def describe(lay: dict, expert: int) -> str:
+        return f"world_size={lay.get('world_size')} zero_stage={lay.get('zero_stage')}" + (
+            f" parallel.expert={expert}" if ep else "")
+
     raise CheckpointError(
-        f"checkpoint in {where} was written with world_size={saved.get('world_size')} "
-        f"zero_stage={saved.get('zero_stage')}; this launch has world_size={now['world_size']} "
-        f"zero_stage={now['zero_stage']}: relaunch with the saved layout (resharding is not supported)")
+        f"checkpoint in {where} was written with {describe(saved, was)}; this launch has {describe(now, now_ep)}: "
+        f"relaunch with the saved layout (resharding is not supported"
+        + (": experts reshard at ZeRO 0 only, from a checkpoint written with parallel.expert > 1)" if ep else ")"))
 
 
 def check_compatible(meta: dict, expected: dict, ckpt_dir: Path) -> None:
@@ -107,9 +122,25 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+@contextmanager
+def _dense_layout(engine):
+    """DeepSpeed's dense checkpoint files (module on rank 0, ZeRO partitions per rank) even for an engine
+    with expert-parallel parameters: its MoE format wants its own MoE layer's key names; the experts
+    are saved and restored by train/expert_checkpoint.py instead."""
+    moe = getattr(engine, "has_moe_layers", False)
+    if moe:
+        engine.has_moe_layers = False
+    try:
+        yield
+    finally:
+        if moe:
+            engine.has_moe_layers = True
+
+
 def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int,
-         save_extra: Optional[Callable[[Path], None]] = None) -> None:
-    """``save_extra(tag_dir)``: every rank's own files besides the engine's (sharded Engram tables)."""
+         save_extra: Optional[Callable[[Path], None]] = None, experts: Optional["ExpertCheckpoint"] = None) -> None:
+    """``save_extra(tag_dir)``: every rank's own files besides the engine's (sharded Engram tables);
+    ``experts``: an expert-parallel run's expert files, written next to DeepSpeed's (every rank)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     if is_main:
@@ -118,9 +149,12 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int
         if stale.exists():  # left over by a run killed mid-save: never referenced by latest.json
             shutil.rmtree(stale)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"meta": meta}, save_latest=False)
+    with _dense_layout(engine):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"meta": meta}, save_latest=False)
     if save_extra is not None:
         save_extra(ckpt_dir / tag)
+    if experts is not None:
+        experts.save(ckpt_dir / tag)
     barrier()
     fsync_tree(ckpt_dir / tag)  # every rank: on a multi-node file system each node flushes its own writes
     barrier()
@@ -149,18 +183,23 @@ def safe_load(path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _load_one(engine, ckpt_dir: Path, tag: str, hooks: Optional["LoadHooks"] = None) -> dict:
+def _load_one(engine, ckpt_dir: Path, tag: str, hooks: Optional["LoadHooks"] = None,
+              experts: Optional["ExpertCheckpoint"] = None) -> dict:
     loader = safe_load
     if hooks is not None and hooks.adapt is not None:
         def loader(path, map_location=None):  # noqa: F811  every file DeepSpeed reads passes through adapt
             return hooks.adapt(safe_load(path, map_location=map_location), Path(path).parent)
     engine.checkpoint_engine.load = loader  # DeepSpeed's own loader uses weights_only=False
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    record = saved_layout(ckpt_dir / tag)
+    kwargs = experts.load_kwargs(record) if experts is not None else {"load_optimizer_states": True}
+    with _dense_layout(engine):
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False, **kwargs)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {ckpt_dir / tag}")
     if hooks is not None and hooks.after is not None:
         hooks.after(ckpt_dir / tag)
+    if experts is not None and record is not None:
+        experts.restore(ckpt_dir / tag, record)
     return client.get("meta", {})
 
 
@@ -173,14 +212,15 @@ class LoadHooks:
 
 
 def load(engine, ckpt_dir: Path, tags: list[str], device: torch.device,
-         check: Callable[[dict, Path], None], hooks: Optional[LoadHooks] = None) -> dict:
+         check: Callable[[dict, Path], None], hooks: Optional[LoadHooks] = None,
+         experts: Optional["ExpertCheckpoint"] = None) -> dict:
     """Load the newest readable checkpoint of ``tags`` (newest first) on every rank; ``check`` vets
     its meta. All ranks agree on the outcome of each try (a file may be bad for one rank only)."""
     tried = []
     for i, tag in enumerate(tags):
         meta, reason = {}, None
         try:
-            meta = _load_one(engine, ckpt_dir, tag, hooks)
+            meta = _load_one(engine, ckpt_dir, tag, hooks, experts)
         except CheckpointError as e:
             reason = str(e)
         except Exception as e:  # unpickling / zip / EOF / shape errors: the file is damaged

@@ -28,6 +28,7 @@ from train import checkpoint as ckpt
 from train.data import Prefetcher
 from train.distributed import all_reduce_sum, maybe_inject_fault
 from train.evaluate import evaluate
+from train.expert_parallel import ep_size, expert_group, grad_norm
 from train.hardware import peak_flops
 from train.optim import set_lr
 from train.schedule import lr_factor
@@ -39,12 +40,6 @@ log = logging.getLogger("train")
 
 class Diverged(RuntimeError):
     pass
-
-
-def grad_norm(parameters) -> torch.Tensor:
-    """L2 norm of all gradients, as a device tensor (no host read)."""
-    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 class Loop:
@@ -63,17 +58,19 @@ class Loop:
         # DeepSpeed computes the norm itself under ZeRO 1/2 and its bf16 optimizer; plain fp32 ZeRO-0 does not.
         self._own_grad_norm = int(self.t.zero_stage) == 0 and self.t.precision == "fp32"
         self._grad_norm = None
+        self.experts = None  # train.expert_checkpoint.ExpertCheckpoint (set by the trainer)
         self.on_first_step = None  # called with the first step's seconds (the trainer's start-up timing line)
 
     def checkpoint_meta(self, step: int) -> dict:
         return {**self.p.fingerprints, "settings": self.p.run_state["settings"], "step": step,
-                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage, engram_tables(self.cfg)),
+                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage, engram_tables(self.cfg),
+                                      ep_size(self.cfg)),
                 "wandb_run_id": self.tracker.run_id, "tokens": self.p.batches.tokens_through(step)}
 
     def save(self, step: int) -> None:
         self.check_diverged()
         ckpt.save(self.engine, self.p.ckpt_dir, step, self.checkpoint_meta(step), self.dist.is_main,
-                  self.t.keep_checkpoints, self.tables.save if self.tables is not None else None)
+                  self.t.keep_checkpoints, self.tables.save if self.tables is not None else None, self.experts)
 
     def evaluate(self) -> float:
         self.check_diverged()
@@ -105,7 +102,8 @@ class Loop:
                 params = self.model.parameters() if self._own_grad_norm else ()  # else: the shards' norm alone
                 self._grad_norm = self.tables.clip_(params, float(self.t.grad_clip or 0.0))
             elif last and self._own_grad_norm and self.is_log_step(step + 1):
-                self._grad_norm = grad_norm(self.model.parameters())  # averaged, before clipping
+                # averaged, before clipping
+                self._grad_norm = grad_norm(self.model.parameters(), expert_group(self.model))
             self.engine.step()
             if last and self.tables is not None:
                 self.tables.step()

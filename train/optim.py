@@ -62,13 +62,26 @@ def _owners(model: torch.nn.Module, names: list[str]) -> str:
     return ", ".join(f"{t} x{k}" for t, k in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _split_expert_parallel(named: list) -> list[tuple[list, dict]]:
+    """A declared group's parameters split into the replicated ones and the expert-parallel ones
+    (train/expert_parallel.py marks them); the latter form DeepSpeed MoE groups, which ZeRO reduces and
+    partitions over the expert-data-parallel ranks: ``moe: True`` and ``name`` = the DeepSpeed group name."""
+    plain = [(n, p) for n, p in named if getattr(p, "allreduce", True) is not False]
+    sharded = [(n, p) for n, p in named if getattr(p, "allreduce", True) is False]
+    out = [(plain, {})] if plain else []
+    for group_name in sorted({p.group_name for _, p in sharded}):
+        out.append(([(n, p) for n, p in sharded if p.group_name == group_name], {"moe": True, "ep_group": group_name}))
+    return out
+
+
 def param_groups(model: torch.nn.Module, optim_cfg: Mapping) -> list[dict]:
-    """Optimizer param groups: one per declared group; Muon ones split by matrix shape."""
+    """Optimizer param groups: one per declared group (and per expert-parallel layout); Muon ones split by
+    matrix shape."""
     kind, groups_cfg = optim_cfg.get("kind", "adamw"), optim_cfg.get("groups") or {}
     muon = {**MUON_DEFAULTS, **(optim_cfg.get("muon") or {})}
     lazy_tables = optim_cfg.get("table_update", "dense") == "lazy"
     out = []
-    for name, named in sorted(grouped_parameters(model).items()):
+    for name, all_named in sorted(grouped_parameters(model).items()):
         if name not in groups_cfg:
             raise ValueError(f"parameters tagged '{name}' have no optim.groups.{name} entry "
                              f"(configured: {sorted(groups_cfg)})")
@@ -76,26 +89,35 @@ def param_groups(model: torch.nn.Module, optim_cfg: Mapping) -> list[dict]:
         lr_mult = float(g.get("lr_mult", 1.0))
         base = {"lr_mult": lr_mult, "lr": float(optim_cfg["lr"]) * lr_mult,
                 "weight_decay": float(g.get("weight_decay", optim_cfg.get("weight_decay", 0.0)))}
-        if kind == "muon" and g.get("muon", False):
-            by_shape: dict[tuple[int, int], list] = {}
-            for n, p in named:
-                by_shape.setdefault(matrix_shape(p), []).append((n, p))
-            for shape, items in sorted(by_shape.items()):
-                for _, p in items:
-                    p.use_muon = True  # DeepSpeed's ZeRO 1/2 orthogonalise what carries this flag
-                out.append({**base, "name": f"{name}[{shape[0]}x{shape[1]}]", "params": [p for _, p in items],
-                            "owners": _owners(model, [n for n, _ in items]), "use_muon": True,
-                            "momentum": float(muon["momentum"]), "adjust_lr_fn": str(muon["adjust_lr_fn"]),
-                            "shape_factor": muon_shape_factor(shape, str(muon["adjust_lr_fn"])),
-                            "zero_lr_scale": zero_lr_scale(shape, str(muon["adjust_lr_fn"]))})
-        else:
-            for _, p in named:
-                p.use_muon = False
-            out.append({**base, "name": name, "params": [p for _, p in named],
-                        "owners": _owners(model, [n for n, _ in named]), "use_muon": False,
-                        "betas": tuple(float(b) for b in optim_cfg["betas"]), "eps": float(optim_cfg.get("eps", 1e-8)),
-                        "lazy": lazy_tables and name == TABLE_GROUP})
+        for named, ep in _split_expert_parallel(all_named):
+            label = f"{name}@{ep['ep_group']}" if ep else name
+            if kind == "muon" and g.get("muon", False):
+                by_shape: dict[tuple[int, int], list] = {}
+                for n, p in named:
+                    by_shape.setdefault(matrix_shape(p), []).append((n, p))
+                for shape, items in sorted(by_shape.items()):
+                    for _, p in items:
+                        p.use_muon = True  # DeepSpeed's ZeRO 1/2 orthogonalise what carries this flag
+                    out.append({**base, **_named(f"{label}[{shape[0]}x{shape[1]}]", ep),
+                                "params": [p for _, p in items],
+                                "owners": _owners(model, [n for n, _ in items]), "use_muon": True,
+                                "momentum": float(muon["momentum"]), "adjust_lr_fn": str(muon["adjust_lr_fn"]),
+                                "shape_factor": muon_shape_factor(shape, str(muon["adjust_lr_fn"])),
+                                "zero_lr_scale": zero_lr_scale(shape, str(muon["adjust_lr_fn"]))})
+            else:
+                for _, p in named:
+                    p.use_muon = False
+                out.append({**base, **_named(label, ep), "params": [p for _, p in named],
+                            "owners": _owners(model, [n for n, _ in named]), "use_muon": False,
+                            "betas": tuple(float(b) for b in optim_cfg["betas"]),
+                            "eps": float(optim_cfg.get("eps", 1e-8)), "lazy": lazy_tables and name == TABLE_GROUP})
     return out
+
+
+def _named(label: str, ep: dict) -> dict:
+    """A group's ``name`` is its label, except for expert-parallel groups: DeepSpeed's ZeRO looks their
+    process group up by ``name``, so it is the DeepSpeed group name and the label moves to ``label``."""
+    return {"name": ep["ep_group"], "label": label, "moe": True} if ep else {"name": label}
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping,
@@ -136,7 +158,8 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> list[str]:
     for g in optimizer.param_groups:
         n = sum(p.numel() for p in g["params"])
         extra = f"  lr x{g['shape_factor']:.3g} per matrix ({g['adjust_lr_fn']})" if g.get("use_muon") else ""
-        lines.append(f"optim group {g['name']:<22} {_kind(g):<11} lr {g['lr']:.3g}  wd {g['weight_decay']:g}  "
+        label = g.get("label", g["name"])
+        lines.append(f"optim group {label:<22} {_kind(g):<11} lr {g['lr']:.3g}  wd {g['weight_decay']:g}  "
                      f"params {n:,}  [{g.get('owners', '')}]{extra}")
     return lines
 

@@ -103,6 +103,7 @@ class ParallelConfig:
     # Engram tables: "replicated" (every rank holds every row; the gradient is all-reduced) or "sharded"
     # (rows split over the data-parallel ranks, looked up from their owners: memory/sharded.py).
     engram_tables: str = "replicated"  # one of ENGRAM_TABLE_MODES
+    expert: int = 1  # expert parallelism: routed experts sharded over this many ranks (train/expert_parallel.py)
 
 
 @dataclass
@@ -221,6 +222,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.decay_frac={o.decay_frac} must lie in (0, 1]")
     if t.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 (0 keeps all)")
+    if cfg.get("parallel") is not None and cfg.parallel.expert < 1:
+        raise ConfigError(f"parallel.expert={cfg.parallel.expert} must be >= 1")
     if t.grad_clip is not None and t.grad_clip < 0:
         raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 or null: no clipping)")
 

@@ -22,6 +22,9 @@ from train.compile import compile_blocks
 from train.data import TrainBatches, eval_windows, run_length
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from train.expert_checkpoint import engine_hooks
+from train.expert_parallel import (check_expert_parallel, ep_size, expert_memory_lines, routed_experts,
+                                   setup_expert_parallel)
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
@@ -253,6 +256,10 @@ def prepare(cfg: DictConfig, dist: DistInfo) -> Optional[Prepared]:
     t0 = time.perf_counter()
     train_split, val_split = (open_split(data_dir, s, verify=False, manifest=manifest) for s in ("train", "val"))
     mcfg = resolve_model_config(cfg, data_dir, train_split.vocab_size, manifest)
+    try:
+        check_expert_parallel(ep_size(cfg), dist.world_size, routed_experts(mcfg.moe), t.precision, int(t.zero_stage))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     fingerprints = {"model_fingerprint": mcfg.fingerprint(),
                     "stream_fingerprint": stream_fingerprint(data_dir, cfg, manifest)}
     steps, last_sequences = step_schedule(cfg)
@@ -291,7 +298,7 @@ def _loaded_check(cfg: DictConfig, p: Prepared, dist: DistInfo):
 
 
 def _layout(cfg: DictConfig, dist: DistInfo) -> dict:
-    return ckpt.layout(dist.world_size, cfg.train.zero_stage, engram_tables(cfg))
+    return ckpt.layout(dist.world_size, cfg.train.zero_stage, engram_tables(cfg), ep_size(cfg))
 
 
 def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
@@ -302,11 +309,13 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     t0 = time.perf_counter()
     model = Transformer(p.mcfg)
     counts = model.model_counts(t.seq_len)
+    ep_layout = setup_expert_parallel(model, ep_size(cfg), dist.world_size)  # before the optimizer
     tables = (ShardedTables(model, cfg.optim, t, dist.rank, dist.world_size, dist.device)
               if engram_tables(cfg) == "sharded" and p.mcfg.engram is not None else None)
     compile_blocks(model, t.compile, dist.device)
     optimizer = build_optimizer(model, cfg.optim, t)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
+    optim_lines += expert_memory_lines(model, optimizer, optim_mem, ep_size(cfg), dist.world_size, int(t.zero_stage))
     if tables is not None:
         optim_lines, optim_mem = optim_lines + tables.describe(), tables.memory(optim_mem)
     import deepspeed
@@ -315,11 +324,12 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, p.batches.accum_steps))
     p.startup.update(model_s=t1 - t0, engine_s=time.perf_counter() - t1)
+    experts = engine_hooks(engine, model, optimizer, ep_layout, t, dist.rank)
     start_step, meta = 0, {}
     if p.tags:
         t2 = time.perf_counter()
         meta = ckpt.load(engine, p.ckpt_dir, p.tags, dist.device, _loaded_check(cfg, p, dist),
-                         load_hooks(tables, model, optimizer))
+                         load_hooks(tables, model, optimizer), experts)
         p.startup["load_s"] = time.perf_counter() - t2
         start_step = int(meta["step"])
         log.info("resumed from %s at step %d", p.ckpt_dir / ckpt.tag_for(start_step), start_step)
@@ -344,6 +354,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
                     "accumulates in fp32 only at ZeRO 2, or ZeRO 1 without Muon); they are reduced in fp32",
                     p.batches.accum_steps, t.zero_stage)
     loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts, tables)
+    loop.experts = experts
     loop.on_first_step = lambda seconds: _log_startup(p.startup, seconds, dist)
     try:
         step = loop.run(start_step)

@@ -92,6 +92,17 @@ class RoutedExperts(nn.Module):
         for w in (self.w1, self.w2, self.w3):
             tag(w, "experts")
 
+    def shard_(self, first: int, count: int) -> None:
+        """Keep experts ``first .. first+count-1`` only (expert parallelism, models/moe/parallel.py).
+
+        The full [E, ...] tensors were initialised first, so a sharded model starts from exactly the
+        EP = 1 model's weights. ``n_experts`` stays the global count (what the accounting reports)."""
+        for name in ("w1", "w2", "w3"):
+            w = getattr(self, name)
+            if w.shape[0] != self.n_experts:
+                raise ValueError(f"routed experts are already sharded ({w.shape[0]} of {self.n_experts} held)")
+            setattr(self, name, tag(nn.Parameter(w.detach()[first:first + count].clone()), "experts"))
+
     def resolve_impl(self, impl: str, x: torch.Tensor) -> str:
         """'auto' -> 'grouped_mm' on CUDA (not ROCm) where the kernel supports the shapes, else
         'batched'. An explicit 'grouped_mm' that cannot run raises ValueError."""

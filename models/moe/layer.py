@@ -19,6 +19,7 @@ from models.moe.balancing import all_reduce_sum_, load_stats, sequence_aux_loss,
 from models.moe.config import MoEConfig
 from models.moe.dispatch import ExpertDispatch
 from models.moe.experts import RoutedExperts
+from models.moe.parallel import ExpertShard, expert_parallel_compute
 from models.moe.router import TopKRouter
 from models.param_groups import tag
 
@@ -49,9 +50,19 @@ class MoEFFN(nn.Module):
             self.shared = SwiGLU(d_model, cfg.n_shared_experts * cfg.expert_hidden, init_std, out_std)
             for p in self.shared.parameters():
                 tag(p, "experts")
+        self.shard: Optional[ExpertShard] = None  # set by set_expert_shard: this rank holds a block of experts
         self.aux_loss: Optional[torch.Tensor] = None
         self._step_load: Optional[torch.Tensor] = None  # int64 [E]: tokens per expert this step
         self._last_load: Optional[torch.Tensor] = None  # float32 [E]: all-reduced counts of the last routed step
+
+    def set_expert_shard(self, shard: ExpertShard) -> None:
+        """Hold only ``shard``'s block of routed experts and exchange rows with its EP group in forward.
+        The per-expert loads stay global: every rank routes over all E experts, and the post-step
+        all-reduce sums every rank's counts (the EP group's and the data-parallel ranks')."""
+        if shard.n_experts != self.cfg.n_routed_experts:
+            raise ValueError(f"expert shard over {shard.n_experts} experts for a layer of {self.cfg.n_routed_experts}")
+        self.experts.shard_(shard.first, shard.local)
+        self.shard = shard
 
     @property
     def metric_prefix(self) -> str:
@@ -64,7 +75,12 @@ class MoEFFN(nn.Module):
         flat = x.reshape(B * T, d)
         routing = self.router(flat)
         dispatch = ExpertDispatch.from_expert_ids(routing.expert_ids, self.cfg.n_routed_experts)
-        expert_out = self.experts(dispatch.permute(flat), dispatch.tokens_per_expert, self.cfg.impl)
+        rows = dispatch.permute(flat)  # [B*T*k, d] sorted by expert
+        if self.shard is None:
+            expert_out = self.experts(rows, dispatch.tokens_per_expert, self.cfg.impl)
+        else:
+            expert_out = expert_parallel_compute(rows, dispatch.tokens_per_expert, self.shard, self.experts,
+                                                 self.cfg.impl)
         out = dispatch.combine(expert_out, routing.weights)
         if self.shared is not None:
             out = self.shared(flat) + out

@@ -1,0 +1,189 @@
+"""Expert parallelism through the real trainer (DeepSpeed engine, gloo): EP = 2 and EP = 4 follow the EP = 1
+trajectory (fp32, with gradient clipping active) at ZeRO 0/1/2 and under Muon, end at the same experts, run in
+bf16, and a checkpoint saved at EP = 2 resumes at EP = 1 and EP = 4 with every expert where it belongs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpoint as ckpt
+from train.expert_checkpoint import LAYOUT_FILE, saved_layout
+from train.expert_parallel import check_expert_parallel
+from trainer_utils import losses, run_train
+
+MOE = ["model=moe", "model.moe.n_routed_experts=8", "model.moe.expert_hidden=32", "train.max_steps=20",
+       "train.grad_clip=0.3", "train.ckpt_interval=10", "train.keep_checkpoints=0", "train.eval_interval=100"]
+TOL = 1e-5
+
+
+def run(data: Path, run_dir: Path, ep: int, nproc: int, *extra: str) -> dict[int, float]:
+    micro = ["train.micro_batch_size=2"] if nproc == 4 else []  # the same 8-sequence global batch
+    run_train(data, run_dir, *MOE, *micro, f"parallel.expert={ep}", *extra, nproc=nproc)
+    return losses(run_dir)
+
+
+def gathered_experts(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full [E, ...] routed expert weights of a checkpoint: from the expert files (EP > 1) or DeepSpeed's
+    dense module file (EP = 1)."""
+    record = saved_layout(tag_dir)
+    if record is None:
+        module = ckpt.safe_load(str(tag_dir / "mp_rank_00_model_states.pt"))["module"]
+        return {k: v for k, v in module.items() if ".experts.w" in k}
+    files = [ckpt.safe_load(str(tag_dir / f)) for f in record["files"]]
+    return {k: torch.cat([f["params"][k] for f in files]) for k in files[0]["params"]}
+
+
+def gathered_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    record = saved_layout(tag_dir)
+    files = [ckpt.safe_load(str(tag_dir / f)) for f in record["files"]]
+    return {f"{k}.{s}": torch.cat([f["state"][k][s] for f in files]) for k in files[0]["state"]
+            for s in ("exp_avg", "exp_avg_sq")}
+
+
+def assert_trajectory(ref: dict, got: dict, steps) -> None:
+    assert sorted(got) == list(steps)
+    worst = max(abs(ref[s] - got[s]) for s in steps)
+    assert worst < TOL, f"loss trajectories differ by {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def ref_runs(tiny_data, tmp_path_factory):
+    """EP = 1 and EP = 2 on 2 ranks, fp32, ZeRO 0, AdamW; gradient clipping is active (norms > 0.3)."""
+    root = tmp_path_factory.mktemp("ep")
+    out = {ep: (root / f"ep{ep}", run(tiny_data, root / f"ep{ep}", ep, 2)) for ep in (1, 2)}
+    norms = [json.loads(ln).get("train/grad_norm", 0) for ln in (root / "ep2" / "metrics.jsonl").open()]
+    assert max(norms) > 0.3, "the comparison should exercise clipping"
+    return out
+
+
+@pytest.mark.slow
+def test_ep2_matches_ep1_in_losses_and_final_experts(ref_runs):
+    (dir1, l1), (dir2, l2) = ref_runs[1], ref_runs[2]
+    assert_trajectory(l1, l2, range(1, 21))
+    tag = ckpt.tag_for(20)
+    assert json.loads((dir2 / "checkpoints" / tag / LAYOUT_FILE).read_text())["expert"] == 2
+    e1, e2 = gathered_experts(dir1 / "checkpoints" / tag), gathered_experts(dir2 / "checkpoints" / tag)
+    assert sorted(e1) == sorted(e2) and all(v.shape[0] == 8 for v in e2.values())
+    for k in e1:
+        torch.testing.assert_close(e2[k], e1[k], rtol=0, atol=TOL, msg=k)
+    # the start-up memory line against what a rank really holds (its expert file: weights, Adam moments)
+    mem = json.loads((dir2 / "final.json").read_text())["memory"]
+    held = ckpt.safe_load(str(dir2 / "checkpoints" / tag / "experts_ep001_of_002.pt"))
+    params = sum(v.numel() for v in held["params"].values())
+    assert mem["expert_params_per_rank"] == params == 4 * 3 * 64 * 32  # 1 MoE layer, 4 of its 8 experts
+    moments = sum(v.numel() for st in held["state"].values() for v in st.values() if v.dim() > 0)
+    assert mem["expert_optimizer_state_bytes_per_rank"] == 4 * moments
+
+
+@pytest.mark.slow
+def test_ep4_on_four_ranks_matches_ep1(tiny_data, tmp_path, ref_runs):
+    (dir1, l1) = ref_runs[1]
+    l4 = run(tiny_data, tmp_path / "ep4", 4, 4)
+    assert_trajectory(l1, l4, range(1, 21))
+    e1, e4 = (gathered_experts(d / "checkpoints" / ckpt.tag_for(20)) for d in (dir1, tmp_path / "ep4"))
+    for k in e1:
+        torch.testing.assert_close(e4[k], e1[k], rtol=0, atol=TOL, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_partition_experts_over_their_data_parallel_group(tiny_data, tmp_path, ref_runs, stage):
+    zero = f"train.zero_stage={stage}"
+    lz = run(tiny_data, tmp_path / "z", 2, 2, zero)
+    assert_trajectory(ref_runs[1][1], lz, range(1, 21))
+    if stage == 2:  # a ZeRO-2 checkpoint resumes at its own layout, exactly; another EP size is refused
+        assert_trajectory(lz, run(tiny_data, rewound(tmp_path / "z", tmp_path / "again", 10), 2, 2, zero),
+                          range(1, 21))
+        p = run_train(tiny_data, rewound(tmp_path / "z", tmp_path / "ep1", 10), *MOE, zero, "parallel.expert=1",
+                      nproc=2, check=False)
+        assert p.returncode != 0 and "parallel.expert=2; this launch has" in p.stderr + p.stdout
+
+
+@pytest.mark.slow
+def test_muon_ep2_matches_muon_ep1(tiny_data, tmp_path):
+    muon = ("optim=muon", "train.grad_clip=0")
+    l1, l2 = (run(tiny_data, tmp_path / f"m{ep}", ep, 2, *muon) for ep in (1, 2))
+    assert_trajectory(l1, l2, range(1, 21))
+
+
+@pytest.mark.slow
+def test_bf16_ep2_smoke(tiny_data, tmp_path, ref_runs):
+    lb = run(tiny_data, tmp_path / "bf16", 2, 2, "train.precision=bf16", "train.zero_stage=2")
+    assert sorted(lb) == list(range(1, 21))
+    assert max(abs(lb[s] - ref_runs[1][1][s]) for s in lb) < 0.1  # bf16 rounding, not another trajectory
+
+
+def rewound(src: Path, dst: Path, step: int) -> Path:
+    """A copy of a finished run as it was right after checkpoint ``step`` (later checkpoints and metrics gone)."""
+    shutil.copytree(src, dst)
+    (dst / "final.json").unlink()
+    tag = ckpt.tag_for(step)
+    latest = json.loads((dst / "checkpoints" / "latest.json").read_text())
+    (dst / "checkpoints" / "latest.json").write_text(json.dumps({**latest, "tag": tag, "step": step, "history": [tag]}))
+    for p in (dst / "checkpoints").glob("step_*"):
+        if p.name > tag:
+            shutil.rmtree(p)
+    lines = [ln for ln in (dst / "metrics.jsonl").read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+    (dst / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep,nproc", [(1, 2), (4, 4)])
+def test_ep2_checkpoint_resumes_at_another_ep_with_every_expert_in_place(tiny_data, tmp_path, ref_runs, ep, nproc):
+    dir2, l2 = ref_runs[2]
+    saved = dir2 / "checkpoints" / ckpt.tag_for(10)
+    # the round trip alone: load at the new EP size and save again at once (no step in between)
+    trip = rewound(dir2, tmp_path / "trip", 10)
+    run(tiny_data, trip, ep, nproc, "train.max_steps=10", "train.allow_config_change=true")
+    back = trip / "checkpoints" / ckpt.tag_for(10)
+    assert (saved_layout(back) or {"expert": 1})["expert"] == ep
+    before, after = gathered_experts(saved), gathered_experts(back)
+    assert sorted(before) == sorted(after)
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} moved or changed in the EP 2 -> {ep} round trip"
+    if ep > 1:
+        s_before, s_after = gathered_state(saved), gathered_state(back)
+        for k in s_before:
+            assert torch.equal(s_before[k], s_after[k]), f"optimizer state {k} changed in the round trip"
+    # the continued trajectory
+    cont = rewound(dir2, tmp_path / "cont", 10)
+    assert_trajectory(l2, run(tiny_data, cont, ep, nproc), range(1, 21))
+
+
+def test_expert_parallel_sizes_are_checked():
+    check_expert_parallel(2, 4, 8)
+    for args, msg in [((3, 4, 12), "does not divide the world size 4"), ((4, 4, 6), "n_routed_experts=6"),
+                      ((2, 2, None), "needs a MoE model"), ((2, 2, 8, "bf16", 0), "needs train.zero_stage 1 or 2")]:
+        with pytest.raises(ValueError, match=msg):
+            check_expert_parallel(*args)
+
+
+def test_planned_ep_size_reaches_the_trainer_overrides():
+    from sweeps.budget import solve_plan
+    from sweeps.families import load_family
+
+    fam = load_family("cpu").with_hardware(n_gpus=4)
+    for ep in (1, 4):
+        plan = solve_plan(fam, 1e13, [1.0, 0.5], ep_size=ep, round_experts_to_ep=True)
+        for r in plan.runs:
+            assert ("parallel.expert=4" in r.overrides()) == (ep == 4)
+            assert r.to_dict()["expert_parallel"] == ep and r.n_routed_experts % ep == 0
+
+
+def test_expert_layout_change_rules():
+    saved2 = ckpt.layout(4, 0, expert=2)
+    for now in (ckpt.layout(4, 0, expert=1), ckpt.layout(4, 0, expert=4), ckpt.layout(2, 0, expert=1)):
+        ckpt.check_layout(saved2, now, Path("c"))  # ZeRO 0 reshards experts saved by layout
+    ckpt.check_layout(ckpt.layout(4, 2, expert=2), ckpt.layout(4, 2, expert=2), Path("c"))
+    refused = [(ckpt.layout(4, 0, expert=1), ckpt.layout(4, 0, expert=2)),  # EP = 1 checkpoints hold no expert files
+               (ckpt.layout(4, 2, expert=2), ckpt.layout(4, 2, expert=4)),  # ZeRO 2 partitions follow the layout
+               ({"world_size": 4, "zero_stage": 1}, ckpt.layout(4, 1, expert=2))]  # a record from before EP: EP = 1
+    for saved, now in refused:
+        with pytest.raises(ckpt.CheckpointError, match=f"parallel.expert={saved.get('expert', 1)}; this launch has "
+                                                       f"world_size=4 zero_stage={now['zero_stage']} parallel.expert="):
+            ckpt.check_layout(saved, now, Path("c"))
