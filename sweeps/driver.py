@@ -26,10 +26,11 @@ from typing import Any, Callable, Optional, Sequence
 
 from sweeps.ablation import ablation_specs, ablation_summary
 from sweeps.fit import json_safe
-from sweeps.runloop import (RUN_LOG, SWEEP_LOCK, SweepLocked, _SweepLock, _write_json,  # noqa: F401  re-exported
+from rundir.outcome import launch_attempts, read_outcome
+from sweeps.runloop import (SWEEP_LOCK, SweepLocked, _SweepLock, _write_json,  # noqa: F401  re-exported
                             check_plan_unchanged, log_tail_reason, run_sweep, run_sweeps)
-from sweeps.results import (COMPLETED, DIVERGED, FAILED, INTERRUPTED, LAUNCH_MARKER, PENDING, RUNNING,
-                            RunRecord, read_outcome, spec_json, write_results)
+from sweeps.results import (COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING,  # noqa: F401
+                            RunRecord, spec_json, write_results)
 
 ALLOCATION, MEMORY = "allocation", "memory"
 
@@ -88,8 +89,7 @@ class Sweep:
     def record(self, run: SweepRun) -> RunRecord:
         """The run's current record, from its directory."""
         status, info = read_outcome(run.run_dir)
-        marker = run.run_dir / LAUNCH_MARKER
-        attempts = json.loads(marker.read_text()).get("attempts", 0) if marker.exists() else 0
+        attempts = launch_attempts(run.run_dir)
         return RunRecord(sweep=self.name, mode=self.mode, family=self.family, budget=self.budget, rho=run.rho,
                          seed=run.seed, run_name=run.name, run_dir=str(run.run_dir), status=status,
                          slots=run.slots, attempts=attempts, spec=spec_json(run.spec), **info)

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from train.run_files import LOCK_FD_ENV, LOCK_NAME, atomic_write_json, is_locked, try_lock
+from rundir.files import LAUNCH_RECORD, atomic_write_json
+from rundir.locks import LOCK_FD_ENV, LOCK_NAME, is_locked, try_lock
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = "train/main.py"
-LAUNCH_RECORD = "launcher.json"
 RUNNERS = ("python", "torchrun", "deepspeed")
 
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from train.run_files import CHECKPOINTS, FAILED, FINAL, LATEST, atomic_write_json
+from rundir.files import CHECKPOINTS, FAILED, FINAL, LATEST, atomic_write_json
 
 RHO_STAR, CURVATURE, FLOOR, SEED_NOISE = 0.7, 0.4, 3.0, 0.002
 

@@ -14,7 +14,8 @@ from sweeps.fit import fit_power_law, fit_u_curve
 from sweeps.launchers import LocalLauncher, trainer_command
 from sweeps.plots import CurveData, plot_memory_scaling, plot_u_curves
 from sweeps.progress import Progress, fmt_duration
-from sweeps.results import RunRecord, read_outcome, read_results, write_results
+from rundir.outcome import read_outcome
+from sweeps.results import RunRecord, read_results, write_results
 
 
 # ---- names and overrides --------------------------------------------------------------------------

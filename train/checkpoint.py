@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from train.distributed import all_reduce_sum, barrier
-from train.run_files import LATEST, atomic_write_json, fsync_dir
+from rundir.files import LATEST, atomic_write_json, fsync_dir
 
 log = logging.getLogger("train")
 

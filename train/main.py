@@ -66,7 +66,7 @@ def _wait_for_own_rank0(run_dir: Path, timeout_s: float = 300.0) -> None:
     holds the lock, which rank 0 marks by writing this launch's id into the lock file. A launch refused
     because another trainer is live there thus touches nothing: its rank 0 exits and the launcher stops
     the peers while they wait here. Peers on other nodes (RANK != LOCAL_RANK) match the rendezvous only."""
-    from train.run_files import launch_id, lock_owner
+    from rundir.locks import launch_id, lock_owner
 
     me = launch_id()
     same_node = os.environ.get("RANK") == os.environ.get("LOCAL_RANK", "0")
@@ -88,7 +88,7 @@ def _lock_run_dir(run_dir: Path) -> None:
     (the descriptor is passed on to the trainer in ISOFLOP_RUN_LOCK_FD); the other ranks wait until it
     holds it. A second launch into a live run stops here, every rank touching nothing in the directory;
     under torchrun or the DeepSpeed launcher, rank 0's exit makes the launcher stop the peers."""
-    from train.run_files import LOCK_FD_ENV, LOCK_NAME, launch_id, stamp_lock_owner, try_lock
+    from rundir.locks import LOCK_FD_ENV, LOCK_NAME, launch_id, stamp_lock_owner, try_lock
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if os.environ.get(LOCK_FD_ENV):  # a launcher (the sweep driver) holds the lock for this launch
@@ -113,7 +113,7 @@ def _fail(msg: str) -> None:
 def _report_rank_failure(cfg, status: str, msg: str) -> None:
     """Any rank that fails says so on stderr and in run_dir/failed.json (rank 0's record wins), so a
     failure on one rank is never silent. Without FINAL: a finished run's record is not overwritten."""
-    from train.run_files import FAILED, FINAL, atomic_write_json
+    from rundir.files import FAILED, FINAL, atomic_write_json
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     who = f"rank {rank}: " if world > 1 else ""
