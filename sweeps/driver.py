@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from sweeps.ablation import ablation_specs, ablation_summary
+from sweeps.runconfig import refuse_planned, resolve_run_config
 from sweeps.fit import json_safe
 from rundir.outcome import launch_attempts, read_outcome
 from sweeps.runloop import (SWEEP_LOCK, SweepLocked, _SweepLock, _write_json,  # noqa: F401  re-exported
@@ -71,7 +72,7 @@ class SweepRun:
     seed: int
     run_dir: Path
     name: str  # W&B run name: <sweep>-<dir name>
-    overrides: list[str]  # complete Hydra overrides for train/main.py
+    config: dict  # the complete resolved trainer config: <run_dir>/config.yaml
     spec: dict  # the planner's description (to_dict())
     slots: Optional[int] = None
 
@@ -101,43 +102,13 @@ class Sweep:
         return f"[{self.name}] {run.run_dir.name}"
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def merge_overrides(*groups: Sequence[str]) -> list[str]:
-    """Concatenate override lists; a later override of the same key replaces an earlier one (Hydra
-    refuses two values for one key)."""
-    merged: dict[str, str] = {}
-    for group in groups:
-        for o in group:
-            if "=" not in o:
-                raise ValueError(f"override {o!r} is not of the form key=value")
-            merged.pop(_key(o), None)
-            merged[_key(o)] = o
-    return list(merged.values())
-
-
-# Overrides that would move a run off its iso-FLOP / iso-parameter point (shapes, tokens per step, steps).
-ISO_KEYS = ("model.", "memory", "train.seq_len", "train.global_batch_size", "train.train_tokens", "train.max_steps",
-            "data.dir")
-
-
-def refuse_planned_overrides(extra: Sequence[str]) -> None:
-    """``--set`` may tune how runs train (lr, micro batch, eval cadence) but not what the plan solved:
-    a changed shape or token count would break P_tot / FLOPs equality between the sweep's runs silently."""
-    for o in extra:
-        key = _key(o)
-        if key.startswith(ISO_KEYS):
-            raise ValueError(f"--set {o}: {key} is solved by the iso-FLOP plan (P_tot, P_act, tokens, FLOPs); "
-                             f"change the family config (conf/family) or --data-dir instead")
-
-
 def build_sweep(specs: Sequence[Any], *, out: Path, family: str, budget: float, seeds: Sequence[int],
-                mode: str = ALLOCATION, extra_overrides: Sequence[str] = (), wandb_mode: Optional[str] = None,
+                mode: str = ALLOCATION, settings: Sequence[str] = (), wandb_mode: Optional[str] = None,
                 wandb_project: Optional[str] = None, warnings: Sequence[str] = ()) -> Sweep:
-    """Turn planner specs (objects with ``.rho``, ``.overrides()``, ``.to_dict()``; memory sweeps also
-    ``.slots``) into runs, one per (spec, seed), with deterministic directories and names."""
+    """Turn planner specs (objects with ``.rho``, ``.config()``, ``.to_dict()``; memory sweeps also
+    ``.slots``) into runs, one per (spec, seed), with deterministic directories and names, each with its
+    complete resolved trainer config (``settings``: ``--set KEY=VALUE``, refused on planned keys)."""
+    refuse_planned(settings)
     if not specs:
         raise ValueError("the plan has no runs")
     seeds = [int(s) for s in seeds]
@@ -159,18 +130,14 @@ def build_sweep(specs: Sequence[Any], *, out: Path, family: str, budget: float, 
         for seed in seeds:
             run_dir = sweep_dir / f"{point}-seed{seed}"
             run_name = f"{name}-{run_dir.name}"
-            own = [f"run_dir={run_dir}", f"experiment_name={run_name}", f"train.seed={seed}",
-                   "train.progress=false", f"logging.wandb.group={name}", f"logging.wandb.name={run_name}",
-                   f"+sweep.name={name}", f"+sweep.mode={mode}", f"+sweep.family={family}",
-                   f"+sweep.budget={float(budget)!r}", f"+sweep.rho={float(spec.rho)!r}", f"+sweep.seed={seed}"]
-            if slots is not None:
-                own.append(f"+sweep.slots={int(slots)}")
-            if wandb_mode is not None:
-                own.append(f"logging.wandb.mode={wandb_mode}")
-            if wandb_project is not None:
-                own.append(f"logging.wandb.project={wandb_project}")
-            overrides = merge_overrides(spec.overrides(), extra_overrides, own)
-            runs.append(SweepRun(float(spec.rho), seed, run_dir, run_name, overrides, spec.to_dict(),
+            meta = {"name": name, "mode": mode, "family": family, "budget": float(budget), "rho": float(spec.rho),
+                    "seed": seed, **({} if slots is None else {"slots": int(slots)})}
+            wandb = {"group": name, "name": run_name, **({} if wandb_mode is None else {"mode": wandb_mode}),
+                     **({} if wandb_project is None else {"project": wandb_project})}
+            own = {"run_dir": str(run_dir), "experiment_name": run_name, "train": {"seed": seed, "progress": False},
+                   "logging": {"wandb": wandb}, "sweep": meta}
+            config = resolve_run_config(spec.config(), settings, own)
+            runs.append(SweepRun(float(spec.rho), seed, run_dir, run_name, config, spec.to_dict(),
                                  None if slots is None else int(slots)))
     return Sweep(name, mode, family, float(budget), sweep_dir, runs, list(warnings))
 
@@ -188,8 +155,8 @@ class _PlannedRun:
     def rho(self) -> float:
         return self.spec.rho
 
-    def overrides(self) -> list[str]:
-        return self.spec.overrides(include_name=False)
+    def config(self) -> dict:
+        return self.spec.config(include_name=False)
 
     @property
     def memory_ablated(self) -> bool:
@@ -402,7 +369,8 @@ def describe_plan(sweep: Sweep, noise: Optional[float] = None) -> str:
     import shlex
     import sys
 
-    from sweeps.launchers import TRAIN_SCRIPT
+    from rundir.config import trainer_args
+    from sweeps.runconfig import TRAIN_SCRIPT
 
     lines = [f"sweep {sweep.name} ({sweep.mode}): {len(sweep.runs)} runs in {sweep.dir}"]
     lines += [f"warning: {w}" for w in sweep.warnings]
@@ -429,7 +397,8 @@ def describe_plan(sweep: Sweep, noise: Optional[float] = None) -> str:
         lines.append(f"total: {total_hours:.4g} GPU-hours on {est['hardware']} at {est['mfu']:.0%} MFU "
                      f"(the family's assumptions)")
     first = sweep.runs[0]
-    lines.append(f"command of {first.run_dir.name}:\n  {shlex.join([sys.executable, TRAIN_SCRIPT, *first.overrides])}")
+    lines.append(f"command of {first.run_dir.name} (its config.yaml is written at launch):\n  "
+                 f"{shlex.join([sys.executable, TRAIN_SCRIPT, *trainer_args(first.run_dir)])}")
     if sweep.mode == ALLOCATION:
         lines += _power_report(sweep, noise)
     return "\n".join(lines)
@@ -441,4 +410,4 @@ def write_plan(sweep: Sweep) -> None:
         "sweep": sweep.name, "mode": sweep.mode, "family": sweep.family, "budget": sweep.budget,
         "warnings": sweep.warnings,
         "runs": [{"name": r.name, "run_dir": str(r.run_dir), "rho": r.rho, "seed": r.seed, "slots": r.slots,
-                  "overrides": r.overrides, "spec": r.spec} for r in sweep.runs]}))
+                  "config": r.config, "spec": r.spec} for r in sweep.runs]}))

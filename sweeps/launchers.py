@@ -1,6 +1,7 @@
 """Ways to run one training run of a sweep: local processes, or Slurm jobs through submitit.
 
-Every launcher runs the same trainer, ``train/main.py``, with Hydra overrides, as
+Every launcher runs the same trainer, ``train/main.py``, on the run's own resolved config (nothing else
+on its command line: ``--config-dir <run_dir> --config-name config``, :mod:`rundir.config`), as
 
 * ``python train/main.py ...`` (one process: CPU or one GPU),
 * ``python -m torch.distributed.run --nproc_per_node=N train/main.py ...`` (``runner="torchrun"``), or
@@ -28,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from rundir.config import trainer_args
 from rundir.files import LAUNCH_RECORD, atomic_write_json
 from rundir.locks import LOCK_FD_ENV, LOCK_NAME, is_locked, try_lock
-
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = "train/main.py"
+from sweeps.runconfig import REPO, TRAIN_SCRIPT
 RUNNERS = ("python", "torchrun", "deepspeed")
 
 
@@ -57,12 +57,13 @@ def free_port() -> int:
 # --------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------
-def trainer_command(overrides: Sequence[str], *, runner: str = "python", nproc: int = 1, nnodes: int = 1,
+def trainer_command(run_dir: Path, *, runner: str = "python", nproc: int = 1, nnodes: int = 1,
                     node_rank: int = 0, master_addr: Optional[str] = None, master_port: Optional[int] = None,
                     devices: Optional[Sequence[str]] = None, hostfile: Optional[Path] = None,
                     python: str = sys.executable, deepspeed_bin: Optional[str] = None,
                     script: str = TRAIN_SCRIPT) -> list[str]:
-    """The argv that runs ``script`` (``train/main.py``) with ``overrides`` under the chosen runner."""
+    """The argv that runs ``script`` (``train/main.py``) on ``<run_dir>/config.yaml`` under the chosen runner."""
+    args = trainer_args(run_dir)
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     if nproc < 1 or nnodes < 1:
@@ -70,7 +71,7 @@ def trainer_command(overrides: Sequence[str], *, runner: str = "python", nproc: 
     if runner == "python":
         if nproc != 1 or nnodes != 1:
             raise ValueError("runner 'python' runs one process; use torchrun or deepspeed for more")
-        return [python, script, *overrides]
+        return [python, script, *args]
     if runner == "torchrun":
         cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
         if nnodes == 1:
@@ -80,7 +81,7 @@ def trainer_command(overrides: Sequence[str], *, runner: str = "python", nproc: 
                 raise ValueError("a multi-node torchrun needs master_addr and master_port")
             cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
                     f"--master_port={master_port}"]
-        return [*cmd, script, *overrides]
+        return [*cmd, script, *args]
     ds = deepspeed_bin or str(Path(python).with_name("deepspeed"))
     cmd = [ds, "--no_local_rank", f"--master_port={master_port or free_port()}"]
     if nnodes == 1:
@@ -90,7 +91,7 @@ def trainer_command(overrides: Sequence[str], *, runner: str = "python", nproc: 
             raise ValueError("a multi-node DeepSpeed launch needs master_addr and a hostfile")
         cmd += ["--no_ssh", f"--hostfile={hostfile}", f"--num_nodes={nnodes}", f"--num_gpus={nproc}",
                 f"--node_rank={node_rank}", f"--master_addr={master_addr}"]
-    return [*cmd, script, *overrides]
+    return [*cmd, script, *args]
 
 
 def thread_env(threads: Optional[int]) -> dict[str, str]:
@@ -140,7 +141,6 @@ def terminate_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
 class LaunchRequest:
     name: str  # run name (also the job name)
     run_dir: Path
-    overrides: list[str]  # Hydra overrides for train/main.py
     log_path: Path  # where the trainer's stdout/stderr go
 
 
@@ -270,11 +270,11 @@ class LocalLauncher(Launcher):
         return (f"local ({where}; {self.capacity} run(s) at once, {self.procs_per_run} process(es) per run "
                 f"via {self.runner}, {self.threads} thread(s) each)")
 
-    def command(self, overrides: Sequence[str], slot: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
+    def command(self, run_dir: Path, slot: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
         env = {**thread_env(self.threads), "PYTHONUNBUFFERED": "1"}
         if slot is not None and self.runner != "deepspeed":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
-        cmd = trainer_command(overrides, runner=self.runner, nproc=self.procs_per_run, devices=slot,
+        cmd = trainer_command(run_dir, runner=self.runner, nproc=self.procs_per_run, devices=slot,
                               python=self.python, script=self.script)
         return cmd, env
 
@@ -282,7 +282,7 @@ class LocalLauncher(Launcher):
         if not self.free:
             raise RuntimeError("local launcher is full: wait for a run to finish before launching another")
         slot_id = self.free[0]
-        cmd, env = self.command(req.overrides, self.slots[slot_id])
+        cmd, env = self.command(req.run_dir, self.slots[slot_id])
         proc = spawn_locked(cmd, req.run_dir, req.log_path, env, self.cwd)
         if proc is None:
             return None
@@ -326,7 +326,6 @@ class NodeTask:
     requeues the same task; the trainer resumes from its last checkpoint in the run directory.
     """
 
-    overrides: list[str]
     run_dir: str
     log_path: str
     runner: str = "torchrun"
@@ -353,7 +352,7 @@ class NodeTask:
         runner = self.runner
         if runner == "python" and (self.procs_per_node > 1 or nnodes > 1):
             runner = "torchrun"
-        cmd = trainer_command(self.overrides, runner=runner, nproc=self.procs_per_node, nnodes=nnodes, node_rank=node,
+        cmd = trainer_command(run_dir, runner=runner, nproc=self.procs_per_node, nnodes=nnodes, node_rank=node,
                               master_addr=master, master_port=port, hostfile=hostfile, python=self.python,
                               script=self.script)
         env = {**thread_env(self.threads), "PYTHONUNBUFFERED": "1", **self.extra_env}
@@ -481,7 +480,7 @@ class SubmititLauncher(Launcher):
     def launch(self, req: LaunchRequest) -> Optional[Handle]:
         if is_locked(req.run_dir):
             return None
-        task = NodeTask(list(req.overrides), str(req.run_dir), str(req.log_path), self.runner, self.procs_per_node,
+        task = NodeTask(str(req.run_dir), str(req.log_path), self.runner, self.procs_per_node,
                         self.threads, self.python, str(self.cwd), self.script)
         self.executor.update_parameters(name=req.name)
         job = self.executor.submit(task)

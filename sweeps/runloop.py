@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from rundir import files
+from rundir.config import config_changes, read_run_config, write_run_config
 from rundir.locks import is_locked
 from rundir.outcome import last_step, read_outcome, supersede_outcome
 from sweeps.launchers import ForeignHandle, Handle, LaunchRequest, Launcher
 from sweeps.progress import Progress, fmt_duration, table
+from sweeps.runconfig import hydra_block
 from sweeps.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, TERMINAL, RunRecord, write_results
 
 if TYPE_CHECKING:
@@ -104,7 +106,7 @@ def _mark_launch(run: SweepRun) -> int:
     state = json.loads(marker.read_text()) if marker.exists() else {}
     attempts = int(state.get("attempts", 0)) + 1
     _write_json(marker, {"attempts": attempts, "name": run.name, "last_launch": time.time(),
-                         "overrides": run.overrides})
+                         "config": files.RUN_CONFIG})
     return attempts
 
 
@@ -145,27 +147,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-# Overrides that decide what a run computes; a re-run whose plan changes any of them must not reuse it.
-_DEFINING = ("model.", "train.", "optim.", "data.")
-
-
-def _defining(overrides: Sequence[str]) -> dict[str, str]:
-    keys = {o: o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return {k: o.split("=", 1)[1] for o, k in keys.items() if k.startswith(_DEFINING) and k != "train.progress"}
-
-
 def check_plan_unchanged(sweep: Sweep) -> None:
     """Refuse to continue a sweep whose runs were launched under a different plan (say, the family
-    config changed): their finished results would be mixed with the new plan's, silently."""
+    config changed): their finished results would be mixed with the new plan's, silently. A run that was
+    launched (or finished) is compared by the config it recorded (its config.yaml, or Hydra's record in a
+    run directory from before that file) with the resolved config the plan gives it now."""
     changed = []
     for run in sweep.runs:
-        marker = run.run_dir / files.LAUNCH_MARKER
-        if not marker.exists():
+        if read_outcome(run.run_dir)[0] == PENDING:
             continue
-        before = _defining(json.loads(marker.read_text()).get("overrides", []))
-        now = _defining(run.overrides)
-        keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        if keys:
+        recorded = read_run_config(run.run_dir)
+        diff = [] if recorded is None else config_changes(recorded, run.config)
+        if diff:
+            keys = [d.split(":", 1)[0] for d in diff]
             changed.append(f"{run.run_dir.name} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
     if changed:
         raise ValueError(f"sweep {sweep.name} in {sweep.dir}: the plan changed since these runs were launched: "
@@ -230,7 +224,8 @@ class _Driver:
         if was_resumed:
             self.resumed.add(name)
         try:
-            handle = self.launcher.launch(LaunchRequest(run.name, run.run_dir, run.overrides, run.run_dir / files.RUN_LOG))
+            write_run_config(run.run_dir, run.config, hydra_block())  # what the trainer reads, whole
+            handle = self.launcher.launch(LaunchRequest(run.name, run.run_dir, run.run_dir / files.RUN_LOG))
         except (OSError, RuntimeError, ValueError) as e:  # e.g. sbatch refused the job
             _record_failure(run, f"launch failed: {type(e).__name__}: {e}")
             self.records[name] = self.sweep.record(run)

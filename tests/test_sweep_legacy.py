@@ -40,3 +40,17 @@ def test_legacy_finished_run_is_finished_under_the_same_plan(tmp_path):
     check_plan_unchanged(sweep)  # the plan it was launched under equals today's
     [records] = run_sweeps([sweep], NeverLaunch(), poll_s=0.01, emit=lambda line: None)
     assert records[0].status == "completed" and records[0].val_loss == pytest.approx(6.285826206207275)
+
+
+def test_legacy_run_under_a_changed_plan_is_refused_naming_the_key(tmp_path):
+    sweep = legacy_sweep(tmp_path, settings=["optim.lr=0.01"])
+    with pytest.raises(ValueError, match=r"plan changed since these runs were launched: rho0.80-seed0 \(optim.lr\)"):
+        check_plan_unchanged(sweep)
+
+
+def test_legacy_record_is_hydras_resolved_config():
+    from rundir.config import read_run_config
+
+    cfg = read_run_config(LEGACY)  # no config.yaml: hydra/config.yaml, interpolations resolved
+    assert cfg["optim"]["groups"]["matrix"]["weight_decay"] == 0.1 and cfg["train"]["train_tokens"] == 228608
+    assert cfg["model"]["moe"]["n_routed_experts"] == 20 and "hydra" not in cfg

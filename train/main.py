@@ -3,6 +3,7 @@
     python train/main.py +experiment=engram_25pct
     torchrun --nproc_per_node=2 train/main.py train.zero_stage=2
     deepspeed --no_local_rank --num_gpus=8 train/main.py +experiment=...
+    python train/main.py --config-dir RUN_DIR --config-name config   # a planned run: its config.yaml, whole
 
 Every rank agrees on ``run_dir`` (from the config, never the clock) and writes its own
 ``rank<N>.log`` there. Bad input stops with a one-line ``error:`` before any compute.
@@ -34,9 +35,30 @@ def _check_group_choices(argv: list[str]) -> None:
             raise SystemExit(f"error: unknown {key} '{value}' (available: {', '.join(options)})")
 
 
+def _config_source(argv: list[str]) -> tuple[Path, str, list[str]]:
+    """(config dir, config name, overrides): conf/config.yaml, or the run config a planner wrote
+    (``--config-dir RUN_DIR --config-name config``: rundir/config.py), which Hydra then reads as well."""
+    where, rest, i = {"--config-dir": str(CONF), "--config-name": "config"}, [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in where:
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            where[flag] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    config_dir = Path(where["--config-dir"]).resolve()
+    if not (config_dir / f"{where['--config-name']}.yaml").is_file():
+        raise SystemExit(f"error: no config {config_dir / where['--config-name']}.yaml (--config-dir, --config-name)")
+    return config_dir, where["--config-name"], rest
+
+
 def _compose_and_validate(argv: list[str]):
     """Compose the config as Hydra will and check it against train/schema.py, before torch is imported,
     so a typo'd key or a bad value costs a second, not a checkpoint (and fails in one line)."""
+    config_dir, config_name, argv = _config_source(argv)
     if any(a.startswith("-") for a in argv):  # Hydra's own flags (--cfg, --multirun): leave it to Hydra
         return
     from hydra import compose, initialize_config_dir
@@ -47,8 +69,8 @@ def _compose_and_validate(argv: list[str]):
 
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides)
         check_schema(cfg)
         validate(cfg)
         return cfg
@@ -151,8 +173,9 @@ def main() -> int:
     from omegaconf import DictConfig
 
     exit_code = {"code": 0}
+    config_dir, config_name, _ = _config_source(sys.argv[1:])  # a run's config.yaml is the primary config
 
-    @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
+    @hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)
     def _run(cfg: DictConfig) -> None:
         from data_prep.reader import DataError
         from train.checkpoint import CheckpointError
