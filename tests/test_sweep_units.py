@@ -320,3 +320,23 @@ def test_run_config_names_the_trainers_schema():
     from train import schema
 
     assert SCHEMA_NAME == schema.SCHEMA_NAME  # config.yaml's defaults list starts from the trainer's schema
+
+
+def test_trainer_reads_the_run_config_even_beside_hydras_record_of_an_earlier_launch(tmp_path):
+    """A relaunched run's directory holds Hydra's hydra/config.yaml: the trainer must read config.yaml, not
+    take that record for Hydra's own config group (the run directory is never on Hydra's search path)."""
+    import subprocess
+    import sys
+
+    from rundir.config import trainer_args, write_run_config
+    from sweeps.runconfig import REPO, TRAIN_SCRIPT, hydra_block
+
+    sweep = build_sweep([ContractSpec(0.8)], out=tmp_path, family="f", budget=1e13, seeds=[0])
+    run = sweep.runs[0]
+    write_run_config(run.run_dir, run.config, hydra_block())
+    (run.run_dir / "hydra").mkdir()
+    (run.run_dir / "hydra" / "config.yaml").write_text("train: {max_steps: 1}\n")
+    out = subprocess.run([sys.executable, TRAIN_SCRIPT, *trainer_args(run.run_dir), "--cfg", "job"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"run_dir: {run.run_dir}" in out.stdout and "max_steps: 6" in out.stdout

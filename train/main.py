@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python train/main.py` from a checkout without installing
@@ -35,13 +36,18 @@ def _check_group_choices(argv: list[str]) -> None:
             raise SystemExit(f"error: unknown {key} '{value}' (available: {', '.join(options)})")
 
 
-def _config_source(argv: list[str]) -> tuple[Path, str, list[str]]:
-    """(config dir, config name, overrides): conf/config.yaml, or the run config a planner wrote
-    (``--config-dir RUN_DIR --config-name config``: rundir/config.py), which Hydra then reads as well."""
-    where, rest, i = {"--config-dir": str(CONF), "--config-name": "config"}, [], 0
+RUN_NODE = "run_config"  # a planned run's config.yaml, as Hydra sees it (see _config_source)
+
+
+def _config_source(argv: list[str]) -> tuple[Optional[Path], str, list[str]]:
+    """(config dir, config name, the other arguments): conf/config.yaml, or the run config a planner wrote
+    (``--config-dir RUN_DIR --config-name config``, rundir/config.py). A run config goes into Hydra's
+    ConfigStore (dir None) rather than putting RUN_DIR on Hydra's search path: there Hydra would take the
+    run's own ``hydra/config.yaml`` record for its ``hydra/config`` group on a relaunch."""
+    where, rest, i = {}, [], 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
-        if flag in where:
+        if flag in ("--config-dir", "--config-name"):
             if not eq:
                 i += 1
                 value = argv[i] if i < len(argv) else ""
@@ -49,19 +55,24 @@ def _config_source(argv: list[str]) -> tuple[Path, str, list[str]]:
         else:
             rest.append(argv[i])
         i += 1
-    config_dir = Path(where["--config-dir"]).resolve()
-    if not (config_dir / f"{where['--config-name']}.yaml").is_file():
-        raise SystemExit(f"error: no config {config_dir / where['--config-name']}.yaml (--config-dir, --config-name)")
-    return config_dir, where["--config-name"], rest
+    if "--config-dir" not in where:
+        return CONF, where.get("--config-name", "config"), rest
+    path = Path(where["--config-dir"]).resolve() / f"{where.get('--config-name', 'config')}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: no run config {path} (--config-dir, --config-name)")
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name=RUN_NODE, node=OmegaConf.to_container(OmegaConf.load(path)))
+    return None, RUN_NODE, rest
 
 
-def _compose_and_validate(argv: list[str]):
+def _compose_and_validate(config_dir: Optional[Path], config_name: str, argv: list[str]):
     """Compose the config as Hydra will and check it against train/schema.py, before torch is imported,
     so a typo'd key or a bad value costs a second, not a checkpoint (and fails in one line)."""
-    config_dir, config_name, argv = _config_source(argv)
     if any(a.startswith("-") for a in argv):  # Hydra's own flags (--cfg, --multirun): leave it to Hydra
         return
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -69,7 +80,9 @@ def _compose_and_validate(argv: list[str]):
 
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        init = (initialize(config_path=None, version_base="1.3") if config_dir is None
+                else initialize_config_dir(config_dir=str(config_dir), version_base="1.3"))
+        with init:
             cfg = compose(config_name, overrides=overrides)
         check_schema(cfg)
         validate(cfg)
@@ -166,16 +179,18 @@ def main() -> int:
     from train.schema import register
 
     register()
-    cfg = _compose_and_validate(sys.argv[1:])  # every rank: all stop, rank 0 says why
+    config_dir, config_name, args = _config_source(sys.argv[1:])
+    sys.argv[1:] = args  # Hydra gets the run config by name, never its directory on the search path
+    cfg = _compose_and_validate(config_dir, config_name, args)  # every rank: all stop, rank 0 says why
     if cfg is not None:
         _lock_run_dir(Path(cfg.run_dir))
     import hydra
     from omegaconf import DictConfig
 
     exit_code = {"code": 0}
-    config_dir, config_name, _ = _config_source(sys.argv[1:])  # a run's config.yaml is the primary config
 
-    @hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=None if config_dir is None else str(config_dir),
+                config_name=config_name)
     def _run(cfg: DictConfig) -> None:
         from data_prep.reader import DataError
         from train.checkpoint import CheckpointError
