@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
-from omegaconf import OmegaConf
 
 from rundir.files import HYDRA_CONFIG, RUN_CONFIG, atomic_write_text
 
@@ -48,6 +47,8 @@ def write_run_config(run_dir: Path, config: Mapping[str, Any], hydra: Mapping[st
 def read_run_config(run_dir: Path) -> Optional[dict]:
     """The resolved config a run was launched with: its config.yaml, else (a run directory from before that
     file existed) Hydra's hydra/config.yaml with its interpolations resolved; None if neither exists."""
+    from omegaconf import OmegaConf  # here: the test fake trainer imports this module and must start fast
+
     for name in (RUN_CONFIG, HYDRA_CONFIG):
         path = Path(run_dir) / name
         if path.exists():

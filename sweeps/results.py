@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from rundir.outcome import (COMPLETED, DIVERGED, INTERRUPTED, PENDING, RUNNING, STATUSES,  # noqa: F401  (re-exported)
                             TERMINAL)
-from rundir.outcome import FAILED_STATUS as FAILED
+from rundir.outcome import FAILED_STATUS as FAILED  # noqa: F401  (re-exported: the sweep's word for it)
 
 
 @dataclass

@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sweeps.driver import (ALLOCATION, MEMORY, SweepLocked, build_sweep, check_plan_unchanged, describe_plan,
-                           overlay_allocation_sweeps, plan_allocation, plan_memory, run_sweeps, summarize, write_plan)
+from sweeps.driver import ALLOCATION, MEMORY, build_sweep, plan_allocation, plan_memory
+from sweeps.planview import describe_plan, write_plan
+from sweeps.runloop import SweepLocked, check_plan_unchanged, run_sweeps
+from sweeps.summary import overlay_allocation_sweeps, summarize
 from sweeps.plan import add_rho_argument, flat, numbers_arg
 
 LAUNCHERS = ("local", "gpus", "submitit-local", "slurm")
@@ -93,7 +95,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def make_launcher(args: argparse.Namespace, out_dir: Path):
-    from sweeps.launchers import LocalLauncher, SubmititLauncher
+    from sweeps.launchers import LocalLauncher
+    from sweeps.submitit_launcher import SubmititLauncher
 
     if args.launcher == "local":
         return LocalLauncher(None, args.procs_per_run, args.runner, args.parallel, args.threads)
@@ -162,7 +165,8 @@ def _check_machine(args: argparse.Namespace, sweeps) -> None:
     check_fits(sweeps, local_machine(ranks, devices), hint)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace) -> None:
+    """One-line errors for option values and combinations that cannot make a sweep."""
     if args.seeds < 1 or args.seed_offset < 0:
         raise ValueError(f"--seeds must be >= 1 and --seed-offset >= 0, got {args.seeds} and {args.seed_offset}")
     if args.noise is not None and not args.noise > 0:
@@ -181,6 +185,10 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError("--launcher gpus needs --devices, e.g. --devices 0,1,2,3")
     if args.slurm_params and args.launcher != "slurm":
         raise ValueError("--slurm parameters only apply to --launcher slurm")
+
+
+def _main(args: argparse.Namespace) -> int:
+    _check_args(args)
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     from sweeps.families import load_family
 

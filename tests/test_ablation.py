@@ -13,7 +13,8 @@ from memory.config import EngramConfig
 from memory.hashing import NgramHasher
 from memory.primes import assign_table_primes
 from sweeps.ablation import ablation_summary
-from sweeps.driver import build_sweep, overlay_allocation_sweeps, plan_allocation, summarize
+from sweeps.driver import build_sweep, plan_allocation
+from sweeps.summary import overlay_allocation_sweeps, summarize
 from sweeps.launchers import LocalLauncher
 from sweeps.results import ABLATED_REASON, COMPLETED, RunRecord
 from sweeps.runloop import run_sweep

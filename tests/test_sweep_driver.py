@@ -14,9 +14,12 @@ import pytest
 
 from fault_rows import row
 from sweep_contract_trainer import RHO_STAR, ContractSpec, MemoryContractSpec, contract_loss, contract_memory_loss
-from sweeps.driver import build_sweep, run_sweep, run_sweeps, summarize
+from sweeps.driver import build_sweep
+from sweeps.runloop import run_sweep, run_sweeps
+from sweeps.summary import summarize
 from rundir.config import read_run_config, write_run_config
-from sweeps.launchers import Handle, LocalLauncher, SubmititLauncher, spawn_locked, trainer_command
+from sweeps.launchers import Handle, LocalLauncher, spawn_locked, trainer_command
+from sweeps.submitit_launcher import SubmititLauncher
 from sweeps.runconfig import hydra_block
 from sweeps.results import read_results
 
@@ -101,8 +104,9 @@ DRIVER = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from sweep_contract_trainer import ContractSpec
-from sweeps.driver import build_sweep, run_sweep
+from sweeps.driver import build_sweep
 from sweeps.launchers import LocalLauncher
+from sweeps.runloop import run_sweep
 sweep = build_sweep([ContractSpec(r, 12) for r in {rhos!r}], out={out!r}, family="contract", budget=1e9, seeds=[0],
                     settings=["+contract.step_s=0.1", "+contract.ckpt_every=3"], wandb_mode="disabled")
 run_sweep(sweep, LocalLauncher(script={script!r}, threads=1), poll_s=0.05)
@@ -185,9 +189,10 @@ def test_run_held_by_another_process_is_waited_for_not_launched_twice(tmp_path):
 
 
 def test_timed_out_run_is_recorded_and_resumable(tmp_path):
-    sweep = build_sweep([ContractSpec(0.5, 40)], out=tmp_path, family="contract", budget=1e9, seeds=[0],
+    sweep = build_sweep([ContractSpec(0.5, 80)], out=tmp_path, family="contract", budget=1e9, seeds=[0],
                         settings=["+contract.step_s=0.05", "+contract.ckpt_every=2"], wandb_mode="disabled")
-    records = run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), run_timeout_s=1.0, poll_s=0.05, emit=quiet)
+    # 2 s: time for the fake trainer to start and checkpoint on a loaded machine, half its 4 s of steps
+    records = run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), run_timeout_s=2.0, poll_s=0.05, emit=quiet)
     assert records[0].status == "failed" and "timed out" in records[0].reason
     records = run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), retry_failed=True, poll_s=0.05, emit=quiet)
     assert records[0].status == "completed"
@@ -195,7 +200,7 @@ def test_timed_out_run_is_recorded_and_resumable(tmp_path):
 
 
 def test_second_driver_on_the_same_sweep_is_refused(tmp_path):
-    from sweeps.driver import SweepLocked, _SweepLock
+    from sweeps.runloop import SweepLocked, _SweepLock
 
     sweep = make_sweep(tmp_path, rhos=(1.0, 0.5, 0.2))
     lock = _SweepLock(sweep.dir)
@@ -319,11 +324,11 @@ class _FakeSlurmJob:
 def test_unknown_slurm_state_is_requeried_never_resubmitted(tmp_path, monkeypatch, states, attached):
     import submitit.slurm.slurm as slurm_mod
 
-    from sweeps import launchers
+    from sweeps import submitit_launcher
 
     monkeypatch.setattr(slurm_mod, "SlurmJob", _FakeSlurmJob)
     monkeypatch.setattr(_FakeSlurmJob, "states", list(states))
-    monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
+    monkeypatch.setattr(submitit_launcher.time, "sleep", lambda s: None)
     (tmp_path / "launcher.json").write_text(json.dumps({"cluster": "slurm", "folder": str(tmp_path), "job_id": "7"}))
     launcher = SubmititLauncher.__new__(SubmititLauncher)
     launcher.cluster = "slurm"

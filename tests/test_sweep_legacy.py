@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.driver import build_sweep, check_plan_unchanged, plan_allocation, run_sweeps
+from sweeps.driver import build_sweep, plan_allocation
+from sweeps.runloop import check_plan_unchanged, run_sweeps
 from sweeps.launchers import Launcher
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_run_cpu-3e12_rho0.80-seed0"

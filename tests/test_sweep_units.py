@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from sweep_contract_trainer import ContractSpec
-from sweeps.driver import (budget_tag, build_sweep, describe_plan, log_tail_reason, overlay_allocation_sweeps,
-                           rho_tag, sweep_name)
+from sweeps.driver import budget_tag, build_sweep, rho_tag, sweep_name
+from sweeps.planview import describe_plan
+from sweeps.runloop import log_tail_reason
+from sweeps.summary import overlay_allocation_sweeps
 from sweeps.fit import fit_power_law, fit_u_curve
 from sweeps.launchers import LocalLauncher, trainer_command
 from sweeps.plots import CurveData, plot_memory_scaling, plot_u_curves
