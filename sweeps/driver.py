@@ -5,7 +5,7 @@ its own runs)::
 
     <out>/<family>-<budget>/                       allocation sweep, e.g. cpu-6e12/ (W&B group = dir name)
         plan.json  results.parquet  summary.json  u_curve.png  launch.log  wandb/
-        rho0.80-seed0/                             one run_dir of train/main.py (final.json, checkpoints/, ...)
+        rho0.80-seed0/                             one run_dir of train/main.py (config.yaml, final.json, checkpoints/)
     <out>/<family>-<budget>-memory/                "infinite memory" sweep: fixed backbone, Engram slots swept
         slots1000000-seed0/ ...
     <out>/u_curves.png                             every allocation sweep under <out> overlaid

@@ -1,9 +1,11 @@
 """The sweep driver's run loop: launch what is missing from one queue, watch it, record every outcome.
 
-Split from :mod:`sweeps.driver` (which plans, names and collects). The loop survives its own death
-(results rewritten after every finished run; a re-run re-attaches to live runs and never launches
-one twice), counts a run timeout from when the run leaves any scheduler queue, and drives the
-budgets of one command as one queue.
+Split from :mod:`sweeps.driver` (which names and plans; :mod:`sweeps.summary` collects). Each launch
+first writes the run's resolved ``config.yaml``, the only thing the trainer is given; a run launched
+before is continued only if its recorded config equals the plan's (:func:`check_plan_unchanged`). The
+loop survives its own death (results rewritten after every finished run; a re-run re-attaches to live
+runs and never launches one twice), counts a run timeout from when the run leaves any scheduler queue,
+and drives the budgets of one command as one queue.
 """
 from __future__ import annotations
 
