@@ -65,8 +65,9 @@ def measure_peak(device: torch.device, n: Optional[int] = None, iters: int = 10)
 
 
 # ---- configurations --------------------------------------------------------------------------------
-def compose(overrides: list[str]):
-    """The trainer's config for these overrides, exactly as ``train/main.py`` composes it."""
+def compose(overrides: list[str], config_dir: Path = CONF):
+    """The trainer's config for these overrides, exactly as ``train/main.py`` composes it (from conf/, or from
+    a run's own config.yaml in ``config_dir``)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -74,17 +75,20 @@ def compose(overrides: list[str]):
 
     register()  # conf/config.yaml starts from the schema in Hydra's ConfigStore
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def plan_cases(family: str, budget: float, rhos: list[float]) -> list[tuple[str, list[str]]]:
-    """(label, overrides) of the plan's runs: the sweep's own model, batch and optimizer settings."""
+def plan_cases(family: str, budget: float, rhos: list[float]) -> list[tuple[str, list[str], Optional[dict]]]:
+    """(label, overrides, run config) of the plan's runs: the config.yaml a sweep would write for each."""
     from sweeps.budget import solve_plan
     from sweeps.families import load_family
 
     plan = solve_plan(load_family(family), budget, rhos)
-    return [(f"{family}-{budget:g}-rho{spec.rho:g}", spec.overrides(include_name=False)) for spec in plan.runs]
+    from sweeps.runconfig import resolve_run_config
+
+    return [(f"{family}-{budget:g}-rho{spec.rho:g}", [], resolve_run_config(spec.config(include_name=False)))
+            for spec in plan.runs]
 
 
 def bench_overrides(run_dir: Path, steps: int, device: torch.device) -> list[str]:
@@ -181,14 +185,20 @@ def train_flops_per_token(counts) -> tuple[float, str]:
 
 
 def run_case(label: str, overrides: list[str], steps: int, dist, peak: float, workdir: Path,
-             repeats: int = 1) -> CaseResult:
+             repeats: int = 1, run_config: Optional[dict] = None) -> CaseResult:
     """Framework and bare loop alternately ``repeats`` times; each side keeps its best window (on a
     shared machine the slowest windows measure the neighbours, not the code)."""
     fw, bare, counts, cfg = 0.0, 0.0, None, None
     for i in range(repeats):
         run_dir = workdir / f"{label}-{i}"
         run_dir.mkdir(parents=True)  # Hydra's job creates it under train/main.py
-        cfg = compose([*overrides, *bench_overrides(run_dir, steps, dist.device)])
+        if run_config is not None:  # a planned run: its own config.yaml, as the sweep launches it
+            from rundir.config import write_run_config
+            from sweeps.runconfig import hydra_block
+
+            write_run_config(run_dir, run_config, hydra_block())
+        cfg = compose([*overrides, *bench_overrides(run_dir, steps, dist.device)],
+                      run_dir if run_config is not None else CONF)
         fw = max(fw, framework_tokens_per_s(cfg, dist))
         tps, counts = bare_tokens_per_s(cfg, dist.device, steps)
         bare = max(bare, tps)
@@ -248,12 +258,14 @@ def main(argv=None) -> int:
 
     dist = setup()
     cases = (plan_cases(args.family, args.budget, [float(r) for r in args.rhos.split(",")]) if args.family
-             else [(name, [f"+experiment={name}"]) for name in args.experiment])
+             else [(name, [f"+experiment={name}"], None) for name in args.experiment])
     if args.compile_too:
-        cases = [c for label, ov in cases for c in ((label, ov), (f"{label}+compile", [*ov, "train.compile=blocks"]))]
+        cases = [c for label, ov, rc in cases
+                 for c in ((label, ov, rc), (f"{label}+compile", [*ov, "train.compile=blocks"], rc))]
     peak, peak_how = measure_peak(dist.device)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        results = [run_case(label, [*ov, *args.set], args.steps, dist, peak, Path(tmp), args.repeats) for label, ov in cases]
+        results = [run_case(label, [*ov, *args.set], args.steps, dist, peak, Path(tmp), args.repeats, run_config)
+                   for label, ov, run_config in cases]
     out = report(results, peak, peak_how, dist.device, plan=bool(args.family) and not args.compile_too)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -52,12 +52,12 @@ from sweeps.backbone import (Backbone, Measured, experts_for_rho, measure, selec
 from sweeps.families import Family, Hardware
 from sweeps.memory_points import solve_memory_points  # noqa: F401
 from sweeps.resources import GiB, Resources, activation_bytes_per_token, estimate_resources  # noqa: F401
-from sweeps.runspec import RunSpec, hydra_value  # noqa: F401
+from sweeps.runspec import RunSpec  # noqa: F401
 from sweeps.solver import solve_point
 
 # The solver is split by what each part does; this module assembles a plan and re-exports the public
 # names (``from sweeps.budget import ...`` keeps working): backbone.py (steps 1-2), solver.py (steps
-# 3-4), runspec.py (the run description and its Hydra overrides), resources.py (cost estimates),
+# 3-4), runspec.py (the run description and the config sections it decides), resources.py (cost estimates),
 # memory_points.py ("infinite memory" sweeps).
 
 

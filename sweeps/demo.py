@@ -33,7 +33,7 @@ BUDGET = float(BUDGET_TEXT)
 
 def sweep_argv(out: Path, parallel: int, threads: int) -> list[str]:
     """The ``sweeps.run`` command line of the demo."""
-    return ["--budget", BUDGET_TEXT, "--family", FAMILY, "--rhos", *map(str, RHOS), "--seeds", "1",
+    return ["--budget", BUDGET_TEXT, "--family", FAMILY, "--rho", *map(str, RHOS), "--seeds", "1",
             "--parallel", str(parallel), "--threads", str(threads), "--out", str(out), "--wandb-mode", "offline"]
 
 

@@ -1,6 +1,8 @@
-"""Ways to run one training run of a sweep: local processes, or Slurm jobs through submitit.
+"""Ways to run one training run of a sweep: the launcher interface and local processes (Slurm jobs through
+submitit are :mod:`sweeps.submitit_launcher`).
 
-Every launcher runs the same trainer, ``train/main.py``, with Hydra overrides, as
+Every launcher runs the same trainer, ``train/main.py``, on the run's own resolved config (nothing else
+on its command line: ``--config-dir <run_dir> --config-name config``, :mod:`rundir.config`), as
 
 * ``python train/main.py ...`` (one process: CPU or one GPU),
 * ``python -m torch.distributed.run --nproc_per_node=N train/main.py ...`` (``runner="torchrun"``), or
@@ -15,7 +17,6 @@ instead of running on unattended next to a re-launched copy.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shlex
 import signal
@@ -24,15 +25,14 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from train.run_files import LOCK_FD_ENV, LOCK_NAME, atomic_write_json, is_locked, try_lock
+from rundir.config import trainer_args
+from rundir.locks import LOCK_FD_ENV, LOCK_NAME, is_locked, try_lock
+from sweeps.runconfig import REPO, TRAIN_SCRIPT
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = "train/main.py"
-LAUNCH_RECORD = "launcher.json"
 RUNNERS = ("python", "torchrun", "deepspeed")
 
 
@@ -57,12 +57,13 @@ def free_port() -> int:
 # --------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------
-def trainer_command(overrides: Sequence[str], *, runner: str = "python", nproc: int = 1, nnodes: int = 1,
+def trainer_command(run_dir: Path, *, runner: str = "python", nproc: int = 1, nnodes: int = 1,
                     node_rank: int = 0, master_addr: Optional[str] = None, master_port: Optional[int] = None,
                     devices: Optional[Sequence[str]] = None, hostfile: Optional[Path] = None,
                     python: str = sys.executable, deepspeed_bin: Optional[str] = None,
                     script: str = TRAIN_SCRIPT) -> list[str]:
-    """The argv that runs ``script`` (``train/main.py``) with ``overrides`` under the chosen runner."""
+    """The argv that runs ``script`` (``train/main.py``) on ``<run_dir>/config.yaml`` under the chosen runner."""
+    args = trainer_args(run_dir)
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     if nproc < 1 or nnodes < 1:
@@ -70,7 +71,7 @@ def trainer_command(overrides: Sequence[str], *, runner: str = "python", nproc: 
     if runner == "python":
         if nproc != 1 or nnodes != 1:
             raise ValueError("runner 'python' runs one process; use torchrun or deepspeed for more")
-        return [python, script, *overrides]
+        return [python, script, *args]
     if runner == "torchrun":
         cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
         if nnodes == 1:
@@ -80,7 +81,7 @@ def trainer_command(overrides: Sequence[str], *, runner: str = "python", nproc: 
                 raise ValueError("a multi-node torchrun needs master_addr and master_port")
             cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--master_addr={master_addr}",
                     f"--master_port={master_port}"]
-        return [*cmd, script, *overrides]
+        return [*cmd, script, *args]
     ds = deepspeed_bin or str(Path(python).with_name("deepspeed"))
     cmd = [ds, "--no_local_rank", f"--master_port={master_port or free_port()}"]
     if nnodes == 1:
@@ -90,7 +91,7 @@ def trainer_command(overrides: Sequence[str], *, runner: str = "python", nproc: 
             raise ValueError("a multi-node DeepSpeed launch needs master_addr and a hostfile")
         cmd += ["--no_ssh", f"--hostfile={hostfile}", f"--num_nodes={nnodes}", f"--num_gpus={nproc}",
                 f"--node_rank={node_rank}", f"--master_addr={master_addr}"]
-    return [*cmd, script, *overrides]
+    return [*cmd, script, *args]
 
 
 def thread_env(threads: Optional[int]) -> dict[str, str]:
@@ -140,7 +141,6 @@ def terminate_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
 class LaunchRequest:
     name: str  # run name (also the job name)
     run_dir: Path
-    overrides: list[str]  # Hydra overrides for train/main.py
     log_path: Path  # where the trainer's stdout/stderr go
 
 
@@ -270,11 +270,11 @@ class LocalLauncher(Launcher):
         return (f"local ({where}; {self.capacity} run(s) at once, {self.procs_per_run} process(es) per run "
                 f"via {self.runner}, {self.threads} thread(s) each)")
 
-    def command(self, overrides: Sequence[str], slot: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
+    def command(self, run_dir: Path, slot: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
         env = {**thread_env(self.threads), "PYTHONUNBUFFERED": "1"}
         if slot is not None and self.runner != "deepspeed":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
-        cmd = trainer_command(overrides, runner=self.runner, nproc=self.procs_per_run, devices=slot,
+        cmd = trainer_command(run_dir, runner=self.runner, nproc=self.procs_per_run, devices=slot,
                               python=self.python, script=self.script)
         return cmd, env
 
@@ -282,7 +282,7 @@ class LocalLauncher(Launcher):
         if not self.free:
             raise RuntimeError("local launcher is full: wait for a run to finish before launching another")
         slot_id = self.free[0]
-        cmd, env = self.command(req.overrides, self.slots[slot_id])
+        cmd, env = self.command(req.run_dir, self.slots[slot_id])
         proc = spawn_locked(cmd, req.run_dir, req.log_path, env, self.cwd)
         if proc is None:
             return None
@@ -313,195 +313,3 @@ class _SlotHandle(ProcessHandle):
     def stop(self) -> None:
         super().stop()
         self._release()
-
-
-# --------------------------------------------------------------------------------------------------
-# submitit (Slurm, or submitit's local executor)
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class NodeTask:
-    """What runs inside a submitit job, once per node: the trainer under the chosen runner.
-
-    Node 0 holds the run lock. On a Slurm time-out or pre-emption submitit calls ``checkpoint`` and
-    requeues the same task; the trainer resumes from its last checkpoint in the run directory.
-    """
-
-    overrides: list[str]
-    run_dir: str
-    log_path: str
-    runner: str = "torchrun"
-    procs_per_node: int = 1
-    threads: Optional[int] = None
-    python: str = sys.executable
-    cwd: str = str(REPO)
-    script: str = TRAIN_SCRIPT
-    extra_env: dict = field(default_factory=dict)
-
-    def __call__(self) -> int:
-        import submitit
-
-        job = submitit.JobEnvironment()
-        nnodes, node = job.num_nodes, job.node
-        master = job.hostnames[0] if job.hostnames else "127.0.0.1"
-        port = 20000 + int(str(job.job_id).split("_")[0]) % 20000 if nnodes > 1 else None
-        run_dir = Path(self.run_dir)
-        hostfile = None
-        if self.runner == "deepspeed" and nnodes > 1:
-            hostfile = run_dir / "hostfile"
-            if node == 0:
-                hostfile.write_text("".join(f"{h} slots={self.procs_per_node}\n" for h in job.hostnames))
-        runner = self.runner
-        if runner == "python" and (self.procs_per_node > 1 or nnodes > 1):
-            runner = "torchrun"
-        cmd = trainer_command(self.overrides, runner=runner, nproc=self.procs_per_node, nnodes=nnodes, node_rank=node,
-                              master_addr=master, master_port=port, hostfile=hostfile, python=self.python,
-                              script=self.script)
-        env = {**thread_env(self.threads), "PYTHONUNBUFFERED": "1", **self.extra_env}
-        log_path = Path(self.log_path) if node == 0 else Path(self.log_path).with_suffix(f".node{node}.log")
-        if node == 0:
-            proc = spawn_locked(cmd, run_dir, log_path, env, Path(self.cwd))
-            if proc is None:
-                raise RuntimeError(f"run directory {run_dir} is locked by another live trainer")
-        else:
-            with open(log_path, "a") as log:
-                proc = subprocess.Popen(cmd, cwd=self.cwd, env={**os.environ, **env}, stdout=log,
-                                        stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        try:
-            return proc.wait()
-        except BaseException:  # the job is being cancelled or pre-empted: take the trainer down with it
-            if node == 0:
-                terminate_group(proc)
-            else:
-                proc.terminate()
-            raise
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self)
-
-
-QUEUED_STATES = ("PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED", "UNKNOWN", "REQUEUE_HOLD",
-                 "REQUEUE_FED")
-ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-                "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT")
-
-
-def _settled_state(job, tries: int = 3, wait_s: float = 5.0) -> str:
-    """The job's Slurm state, re-queried while it reads UNKNOWN (sacct lags behind a fresh or busy
-    controller); "UNKNOWN" if it never settles. ``CANCELLED by 123`` reads as CANCELLED."""
-    state = "UNKNOWN"
-    for attempt in range(tries):
-        try:
-            state = str(job.state).upper().split()[0] if str(job.state).strip() else "UNKNOWN"
-        except Exception:  # squeue/sacct failed to answer
-            state = "UNKNOWN"
-        if state != "UNKNOWN":
-            return state
-        if attempt < tries - 1:
-            time.sleep(wait_s)
-    return state
-
-
-class SubmititHandle(Handle):
-    def __init__(self, job, description: str, cancel_on_exit: bool):
-        self.job, self.description, self.cancel_on_exit = job, description, cancel_on_exit
-
-    def poll(self) -> Optional[Outcome]:
-        if not self.job.done():
-            return None
-        try:
-            return Outcome(int(self.job.result()))
-        except Exception as e:  # job failed outside the trainer (node failure, cancelled, time-out)
-            lines = [ln for ln in str(e).splitlines() if ln.strip()]
-            return Outcome(1, reason=f"{self.description}: {lines[-1] if lines else type(e).__name__}")
-
-    def is_running(self) -> bool:
-        try:
-            return self.job.state.upper() not in QUEUED_STATES
-        except Exception:  # a scheduler query that failed: count from the next answer
-            return False
-
-    def stop(self) -> None:
-        self.job.cancel(check=False)
-
-    @property
-    def stoppable_on_exit(self) -> bool:
-        return self.cancel_on_exit
-
-
-class SubmititLauncher(Launcher):
-    """One submitit job per run. ``cluster``: "slurm", "local" (submitit's local executor: each job a
-    local process, no scheduler) or "debug" (in this process; for debugging only).
-
-    Slurm jobs keep running when the driver exits; the next invocation re-attaches to them through the
-    job id kept in ``<run_dir>/launcher.json`` instead of submitting again.
-    """
-
-    name = "submitit"
-
-    def __init__(self, folder: Path, cluster: str = "slurm", nodes: int = 1, gpus_per_node: int = 0,
-                 procs_per_node: Optional[int] = None, runner: str = "torchrun", timeout_min: int = 240,
-                 max_parallel: Optional[int] = None, threads: Optional[int] = None,
-                 slurm: Optional[dict] = None, python: str = sys.executable, cwd: Path = REPO,
-                 script: str = TRAIN_SCRIPT):
-        if cluster not in ("slurm", "local", "debug"):
-            raise ValueError(f"submitit cluster must be slurm, local or debug, got {cluster!r}")
-        if runner not in RUNNERS:
-            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
-        if nodes < 1 or gpus_per_node < 0:
-            raise ValueError(f"nodes must be >= 1 and gpus_per_node >= 0, got {nodes} and {gpus_per_node}")
-        import submitit
-
-        self.folder, self.cluster = Path(folder), cluster
-        self.nodes, self.runner, self.threads, self.python = nodes, runner, threads, python
-        self.cwd, self.script = Path(cwd), script
-        self.procs_per_node = procs_per_node or max(1, gpus_per_node)
-        self.max_parallel = max_parallel
-        self.executor = submitit.AutoExecutor(folder=self.folder, cluster=cluster)
-        params = {"timeout_min": timeout_min, "nodes": nodes, "tasks_per_node": 1}
-        if gpus_per_node:
-            params["gpus_per_node"] = gpus_per_node
-        if cluster == "slurm":  # e.g. {"partition": "gpu", "account": "...", "qos": "...", "constraint": "h100"}
-            params.update({k if k.startswith("slurm_") else f"slurm_{k}": v for k, v in (slurm or {}).items()})
-        elif slurm:
-            raise ValueError("slurm parameters given for a non-slurm submitit cluster")
-        self.executor.update_parameters(**params)
-
-    @property
-    def capacity(self) -> int:
-        if self.max_parallel is not None:
-            return self.max_parallel
-        return 1_000_000 if self.cluster == "slurm" else max(1, (os.cpu_count() or 1) // self.procs_per_node)
-
-    def describe(self) -> str:
-        return (f"submitit/{self.cluster} ({self.nodes} node(s) x {self.procs_per_node} process(es) via "
-                f"{self.runner}; jobs in {self.folder})")
-
-    def launch(self, req: LaunchRequest) -> Optional[Handle]:
-        if is_locked(req.run_dir):
-            return None
-        task = NodeTask(list(req.overrides), str(req.run_dir), str(req.log_path), self.runner, self.procs_per_node,
-                        self.threads, self.python, str(self.cwd), self.script)
-        self.executor.update_parameters(name=req.name)
-        job = self.executor.submit(task)
-        record = {"launcher": "submitit", "cluster": self.cluster, "job_id": str(job.job_id),
-                  "folder": str(self.folder), "submitted": time.time()}
-        atomic_write_json(req.run_dir / LAUNCH_RECORD, record)
-        return SubmititHandle(job, f"{self.cluster} job {job.job_id}", cancel_on_exit=self.cluster != "slurm")
-
-    def reattach(self, run_dir: Path) -> Optional[Handle]:
-        if self.cluster != "slurm" or not (run_dir / LAUNCH_RECORD).exists():
-            return None
-        record = json.loads((run_dir / LAUNCH_RECORD).read_text())
-        if record.get("cluster") != "slurm":
-            return None
-        from submitit.slurm.slurm import SlurmJob
-
-        job = SlurmJob(folder=record["folder"], job_id=record["job_id"])
-        state = _settled_state(job)
-        if state in ENDED_STATES:
-            return None
-        # alive, or still unknown after re-querying: wait for it; never submit a duplicate blind
-        how = "re-attached" if state != "UNKNOWN" else "state unknown to Slurm; waiting, not resubmitting"
-        return SubmititHandle(job, f"slurm job {job.job_id} ({how})", cancel_on_exit=False)

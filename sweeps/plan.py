@@ -2,7 +2,7 @@
 
     python -m sweeps.plan --budget 2e20 --family paper --rho 1.0,0.8,0.6,0.4
     python -m sweeps.plan --budget 2e20 --family paper --rho 1.0,0.8,0.6,0.4 --json
-    python -m sweeps.plan --budget 3e12 --family cpu --commands      # runnable train/main.py lines
+    python -m sweeps.plan --budget 3e12 --family cpu --configs DIR   # each run's config.yaml + its command
 
 Every rho of the plan has the same total parameters (within the family's tolerance, 0.5% by
 default) and spends the budget's training FLOPs (0.2%: tokens are solved to the sequence, the last
@@ -21,9 +21,10 @@ import json
 import math
 import shlex
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-DEFAULT_RHOS = "1.0,0.8,0.6,0.4"
+DEFAULT_RHOS = (1.0, 0.8, 0.6, 0.4, 0.2)  # the one default grid of sweeps.plan and sweeps.run
 
 
 def parse_numbers(text: str) -> list[float]:
@@ -40,6 +41,27 @@ def parse_numbers(text: str) -> list[float]:
     if not out:
         raise ValueError(f"no number in {text!r}")
     return out
+
+
+def numbers_arg(text: str) -> list[float]:
+    """argparse type: '1e13' or '1.0,0.8,0.6' -> floats (a list may also be given space-separated)."""
+    try:
+        return parse_numbers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_rho_argument(parser) -> None:
+    """``--rho`` (alias ``--rhos``), space- or comma-separated, default :data:`DEFAULT_RHOS`: the same option
+    in sweeps.plan and sweeps.run. Read the values back with :func:`flat`."""
+    parser.add_argument("--rho", "--rhos", dest="rho", type=numbers_arg, nargs="+", default=[list(DEFAULT_RHOS)],
+                        help=f"expert shares of the sparse parameters, space- or comma-separated "
+                             f"(default {','.join(map(str, DEFAULT_RHOS))})")
+
+
+def flat(groups: Optional[Sequence[Sequence[float]]]) -> Optional[list[float]]:
+    """The values of a ``nargs='+'`` list option whose items are lists (``--rho 1,0.8 0.6``)."""
+    return None if groups is None else [v for g in groups for v in g]
 
 
 def _human(n: float) -> str:
@@ -124,10 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, required=True, help="training FLOPs per run, e.g. 2e20")
     p.add_argument("--family", default="auto",
                    help="family name (conf/family/NAME.yaml), a YAML path, or auto (the family whose range holds --budget)")
-    p.add_argument("--rho", default=DEFAULT_RHOS, help=f"comma-separated expert shares (default {DEFAULT_RHOS})")
+    add_rho_argument(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON array, one object per rho")
-    out.add_argument("--commands", action="store_true", help="also print one train/main.py command per run")
+    out.add_argument("--configs", metavar="DIR",
+                     help="also write each run's resolved trainer config to DIR/<run>/config.yaml and print the "
+                          "train/main.py command that trains it")
     p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size that must divide every expert count")
     p.add_argument("--round-experts-to-ep", action="store_true",
                    help="round expert counts to multiples of --ep-size instead of failing")
@@ -155,11 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             family = family.with_train(zero_stage=args.zero_stage)
         family = family.with_hardware(n_gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib,
                                       peak_tflops=args.peak_tflops, mfu=args.mfu)
-        try:
-            rhos = parse_numbers(args.rho)
-        except ValueError as e:
-            raise ValueError(f"--rho must be comma-separated numbers: {e}") from None
-        plan = solve_plan(family, args.budget, rhos, ep_size=args.ep_size,
+        plan = solve_plan(family, args.budget, flat(args.rho), ep_size=args.ep_size,
                           round_experts_to_ep=args.round_experts_to_ep, data_dir=args.data_dir)
     except ValueError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -170,10 +190,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"warning: {w}", file=sys.stderr)
     else:
         print(format_plan(plan))
-    if args.commands:
-        for run in plan.runs:
-            print(shlex.join(["python", "train/main.py", *run.overrides()]))
+    if args.configs:
+        write_configs(plan.runs, Path(args.configs))
     return 0
+
+
+def write_configs(runs, root: Path) -> None:
+    """Each run's resolved trainer config in ``root/<run name>/config.yaml``, and the command that trains it."""
+    from rundir.config import trainer_args, write_run_config
+    from sweeps.runconfig import TRAIN_SCRIPT, hydra_block, resolve_run_config
+
+    for run in runs:
+        run_dir = (root / run.name).resolve()
+        write_run_config(run_dir, resolve_run_config(run.config(), own={"run_dir": str(run_dir)}), hydra_block())
+        print(shlex.join(["python", TRAIN_SCRIPT, *trainer_args(run_dir)]))
 
 
 if __name__ == "__main__":

@@ -26,13 +26,9 @@ from typing import Iterable, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from train import run_files
-
-# Run states. Terminal: completed, failed, diverged. Others describe a run not (yet) finished.
-COMPLETED, FAILED, DIVERGED = "completed", "failed", "diverged"
-PENDING, RUNNING, INTERRUPTED = "pending", "running", "interrupted"
-TERMINAL = (COMPLETED, FAILED, DIVERGED)
-STATUSES = (COMPLETED, FAILED, DIVERGED, PENDING, RUNNING, INTERRUPTED)
+from rundir.outcome import (COMPLETED, DIVERGED, INTERRUPTED, PENDING, RUNNING, STATUSES,  # noqa: F401  (re-exported)
+                            TERMINAL)
+from rundir.outcome import FAILED_STATUS as FAILED  # noqa: F401  (re-exported: the sweep's word for it)
 
 
 @dataclass
@@ -171,59 +167,3 @@ def read_results(path: Path) -> list[RunRecord]:
 
 def spec_json(spec_dict: dict) -> str:
     return json.dumps(spec_dict, sort_keys=True, default=str)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading a run directory (the trainer's contract)
-# --------------------------------------------------------------------------------------------------
-FINAL_FIELDS = ("val_loss", "total_params", "active_params", "tokens", "steps", "train_flops", "flops_per_token",
-                "wall_time_s", "wandb_run_id")
-
-
-def _read_json(path: Path) -> tuple[Optional[dict], Optional[str]]:
-    """(content, None), (None, None) if absent, or (None, why) if unreadable (e.g. truncated by a crash)."""
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, f"unreadable {path.name}: {e}"
-    if not isinstance(obj, dict):
-        return None, f"unreadable {path.name}: not a JSON object"
-    return obj, None
-
-
-def read_outcome(run_dir: Path) -> tuple[str, dict]:
-    """What the run directory says about the run: (status, fields for a RunRecord).
-
-    ``final.json`` -> completed (diverged if its validation loss is not finite); ``failed.json`` ->
-    its status and reason; a checkpoint or a launch marker without either -> interrupted (resumable);
-    nothing -> pending. An unreadable outcome file counts as a failure naming the file.
-    """
-    run_dir = Path(run_dir)
-    final, broken = _read_json(run_dir / run_files.FINAL)
-    if broken:
-        return FAILED, {"reason": broken}
-    if final is not None:
-        info = {k: final.get(k) for k in FINAL_FIELDS}
-        loss = info["val_loss"]
-        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            return DIVERGED, {**info, "val_loss": None, "reason": f"final validation loss is {loss}"}
-        if final.get("status", COMPLETED) != COMPLETED:
-            return FAILED, {**info, "reason": f"final.json has status {final.get('status')!r}"}
-        return COMPLETED, info
-    failed, broken = _read_json(run_dir / run_files.FAILED)
-    if broken:
-        return FAILED, {"reason": broken}
-    if failed is not None:
-        status = failed.get("status", FAILED)
-        status = status if status in (FAILED, DIVERGED) else FAILED
-        step = failed.get("step")
-        reason = str(failed.get("reason") or "no reason recorded")
-        return status, {"reason": reason if step is None else f"{reason} (step {step})"}
-    if run_files.latest_checkpoint_index(run_dir).exists() or (run_dir / LAUNCH_MARKER).exists():
-        return INTERRUPTED, {}
-    return PENDING, {}
-
-
-LAUNCH_MARKER = "sweep_run.json"  # written by the driver when it first launches a run

@@ -1,12 +1,12 @@
 """Run an allocation sweep (or an "infinite memory" sweep) from one command.
 
     python -m sweeps.run --budget 6e12 --family cpu --out sweeps_out              # 5 rho values, 1 seed
-    python -m sweeps.run --budget 6e12 2e13 --family cpu --rhos 1 .9 .8 .7 .5 .3 --seeds 3
+    python -m sweeps.run --budget 6e12 2e13 --family cpu --rho 1 .9 .8 .7 .5 .3 --seeds 3
     python -m sweeps.run --budget 6e12 --family cpu --dry-run                      # plan and cost only
     python -m sweeps.run --budget 2e20 --family paper --launcher slurm --nodes 2 --gpus-per-node 8 \\
         --slurm partition=h100 --slurm account=myproj --data-dir /data/ds_tok
     python -m sweeps.run --budget 6e12 --family cpu --mode memory --slots 1e4 3e4 1e5 3e5 1e6
-    python -m sweeps.run ... --set train.eval_tokens=32768        # extra Hydra overrides for every run
+    python -m sweeps.run ... --set train.eval_tokens=32768        # a trainer setting of every run
 
 Re-running the same command skips completed runs, resumes interrupted ones from their last checkpoint
 and launches only what is missing. Output: <out>/<family>-<budget>/{results.parquet, summary.json,
@@ -19,25 +19,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sweeps.driver import (ALLOCATION, MEMORY, SweepLocked, build_sweep, check_plan_unchanged, describe_plan,
-                           overlay_allocation_sweeps, plan_allocation, plan_memory, refuse_planned_overrides,
-                           run_sweeps, summarize, write_plan)
-from sweeps.plan import parse_numbers
+from sweeps.driver import ALLOCATION, MEMORY, build_sweep, plan_allocation, plan_memory
+from sweeps.planview import describe_plan, write_plan
+from sweeps.runloop import SweepLocked, check_plan_unchanged, run_sweeps
+from sweeps.summary import overlay_allocation_sweeps, summarize
+from sweeps.plan import add_rho_argument, flat, numbers_arg
 
-DEFAULT_RHOS = (1.0, 0.8, 0.6, 0.4, 0.2)
 LAUNCHERS = ("local", "gpus", "submitit-local", "slurm")
-
-
-def _numbers(text: str) -> list[float]:
-    """'1e13' or '1.0,0.8,0.6' -> floats (lists may be given space- or comma-separated)."""
-    try:
-        return parse_numbers(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _flat(groups: Optional[Sequence[Sequence[float]]]) -> Optional[list[float]]:
-    return None if groups is None else [v for g in groups for v in g]
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -51,17 +39,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to sweep")
-    g.add_argument("--budget", "--budgets", type=_numbers, nargs="+", required=True,
+    g.add_argument("--budget", "--budgets", type=numbers_arg, nargs="+", required=True,
                    help="training FLOPs (one sweep per budget)")
     g.add_argument("--family", default="auto",
                    help="model family: conf/family/<name>.yaml, a path, or auto (the family whose budget range holds "
                         "the budget: cpu, gpu, paper)")
     g.add_argument("--mode", choices=(ALLOCATION, MEMORY), default=ALLOCATION,
                    help="allocation: rho swept at fixed P_tot and FLOPs; memory: rho=1 backbone + Engram slots")
-    g.add_argument("--rhos", "--rho", type=_numbers, nargs="+", default=[list(DEFAULT_RHOS)],
-                   help=f"expert shares of the sparse parameters, space- or comma-separated "
-                        f"(default {','.join(map(str, DEFAULT_RHOS))})")
-    g.add_argument("--slots", type=_numbers, nargs="+",
+    add_rho_argument(g)
+    g.add_argument("--slots", type=numbers_arg, nargs="+",
                    help="memory mode: Engram table rows in total, e.g. 1e4 1e5 1e6")
     g.add_argument("--ablate-memory", action="store_true",
                    help="allocation: add a control run per rho < 1 with each Engram table collapsed to one row "
@@ -71,8 +57,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="token shards for every run (default: the family's data_dir)")
     g.add_argument("--ep-size", type=int, default=1, help="expert-parallel size the expert counts must divide")
     g.add_argument("--round-experts-to-ep", action="store_true")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra Hydra override for every run (repeatable)")
+    g.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer config value of every run, e.g. train.eval_tokens=32768 (repeatable; keys the "
+                        "plan solves are refused)")
     g = p.add_argument_group("where and how to run")
     g.add_argument("--out", type=Path, default=Path("sweeps_out"), help="output root (default: sweeps_out)")
     g.add_argument("--launcher", choices=LAUNCHERS, default="local",
@@ -108,7 +95,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def make_launcher(args: argparse.Namespace, out_dir: Path):
-    from sweeps.launchers import LocalLauncher, SubmititLauncher
+    from sweeps.launchers import LocalLauncher
+    from sweeps.submitit_launcher import SubmititLauncher
 
     if args.launcher == "local":
         return LocalLauncher(None, args.procs_per_run, args.runner, args.parallel, args.threads)
@@ -143,7 +131,7 @@ def _f(v: Optional[float]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
-    args.budget, args.rhos, args.slots = _flat(args.budget), _flat(args.rhos), _flat(args.slots)
+    args.budget, args.rho, args.slots = flat(args.budget), flat(args.rho), flat(args.slots)
     try:
         return _main(args)
     except (ValueError, SweepLocked) as e:
@@ -159,12 +147,11 @@ def _plan(args: argparse.Namespace, family: str, budget: float, seeds: list[int]
     if args.mode == MEMORY:
         specs, warnings = plan_memory(args.family, budget, [int(s) for s in args.slots], data_dir=args.data_dir)
     else:
-        specs, warnings = plan_allocation(args.family, budget, args.rhos, data_dir=args.data_dir,
+        specs, warnings = plan_allocation(args.family, budget, args.rho, data_dir=args.data_dir,
                                           ep_size=args.ep_size, round_experts_to_ep=args.round_experts_to_ep,
                                           ablate_memory=args.ablate_memory)
-    refuse_planned_overrides(args.overrides)
     return build_sweep(specs, out=args.out, family=family, budget=budget, seeds=seeds, mode=args.mode,
-                       extra_overrides=args.overrides, wandb_mode=args.wandb_mode,
+                       settings=args.settings, wandb_mode=args.wandb_mode,
                        wandb_project=args.wandb_project, warnings=warnings)
 
 
@@ -178,7 +165,8 @@ def _check_machine(args: argparse.Namespace, sweeps) -> None:
     check_fits(sweeps, local_machine(ranks, devices), hint)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace) -> None:
+    """One-line errors for option values and combinations that cannot make a sweep."""
     if args.seeds < 1 or args.seed_offset < 0:
         raise ValueError(f"--seeds must be >= 1 and --seed-offset >= 0, got {args.seeds} and {args.seed_offset}")
     if args.noise is not None and not args.noise > 0:
@@ -197,6 +185,10 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError("--launcher gpus needs --devices, e.g. --devices 0,1,2,3")
     if args.slurm_params and args.launcher != "slurm":
         raise ValueError("--slurm parameters only apply to --launcher slurm")
+
+
+def _main(args: argparse.Namespace) -> int:
+    _check_args(args)
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     from sweeps.families import load_family
 

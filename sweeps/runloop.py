@@ -1,9 +1,11 @@
 """The sweep driver's run loop: launch what is missing from one queue, watch it, record every outcome.
 
-Split from :mod:`sweeps.driver` (which plans, names and collects). The loop survives its own death
-(results rewritten after every finished run; a re-run re-attaches to live runs and never launches
-one twice), counts a run timeout from when the run leaves any scheduler queue, and drives the
-budgets of one command as one queue.
+Split from :mod:`sweeps.driver` (which names and plans; :mod:`sweeps.summary` collects). Each launch
+first writes the run's resolved ``config.yaml``, the only thing the trainer is given; a run launched
+before is continued only if its recorded config equals the plan's (:func:`check_plan_unchanged`). The
+loop survives its own death (results rewritten after every finished run; a re-run re-attaches to live
+runs and never launches one twice), counts a run timeout from when the run leaves any scheduler queue,
+and drives the budgets of one command as one queue.
 """
 from __future__ import annotations
 
@@ -17,17 +19,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from sweeps.launchers import ForeignHandle, Handle, LaunchRequest, Launcher, is_locked
+from rundir import files
+from rundir.config import config_changes, read_run_config, write_run_config
+from rundir.locks import is_locked
+from rundir.outcome import last_step, read_outcome, supersede_outcome
+from sweeps.launchers import ForeignHandle, Handle, LaunchRequest, Launcher
 from sweeps.progress import Progress, fmt_duration, table
-from sweeps.results import (COMPLETED, DIVERGED, FAILED, INTERRUPTED, LAUNCH_MARKER, PENDING, RUNNING, TERMINAL,
-                            RunRecord, read_outcome, write_results)
-from train import run_files
+from sweeps.runconfig import hydra_block
+from sweeps.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, TERMINAL, RunRecord, write_results
 
 if TYPE_CHECKING:
     from sweeps.driver import Sweep, SweepRun
 
 SWEEP_LOCK = ".sweep.lock"
-RUN_LOG = "launch.log"  # the trainer's stdout/stderr, appended per attempt
 
 
 class _Queue:
@@ -71,7 +75,7 @@ class _SweepLock:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    run_files.atomic_write_json(path, obj, default=str, allow_nan=False)
+    files.atomic_write_json(path, obj, default=str, allow_nan=False)
 
 
 def log_tail_reason(log_path: Path, max_chars: int = 400) -> str:
@@ -95,33 +99,16 @@ def log_tail_reason(log_path: Path, max_chars: int = 400) -> str:
 
 def _record_failure(run: SweepRun, reason: str) -> None:
     """failed.json for a run whose trainer died without writing one (killed, crashed in C, timed out)."""
-    _write_json(run.run_dir / run_files.FAILED, {"status": FAILED, "reason": reason, "step": _last_step(run.run_dir),
-                                              "source": "sweep driver"})
-
-
-def _supersede_outcome(run_dir: Path) -> None:
-    """A retried run starts without its recorded failure. A diverged run's final.json (a NaN validation
-    loss) is kept as final.diverged.json: with final.json in place the trainer would not run again."""
-    (run_dir / run_files.FAILED).unlink(missing_ok=True)
-    final = run_dir / run_files.FINAL
-    if final.exists():
-        os.replace(final, run_dir / "final.diverged.json")
-
-
-def _last_step(run_dir: Path) -> Optional[int]:
-    latest = run_files.latest_checkpoint_index(run_dir)
-    try:
-        return int(json.loads(latest.read_text())["step"])
-    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError):
-        return None
+    _write_json(run.run_dir / files.FAILED, {"status": FAILED, "reason": reason, "step": last_step(run.run_dir),
+                                          "source": "sweep driver"})
 
 
 def _mark_launch(run: SweepRun) -> int:
-    marker = run.run_dir / LAUNCH_MARKER
+    marker = run.run_dir / files.LAUNCH_MARKER
     state = json.loads(marker.read_text()) if marker.exists() else {}
     attempts = int(state.get("attempts", 0)) + 1
     _write_json(marker, {"attempts": attempts, "name": run.name, "last_launch": time.time(),
-                         "overrides": run.overrides})
+                         "config": files.RUN_CONFIG})
     return attempts
 
 
@@ -162,27 +149,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-# Overrides that decide what a run computes; a re-run whose plan changes any of them must not reuse it.
-_DEFINING = ("model.", "train.", "optim.", "data.")
-
-
-def _defining(overrides: Sequence[str]) -> dict[str, str]:
-    keys = {o: o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return {k: o.split("=", 1)[1] for o, k in keys.items() if k.startswith(_DEFINING) and k != "train.progress"}
-
-
 def check_plan_unchanged(sweep: Sweep) -> None:
     """Refuse to continue a sweep whose runs were launched under a different plan (say, the family
-    config changed): their finished results would be mixed with the new plan's, silently."""
+    config changed): their finished results would be mixed with the new plan's, silently. A run that was
+    launched (or finished) is compared by the config it recorded (its config.yaml, or Hydra's record in a
+    run directory from before that file) with the resolved config the plan gives it now."""
     changed = []
     for run in sweep.runs:
-        marker = run.run_dir / LAUNCH_MARKER
-        if not marker.exists():
+        if read_outcome(run.run_dir)[0] == PENDING:
             continue
-        before = _defining(json.loads(marker.read_text()).get("overrides", []))
-        now = _defining(run.overrides)
-        keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        if keys:
+        recorded = read_run_config(run.run_dir)
+        diff = [] if recorded is None else config_changes(recorded, run.config)
+        if diff:
+            keys = [d.split(":", 1)[0] for d in diff]
             changed.append(f"{run.run_dir.name} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
     if changed:
         raise ValueError(f"sweep {sweep.name} in {sweep.dir}: the plan changed since these runs were launched: "
@@ -241,13 +220,14 @@ class _Driver:
     def launch(self, name: str) -> None:
         run, label = self.by_name[name], self.sweep.label(self.by_name[name])
         if self.records[name].status in (FAILED, DIVERGED):
-            _supersede_outcome(run.run_dir)
+            supersede_outcome(run.run_dir)
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        was_resumed = run_files.latest_checkpoint_index(run.run_dir).exists()
+        was_resumed = files.latest_checkpoint_index(run.run_dir).exists()
         if was_resumed:
             self.resumed.add(name)
         try:
-            handle = self.launcher.launch(LaunchRequest(run.name, run.run_dir, run.overrides, run.run_dir / RUN_LOG))
+            write_run_config(run.run_dir, run.config, hydra_block())  # what the trainer reads, whole
+            handle = self.launcher.launch(LaunchRequest(run.name, run.run_dir, run.run_dir / files.RUN_LOG))
         except (OSError, RuntimeError, ValueError) as e:  # e.g. sbatch refused the job
             _record_failure(run, f"launch failed: {type(e).__name__}: {e}")
             self.records[name] = self.sweep.record(run)
@@ -259,7 +239,7 @@ class _Driver:
             self.emit(f"{label}: locked by another process; waiting for it")
         else:
             _mark_launch(run)
-            how = f"resuming from step {_last_step(run.run_dir)}" if was_resumed else "starting"
+            how = f"resuming from step {last_step(run.run_dir)}" if was_resumed else "starting"
             self.emit(f"{label}: {how} ({handle.description})")
         self.active[name] = (handle, time.monotonic())
         self.records[name] = replace(self.sweep.record(run), status=RUNNING)
@@ -307,7 +287,7 @@ class _Driver:
             if exit_code == 0:
                 _record_failure(run, "trainer exited 0 without writing final.json")
             else:
-                _record_failure(run, f"exit code {exit_code}: {reason or log_tail_reason(run.run_dir / RUN_LOG)}")
+                _record_failure(run, f"exit code {exit_code}: {reason or log_tail_reason(run.run_dir / files.RUN_LOG)}")
         rec = self.records[name] = self.sweep.record(run)
         took = fmt_duration(time.monotonic() - started)
         if rec.status == COMPLETED:

@@ -1,11 +1,9 @@
-"""The planner's description of one run (:class:`RunSpec`) and its Hydra serialisation: the
-overrides that make ``train/main.py`` train exactly that run."""
+"""The planner's description of one run (:class:`RunSpec`) and the sections of the trainer's config it
+decides (:meth:`RunSpec.config`; sweeps/runconfig.py resolves them into the run's config.yaml)."""
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 
 # ---- the run description ------------------------------------------------------------------------
@@ -100,23 +98,19 @@ class RunSpec:
         rho = f"{self.rho:.3f}".rstrip("0").rstrip(".")
         return f"{self.family}-C{budget}-rho{rho}" + ("-ablate" if self.memory_ablated else "")
 
-    def overrides(self, include_name: bool = True) -> list[str]:
-        """Hydra overrides that make ``python train/main.py`` train exactly this run."""
-        out = [f"++model.{k}={hydra_value(v)}" for k, v in self.model.items() if k not in ("moe", "engram")]
-        out += [f"++model.moe={hydra_value(self.model['moe'])}",
-                f"++model.engram={hydra_value(self.model['engram'])}",
-                f"train.seq_len={self.seq_len}", f"train.global_batch_size={self.global_batch_size}",
-                f"train.train_tokens={self.train_tokens}"]
-        out += [f"++train.{k}={hydra_value(v)}" for k, v in _flatten(self.train)]
-        # optim.kind picks the whole conf/optim/<kind>.yaml (groups, Muon settings), not just the key
-        out += [f"optim={self.optim['kind']}"] if "kind" in self.optim else []
-        out += [f"++optim.{k}={hydra_value(v)}" for k, v in _flatten(self.optim) if k != "kind"]
+    def config(self, include_name: bool = True) -> dict:
+        """The sections of the trainer's config this plan decides (model incl. moe/engram, train, optim,
+        data): :func:`sweeps.runconfig.resolve_run_config` completes them with the trainer's defaults.
+        ``optim.kind`` picks the trainer's whole recipe for that optimizer (conf/optim/<kind>.yaml)."""
+        out: dict = {"experiment_name": self.name} if include_name else {}
+        out["model"] = self.model
+        out["train"] = {**self.train, "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
+                        "train_tokens": self.train_tokens}
+        out["optim"] = dict(self.optim)
         if self.data_dir is not None:
-            out.append(f"data.dir={hydra_value(self.data_dir)}")
+            out["data"] = {"dir": self.data_dir}
         if self.expert_parallel > 1:
-            out.append(f"parallel.expert={self.expert_parallel}")
-        if include_name:
-            out.append(f"experiment_name={self.name}")
+            out["parallel"] = {"expert": self.expert_parallel}
         return out
 
     def to_dict(self) -> dict:
@@ -142,49 +136,5 @@ class RunSpec:
             "tokens_per_total_param": self.tokens_per_total_param, "lookups_per_row": self.lookups_per_row,
             "train_flops": self.train_flops, "train_flops_error": self.train_flops_error,
             "model": self.model, "train": dict(self.train), "optim": dict(self.optim), "data_dir": self.data_dir,
-            "overrides": self.overrides(),
+            "config": self.config(),
         }
-
-
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in mapping.items():
-        if isinstance(v, Mapping):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
-_BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-./]*$")  # strings Hydra reads back unchanged without quotes
-_RESERVED = {"true", "false", "null", "inf", "nan"}
-
-
-def hydra_value(v: Any) -> str:
-    """A value in Hydra's override grammar (strings quoted unless a bare word; mappings and lists inline)."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            raise ValueError(f"cannot pass non-finite value {v} as a Hydra override")
-        return repr(v)
-    if isinstance(v, str):
-        if _BARE.match(v) and v.lower() not in _RESERVED:
-            return v
-        if "${" in v:
-            raise ValueError(f"string {v!r} would be read as an interpolation by Hydra")
-        # Hydra unescapes backslashes only before a quote or at the end of a quoted string.
-        escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, v).replace("'", "\\'")
-        return "'" + escaped + "'"
-    if isinstance(v, Mapping):
-        for k in v:
-            if not (isinstance(k, str) and k.isidentifier()):
-                raise ValueError(f"mapping key {k!r} cannot be written as a Hydra override")
-        return "{" + ",".join(f"{k}:{hydra_value(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(hydra_value(x) for x in v) + "]"
-    raise ValueError(f"cannot write {type(v).__name__} value {v!r} as a Hydra override")

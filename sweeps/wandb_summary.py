@@ -15,15 +15,13 @@ project's Runs table, grouped by the sweep name; the summary run is the one with
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 from sweeps.results import RunRecord
-from train.run_files import atomic_write_json
-from train.tracking import new_run_id
+from rundir.files import atomic_write_json, fingerprint, new_run_id
 
 STATE_FILE = "wandb_summary.json"
 TABLE_COLUMNS = ("run_name", "rho", "seed", "slots", "status", "val_loss", "total_params", "active_params",
@@ -31,8 +29,7 @@ TABLE_COLUMNS = ("run_name", "rho", "seed", "slots", "status", "val_loss", "tota
 
 
 def content_digest(records: Sequence[RunRecord], fit: Optional[dict]) -> str:
-    blob = json.dumps([[r.as_dict() for r in records], fit], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint([[r.as_dict() for r in records], fit], sort_keys=True, default=str)
 
 
 def log_summary(sweep_dir: Path, group: str, records: Sequence[RunRecord], fit: Optional[dict],

@@ -1,7 +1,10 @@
 """A test fixture that honours train/main.py's run-directory contract, for driver tests that must be fast.
 
-    python tests/sweep_contract_trainer.py run_dir=DIR +sweep.rho=0.8 train.seed=0 train.max_steps=6 \\
-        +contract.step_s=0.05 +contract.ckpt_every=2 +contract.fail_rho=0.4 +contract.crash_rho=0.2
+    python tests/sweep_contract_trainer.py --config-dir RUN_DIR --config-name config
+
+It reads the run's config.yaml (rundir/config.py) exactly as the trainer does, and from it ``run_dir``,
+``sweep.rho``, ``train.seed``, ``train.max_steps`` and its own section, e.g. ``contract: {step_s: 0.05,
+ckpt_every: 2, fail_rho: 0.4, crash_rho: 0.2}`` (given with ``--set +contract.step_s=0.05``).
 
 It "trains" for max_steps steps of ``step_s`` seconds, commits ``checkpoints/latest.json`` atomically
 every ``ckpt_every`` steps, resumes from it when re-run, exits at once if ``final.json`` exists, and
@@ -20,7 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from train.run_files import CHECKPOINTS, FAILED, FINAL, LATEST, atomic_write_json
+import yaml
+
+from rundir.config import flatten
+from rundir.files import CHECKPOINTS, FAILED, FINAL, LATEST, atomic_write_json
 
 RHO_STAR, CURVATURE, FLOOR, SEED_NOISE = 0.7, 0.4, 3.0, 0.002
 
@@ -36,21 +42,20 @@ def contract_memory_loss(slots: float, seed: int) -> float:
 
 
 def parse(argv: list[str]) -> dict[str, str]:
-    out = {}
-    for a in argv:
-        k, _, v = a.partition("=")
-        out[k.lstrip("+")] = v
-    return out
+    """The run config named by ``--config-dir DIR --config-name NAME`` as dotted keys, values as text."""
+    where = dict(zip(argv[::2], argv[1::2]))
+    path = Path(where["--config-dir"]) / f"{where['--config-name']}.yaml"
+    return {k: str(v) for k, v in flatten(yaml.safe_load(path.read_text())).items() if v is not None}
 
 
 class ContractSpec:
-    """A planner spec for the fixture (the driver's spec protocol: rho, overrides(), to_dict())."""
+    """A planner spec for the fixture (the driver's spec protocol: rho, config(), to_dict())."""
 
     def __init__(self, rho: float, steps: int = 6):
         self.rho, self.steps = float(rho), int(steps)
 
-    def overrides(self) -> list[str]:
-        return [f"train.max_steps={self.steps}"]
+    def config(self) -> dict:
+        return {"train": {"max_steps": self.steps}}
 
     def to_dict(self) -> dict:
         return {"rho": self.rho, "steps": self.steps, "total_params": 1000, "active_params": 100}
@@ -82,7 +87,7 @@ def main() -> int:
     latest = ckpt / LATEST
     start = json.loads(latest.read_text())["step"] if latest.exists() else 0
     with open(run_dir / "starts.jsonl", "a") as f:
-        f.write(json.dumps({"resume_step": start, "pid": os.getpid(), "time": time.time()}) + "\n")
+        f.write(json.dumps({"resume_step": start, "pid": os.getpid(), "time": time.time(), "argv": sys.argv[1:]}) + "\n")
     (run_dir / FAILED).unlink(missing_ok=True)
     if "contract.fail_rho" in args and abs(rho - float(args["contract.fail_rho"])) < 1e-9:
         atomic_write_json(run_dir / FAILED, {"status": "failed", "reason": "injected failure", "step": None})

@@ -13,7 +13,8 @@ from memory.config import EngramConfig
 from memory.hashing import NgramHasher
 from memory.primes import assign_table_primes
 from sweeps.ablation import ablation_summary
-from sweeps.driver import build_sweep, overlay_allocation_sweeps, plan_allocation, summarize
+from sweeps.driver import build_sweep, plan_allocation
+from sweeps.summary import overlay_allocation_sweeps, summarize
 from sweeps.launchers import LocalLauncher
 from sweeps.results import ABLATED_REASON, COMPLETED, RunRecord
 from sweeps.runloop import run_sweep
@@ -54,7 +55,7 @@ def test_ablated_run_keeps_compute_and_drops_only_the_table_rows(planned):
     assert full.total_params - abl.total_params == full.engram_params - abl.engram_params
     assert abl.total_params_error == pytest.approx(abl.total_params / planned["cpu-C3e12-rho1"].spec.total_params - 1)
     assert abl.memory_ablated and abl.to_dict()["memory_ablated"] and not full.memory_ablated
-    assert "++model.engram={" in " ".join(abl.overrides()) and "table_sizes:[1,1]" in " ".join(abl.overrides())
+    assert abl.config()["model"]["engram"]["table_sizes"] == [1, 1]  # what its run's config.yaml will say
 
 
 def test_ablated_model_trains_a_step(planned):
@@ -127,8 +128,8 @@ class _AblatedContract(ContractSpec):
 
     memory_ablated = True
 
-    def overrides(self):
-        return [*super().overrides(), f"+contract.loss_offset={GAP}"]
+    def config(self):
+        return {**super().config(), "contract": {"loss_offset": GAP}}
 
     def to_dict(self):
         return {**super().to_dict(), "memory_ablated": True}
@@ -138,7 +139,7 @@ def test_contract_sweep_reports_the_known_memory_effect_beside_the_u_curve(tmp_p
     rhos = (1.0, 0.85, 0.7, 0.55, 0.4)
     specs = [ContractSpec(r, 3) for r in rhos] + [_AblatedContract(r, 3) for r in (0.7, 0.4)]
     sweep = build_sweep(specs, out=tmp_path, family="contract", budget=1e9, seeds=[0, 1],
-                        extra_overrides=["+contract.step_s=0.01"], wandb_mode="disabled")
+                        settings=["+contract.step_s=0.01"], wandb_mode="disabled")
     records = run_sweep(sweep, LocalLauncher(script=SCRIPT, parallel=2, threads=1), poll_s=0.05, emit=lambda m: None)
     lines = []
     summary = summarize(sweep, records, n_boot=200, wandb_mode="disabled", emit=lines.append)

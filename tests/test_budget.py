@@ -1,5 +1,5 @@
 """Budget solver: iso-parameter / iso-FLOP invariants, counts of instantiated models, the paper's
-published sweep points, bad input, Hydra overrides and the plan CLI."""
+published sweep points, bad input, the resolved run configs and the plan CLI."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ import torch
 
 from models import ModelConfig, Transformer
 from models.param_groups import group_of
-from sweeps.budget import (Plan, estimate_resources, experts_for_rho, hydra_value, select_backbone, solve_backbone,
+from sweeps.budget import (Plan, estimate_resources, experts_for_rho, select_backbone, solve_backbone,
                            solve_plan)
 from sweeps.families import Rung, family_from_dict, load_family
 from sweeps.plan import main as plan_main
@@ -279,54 +279,43 @@ def test_resource_estimates(paper):
     assert any("will not fit" in w for w in cramped.warnings)
 
 
-# ---- Hydra overrides and the plan CLI -----------------------------------------------------------------
-def test_overrides_compose_into_the_trainer_config(cpu, paper):
+# ---- the resolved run config and the plan CLI ----------------------------------------------------------
+def test_run_config_is_what_the_trainer_composes(cpu, paper, tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from rundir.config import write_run_config
+    from sweeps.runconfig import hydra_block, resolve_run_config
     from train.trainer import step_schedule
 
     runs = solve_plan(cpu, 1e13, [1.0, 0.4]).runs + solve_plan(paper, 2e20, [0.8]).runs
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        for run in runs:
-            cfg = compose("config", overrides=run.overrides())
-            assert OmegaConf.to_container(cfg.model, resolve=True) == run.model
-            assert step_schedule(cfg) == (run.steps, run.last_step_sequences)
-            assert (cfg.train.seq_len, cfg.train.global_batch_size) == (run.seq_len, run.global_batch_size)
-            assert cfg.train.train_tokens == run.train_tokens
-            assert cfg.experiment_name == run.name
-            for key, value in run.train.items():
-                assert cfg.train[key] == value
-            for key, value in run.optim.items():
-                assert cfg.optim[key] == value
-            assert cfg.data.dir == (run.data_dir or "data/stdlib_bpe8k")
+    for i, run in enumerate(runs):
+        write_run_config(tmp_path / str(i), resolve_run_config(run.config()), hydra_block())
+        with initialize_config_dir(config_dir=str(tmp_path / str(i)), version_base="1.3"):
+            cfg = compose("config")  # as train/main.py --config-dir <run_dir> --config-name config reads it
+        assert OmegaConf.to_container(cfg.model, resolve=True) == run.model
+        assert step_schedule(cfg) == (run.steps, run.last_step_sequences)
+        assert (cfg.train.seq_len, cfg.train.global_batch_size) == (run.seq_len, run.global_batch_size)
+        assert cfg.train.train_tokens == run.train_tokens
+        assert cfg.experiment_name == run.name
+        for key, value in run.train.items():
+            assert cfg.train[key] == value
+        for key, value in run.optim.items():
+            assert cfg.optim[key] == value
+        assert cfg.data.dir == (run.data_dir or "data/stdlib_bpe8k")
 
 
-def test_hydra_value_round_trips():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    values = ["plain", "a/b.json", "with space", "it's", "C:\\dir\\", "true", "1e20", 3, 2.5e-4, None, True,
-              [1, 2], {"a": [1, "x"], "b": None}]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        for v in values:
-            cfg = compose("config", overrides=[f"++probe={hydra_value(v)}"])
-            plain = OmegaConf.to_container(cfg, resolve=True)["probe"]
-            assert plain == v, (v, plain)
-    with pytest.raises(ValueError, match="interpolation"):
-        hydra_value("${oops}")
-
-
-def test_plan_cli_json_and_table(capsys):
+def test_plan_cli_json_and_table(capsys, tmp_path):
     assert plan_main(["--budget", "1e13", "--family", "cpu", "--rho", "1.0,0.6,0.2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["rho"] for r in rows] == [1.0, 0.6, 0.2]
     for r in rows:
         assert all(k in r for k in REQUIRED_KEYS)
         assert r["train_flops"] == pytest.approx(r["flops_per_token"] * r["train_tokens"])
-    assert plan_main(["--budget", "1e13", "--family", "cpu", "--rho", "1.0,0.5", "--commands"]) == 0
+    assert plan_main(["--budget", "1e13", "--family", "cpu", "--rho", "1.0,0.5", "--configs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "GiB/GPU" in out and out.count("python train/main.py") == 2
+    assert "GiB/GPU" in out and out.count("python train/main.py --config-dir") == 2
+    assert len(list(tmp_path.glob("*/config.yaml"))) == 2
     assert plan_main(["--budget", "1e13", "--family", "cpu", "--rho", "1.0,1.5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1

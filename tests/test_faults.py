@@ -25,7 +25,7 @@ from trainer_utils import REPO, env
 from train import checkpoint as ckpt
 from train.distributed import free_port
 from train.resume import changes, trajectory_settings
-from train.run_files import LOCK_NAME, process_start, stamp_lock_owner, try_lock
+from rundir.locks import LOCK_NAME, process_start, stamp_lock_owner, try_lock
 from train.schema import ConfigError, check_schema, validate
 from train.tracking import Progress, Tracker
 

@@ -10,7 +10,9 @@ from typing import Optional
 import pytest
 
 from sweep_contract_trainer import ContractSpec
-from sweeps.driver import build_sweep, describe_plan, overlay_allocation_sweeps, summarize
+from sweeps.driver import build_sweep
+from sweeps.planview import describe_plan
+from sweeps.summary import overlay_allocation_sweeps, summarize
 from sweeps.results import RunRecord
 
 

@@ -68,12 +68,13 @@ def test_paper_runs_train_with_the_whole_muon_recipe():
     from hydra import compose, initialize_config_dir
 
     from sweeps.budget import solve_plan
+    from sweeps.runconfig import resolve_run_config
 
     run = solve_plan(load_family("paper"), 2e20, [0.8]).runs[0]
+    planned = OmegaConf.create(resolve_run_config(run.config()))  # what its config.yaml holds
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        planned = compose("config", overrides=run.overrides())
         muon = compose("config", overrides=["optim=muon", *(f"optim.{k}={v}" for k, v in run.optim.items())])
-    assert planned.optim.kind == "muon" and "optim=muon" in run.overrides()  # the group, not just the key
+    assert planned.optim.kind == "muon" and run.config()["optim"]["kind"] == "muon"  # the group, not just the key
     assert (planned.optim.lr, planned.optim.weight_decay) == (4e-4, 0.1)  # the paper's Muon lr and wd
     assert OmegaConf.to_container(planned.optim, resolve=True) == OmegaConf.to_container(muon.optim, resolve=True)
     assert planned.model.engram.n_branches is None and planned.model.get("n_branches", 1) == 1
@@ -92,11 +93,11 @@ def test_paper_family_without_data_dir_refuses_to_launch_in_one_line(tmp_path, c
         fam.launch_data_dir()
     assert fam.launch_data_dir("/data/ds") == "/data/ds"
     assert load_family("cpu").launch_data_dir() == "data/stdlib_bpe8k"
-    assert main(["--budget", "2e20", "--family", "paper", "--rhos", "1.0", "--out", str(tmp_path)]) == 2
+    assert main(["--budget", "2e20", "--family", "paper", "--rho", "1.0", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "family paper" in err and "data_dir" in err
     assert not any(tmp_path.iterdir())  # refused before writing a plan or a run dir
-    assert main(["--budget", "2e20", "--family", "paper", "--rhos", "1.0", "--out", str(tmp_path), "--dry-run"]) == 0
+    assert main(["--budget", "2e20", "--family", "paper", "--rho", "1.0", "--out", str(tmp_path), "--dry-run"]) == 0
 
 
 # ---- data/model tokenizer contract in the trainer ---------------------------------------------------

@@ -14,8 +14,13 @@ import pytest
 
 from fault_rows import row
 from sweep_contract_trainer import RHO_STAR, ContractSpec, MemoryContractSpec, contract_loss, contract_memory_loss
-from sweeps.driver import build_sweep, run_sweep, run_sweeps, summarize
-from sweeps.launchers import Handle, LocalLauncher, SubmititLauncher, spawn_locked
+from sweeps.driver import build_sweep
+from sweeps.runloop import run_sweep, run_sweeps
+from sweeps.summary import summarize
+from rundir.config import read_run_config, write_run_config
+from sweeps.launchers import Handle, LocalLauncher, spawn_locked, trainer_command
+from sweeps.submitit_launcher import SubmititLauncher
+from sweeps.runconfig import hydra_block
 from sweeps.results import read_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +30,7 @@ RHOS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
 
 def make_sweep(out, rhos=RHOS, seeds=(0,), steps=6, extra=()):
     return build_sweep([ContractSpec(r, steps) for r in rhos], out=out, family="contract", budget=1e9, seeds=seeds,
-                       extra_overrides=["+contract.step_s=0.02", *extra], wandb_mode="disabled")
+                       settings=["+contract.step_s=0.02", *extra], wandb_mode="disabled")
 
 
 def starts(run_dir) -> list[dict]:
@@ -50,6 +55,10 @@ def test_failures_are_recorded_and_the_fit_uses_the_other_runs(tmp_path):
     for r in done:
         assert r.val_loss == pytest.approx(contract_loss(r.rho, 0))
     assert any("FAILED" in ln and "rho0.55" in ln for ln in lines)
+    for run in sweep.runs:  # each run's config.yaml is its whole config: the trainer got nothing else
+        assert read_run_config(run.run_dir) == run.config
+        assert {tuple(s["argv"]) for s in starts(run.run_dir)} == {
+            ("--config-dir", str(run.run_dir), "--config-name", "config")}
     # the driver wrote failed.json for the silent crash, with the step of its last checkpoint
     crash = json.loads((Path(status[0.25].run_dir) / "failed.json").read_text())
     assert crash["source"] == "sweep driver"
@@ -95,10 +104,11 @@ DRIVER = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from sweep_contract_trainer import ContractSpec
-from sweeps.driver import build_sweep, run_sweep
+from sweeps.driver import build_sweep
 from sweeps.launchers import LocalLauncher
+from sweeps.runloop import run_sweep
 sweep = build_sweep([ContractSpec(r, 12) for r in {rhos!r}], out={out!r}, family="contract", budget=1e9, seeds=[0],
-                    extra_overrides=["+contract.step_s=0.1", "+contract.ckpt_every=3"], wandb_mode="disabled")
+                    settings=["+contract.step_s=0.1", "+contract.ckpt_every=3"], wandb_mode="disabled")
 run_sweep(sweep, LocalLauncher(script={script!r}, threads=1), poll_s=0.05)
 """
 
@@ -128,7 +138,7 @@ def test_changed_plan_is_refused_and_finished_results_are_kept(tmp_path):
     assert {d: (d / "final.json").read_bytes() for d in finals} == finals
     # settings that do not change what a run computes (here the W&B mode) are not a new plan
     relabelled = build_sweep([ContractSpec(r, 4) for r in (1.0, 0.5)], out=tmp_path, family="contract", budget=1e9,
-                             seeds=(0,), extra_overrides=["+contract.step_s=0.02"], wandb_mode="offline")
+                             seeds=(0,), settings=["+contract.step_s=0.02"], wandb_mode="offline")
     assert [r.status for r in run_sweep(relabelled, LocalLauncher(script=SCRIPT, threads=1), poll_s=0.05,
                                         emit=quiet)] == ["completed"] * 2
 
@@ -137,7 +147,7 @@ def test_changed_plan_is_refused_and_finished_results_are_kept(tmp_path):
 def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, sig):
     rhos = (1.0, 0.7, 0.4, 0.2)
     sweep = build_sweep([ContractSpec(r, 12) for r in rhos], out=tmp_path, family="contract", budget=1e9, seeds=[0],
-                        extra_overrides=["+contract.step_s=0.1", "+contract.ckpt_every=3"], wandb_mode="disabled")
+                        settings=["+contract.step_s=0.1", "+contract.ckpt_every=3"], wandb_mode="disabled")
     first, second, third, _ = (r.run_dir for r in sweep.runs)
     driver = start_driver(tmp_path, rhos)
     ckpt = third / "checkpoints" / "latest.json"
@@ -167,8 +177,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, sig):
 def test_run_held_by_another_process_is_waited_for_not_launched_twice(tmp_path):
     sweep = make_sweep(tmp_path, rhos=(1.0, 0.6, 0.3))
     held = sweep.runs[1]
-    proc = spawn_locked([sys.executable, SCRIPT, *held.overrides, "+contract.step_s=0.3"], held.run_dir,
-                        held.run_dir / "other.log", {}, REPO)
+    write_run_config(held.run_dir, {**held.config, "contract": {"step_s": 0.3}}, hydra_block())
+    proc = spawn_locked(trainer_command(held.run_dir, script=SCRIPT), held.run_dir, held.run_dir / "other.log", {}, REPO)
     assert proc is not None
     lines = []
     records = run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), poll_s=0.05, emit=lines.append)
@@ -179,9 +189,10 @@ def test_run_held_by_another_process_is_waited_for_not_launched_twice(tmp_path):
 
 
 def test_timed_out_run_is_recorded_and_resumable(tmp_path):
-    sweep = build_sweep([ContractSpec(0.5, 40)], out=tmp_path, family="contract", budget=1e9, seeds=[0],
-                        extra_overrides=["+contract.step_s=0.05", "+contract.ckpt_every=2"], wandb_mode="disabled")
-    records = run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), run_timeout_s=1.0, poll_s=0.05, emit=quiet)
+    sweep = build_sweep([ContractSpec(0.5, 80)], out=tmp_path, family="contract", budget=1e9, seeds=[0],
+                        settings=["+contract.step_s=0.05", "+contract.ckpt_every=2"], wandb_mode="disabled")
+    # 2 s: time for the fake trainer to start and checkpoint on a loaded machine, half its 4 s of steps
+    records = run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), run_timeout_s=2.0, poll_s=0.05, emit=quiet)
     assert records[0].status == "failed" and "timed out" in records[0].reason
     records = run_sweep(sweep, LocalLauncher(script=SCRIPT, threads=1), retry_failed=True, poll_s=0.05, emit=quiet)
     assert records[0].status == "completed"
@@ -189,7 +200,7 @@ def test_timed_out_run_is_recorded_and_resumable(tmp_path):
 
 
 def test_second_driver_on_the_same_sweep_is_refused(tmp_path):
-    from sweeps.driver import SweepLocked, _SweepLock
+    from sweeps.runloop import SweepLocked, _SweepLock
 
     sweep = make_sweep(tmp_path, rhos=(1.0, 0.5, 0.2))
     lock = _SweepLock(sweep.dir)
@@ -229,9 +240,9 @@ def test_seeds_give_separate_runs_and_the_fit_uses_all_of_them(tmp_path):
 def test_memory_sweep_fits_a_power_law_in_slots(tmp_path):
     slots = (10_000, 30_000, 100_000, 300_000, 1_000_000)
     sweep = build_sweep([MemoryContractSpec(s) for s in slots], out=tmp_path, family="contract", budget=1e9,
-                        seeds=[0], mode="memory", extra_overrides=["+contract.step_s=0.01"], wandb_mode="disabled")
+                        seeds=[0], mode="memory", settings=["+contract.step_s=0.01"], wandb_mode="disabled")
     assert sweep.name == "contract-1e9-memory" and sweep.runs[0].run_dir.name == "slots10000-seed0"
-    assert "+sweep.slots=10000" in sweep.runs[0].overrides
+    assert sweep.runs[0].config["sweep"]["slots"] == 10000
     records = run_sweep(sweep, LocalLauncher(script=SCRIPT, parallel=2, threads=1), poll_s=0.05, emit=quiet)
     assert [r.slots for r in records] == list(slots)
     assert [r.val_loss for r in records] == pytest.approx([contract_memory_loss(s, 0) for s in slots])
@@ -313,11 +324,11 @@ class _FakeSlurmJob:
 def test_unknown_slurm_state_is_requeried_never_resubmitted(tmp_path, monkeypatch, states, attached):
     import submitit.slurm.slurm as slurm_mod
 
-    from sweeps import launchers
+    from sweeps import submitit_launcher
 
     monkeypatch.setattr(slurm_mod, "SlurmJob", _FakeSlurmJob)
     monkeypatch.setattr(_FakeSlurmJob, "states", list(states))
-    monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
+    monkeypatch.setattr(submitit_launcher.time, "sleep", lambda s: None)
     (tmp_path / "launcher.json").write_text(json.dumps({"cluster": "slurm", "folder": str(tmp_path), "job_id": "7"}))
     launcher = SubmititLauncher.__new__(SubmititLauncher)
     launcher.cluster = "slurm"
@@ -371,10 +382,11 @@ def test_changed_plan_leaves_plan_json_alone(tmp_path, monkeypatch):
     sweep_dir = tmp_path / "out" / "cpu-6e12"
     run_dir = sweep_dir / "rho1.00-seed0"
     run_dir.mkdir(parents=True)
-    (run_dir / "sweep_run.json").write_text(json.dumps({"attempts": 1, "overrides": ["train.train_tokens=1"]}))
+    (run_dir / "sweep_run.json").write_text(json.dumps({"attempts": 1}))
+    (run_dir / "config.yaml").write_text("train: {train_tokens: 1}\n")  # launched under another token count
     (sweep_dir / "plan.json").write_text('{"the": "old plan"}')
     code, err = _cli(tmp_path, "--budget", "6e12", "--family", "cpu", "--rho", "1")
-    assert code == 2 and "plan changed since these runs were launched" in err
+    assert code == 2 and "plan changed since these runs were launched: rho1.00-seed0 (train.train_tokens)" in err
     assert (sweep_dir / "plan.json").read_text() == '{"the": "old plan"}'
 
 
@@ -382,7 +394,7 @@ def test_changed_plan_leaves_plan_json_alone(tmp_path, monkeypatch):
      "one queue of runs: a free slot takes the next run of any budget, not after the previous budget finished")
 def test_budgets_of_one_command_share_one_queue(tmp_path):
     sweeps = [build_sweep([ContractSpec(0.5, 6)], out=tmp_path, family="contract", budget=b, seeds=[0],
-                          extra_overrides=["+contract.step_s=0.2"], wandb_mode="disabled") for b in (1e9, 2e9)]
+                          settings=["+contract.step_s=0.2"], wandb_mode="disabled") for b in (1e9, 2e9)]
     lines = []
     per_sweep = run_sweeps(sweeps, LocalLauncher(script=SCRIPT, parallel=2, threads=1), poll_s=0.05,
                            emit=lines.append)

@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
-from sweeps.launchers import is_locked
+from rundir.config import read_run_config
+from rundir.locks import is_locked
 from sweeps.results import read_results
 
 pytestmark = pytest.mark.slow
@@ -42,7 +45,7 @@ BUDGET = "1.2e10"  # about 24 steps of 512 tokens
 
 
 def cli(family: Path, data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "sweeps.run", "--budget", BUDGET, "--family", str(family), "--rhos", "1.0", "0.5",
+    return [sys.executable, "-m", "sweeps.run", "--budget", BUDGET, "--family", str(family), "--rho", "1.0", "0.5",
             "0.2", "--data-dir", str(data), "--out", str(out), "--n-boot", "200", "--wandb-mode", "disabled",
             "--threads", "1"]
 
@@ -87,6 +90,9 @@ def test_cli_sweep_with_the_real_trainer_survives_a_kill(tiny_data, tmp_path):
     assert marker(third)["attempts"] == 1
     rows = read_results(sweep_dir / "results.parquet")
     assert [r.status for r in rows] == ["completed"] * 3
+    for run_dir in (first, second, third):  # the trainer read the run's config.yaml and was given nothing else
+        assert yaml.safe_load((run_dir / "hydra" / "overrides.yaml").read_text()) == []
+        assert read_run_config(run_dir)["model"] == OmegaConf.load(run_dir / "hydra" / "config.yaml").model
     for r in rows:
         final = json.loads((Path(r.run_dir) / "final.json").read_text())
         assert r.val_loss == final["val_loss"] and r.tokens == final["tokens"] and r.total_params > 0
@@ -114,7 +120,7 @@ def test_submitit_local_executor_runs_a_two_point_sweep_with_the_real_trainer(ti
     family.write_text(FAMILY)
     out = tmp_path / "out"
     args = cli(family, tiny_data, out)
-    i = args.index("--rhos")
+    i = args.index("--rho")
     args[i + 1:i + 4] = ["1.0", "0.5"]
     done = subprocess.run([*args, "--launcher", "submitit-local"], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=600)

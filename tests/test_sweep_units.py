@@ -1,4 +1,4 @@
-"""Sweep pieces without running anything: names, overrides, launch commands, run-directory outcomes,
+"""Sweep pieces without running anything: names, resolved run configs, launch commands, run-directory outcomes,
 the results table, progress/ETA, figures, the W&B summary run and the CLI's input checks."""
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ from pathlib import Path
 import pytest
 
 from sweep_contract_trainer import ContractSpec
-from sweeps.driver import (budget_tag, build_sweep, describe_plan, log_tail_reason, merge_overrides,
-                           overlay_allocation_sweeps, rho_tag, sweep_name)
+from sweeps.driver import budget_tag, build_sweep, rho_tag, sweep_name
+from sweeps.planview import describe_plan
+from sweeps.runloop import log_tail_reason
+from sweeps.summary import overlay_allocation_sweeps
 from sweeps.fit import fit_power_law, fit_u_curve
 from sweeps.launchers import LocalLauncher, trainer_command
 from sweeps.plots import CurveData, plot_memory_scaling, plot_u_curves
 from sweeps.progress import Progress, fmt_duration
-from sweeps.results import RunRecord, read_outcome, read_results, write_results
+from rundir.outcome import read_outcome
+from sweeps.results import RunRecord, read_results, write_results
 
 
-# ---- names and overrides --------------------------------------------------------------------------
+# ---- names and run configs --------------------------------------------------------------------------
 def test_names_are_deterministic_and_readable():
     assert [budget_tag(b) for b in (1e13, 2.5e20, 3e18, 6e20)] == ["1e13", "2.5e20", "3e18", "6e20"]
     assert [rho_tag(r) for r in (0.8, 1.0, 0.825)] == ["0.80", "1.00", "0.825"]
@@ -28,17 +31,45 @@ def test_names_are_deterministic_and_readable():
 
 def test_build_sweep_lays_out_runs_and_passes_sweep_identity_to_the_trainer(tmp_path):
     a = build_sweep([ContractSpec(0.8), ContractSpec(0.4)], out=tmp_path, family="fam", budget=1e13, seeds=[0, 1],
-                    extra_overrides=["train.max_steps=99"], wandb_mode="offline")
+                    settings=["train.eval_tokens=4096"], wandb_mode="offline")
     b = build_sweep([ContractSpec(0.8), ContractSpec(0.4)], out=tmp_path, family="fam", budget=1e13, seeds=[0, 1],
-                    extra_overrides=["train.max_steps=99"], wandb_mode="offline")
+                    settings=["train.eval_tokens=4096"], wandb_mode="offline")
     assert [r.run_dir for r in a.runs] == [r.run_dir for r in b.runs]
     assert a.dir == tmp_path.resolve() / "fam-1e13"
     assert [r.run_dir.name for r in a.runs] == ["rho0.80-seed0", "rho0.80-seed1", "rho0.40-seed0", "rho0.40-seed1"]
-    ov = a.runs[1].overrides
-    assert f"run_dir={a.runs[1].run_dir}" in ov and "train.seed=1" in ov
-    assert "logging.wandb.group=fam-1e13" in ov and "logging.wandb.name=fam-1e13-rho0.80-seed1" in ov
-    assert "+sweep.rho=0.8" in ov and "+sweep.seed=1" in ov and "logging.wandb.mode=offline" in ov
-    assert [o for o in ov if o.startswith("train.max_steps")] == ["train.max_steps=99"]  # extra wins, once
+    cfg = a.runs[1].config  # the complete trainer config: the trainer's defaults, the plan, --set, the sweep's own
+    assert cfg["run_dir"] == str(a.runs[1].run_dir) and cfg["train"]["seed"] == 1 and cfg["train"]["progress"] is False
+    assert cfg["logging"]["wandb"] == {**cfg["logging"]["wandb"], "group": "fam-1e13", "name": "fam-1e13-rho0.80-seed1",
+                                       "mode": "offline"}
+    assert cfg["sweep"] == {"name": "fam-1e13", "mode": "allocation", "family": "fam", "budget": 1e13, "rho": 0.8,
+                            "seed": 1}
+    assert cfg["train"]["max_steps"] == 6 and cfg["train"]["eval_tokens"] == 4096  # the plan's, then --set
+    assert cfg["optim"]["groups"]["matrix"]["weight_decay"] == cfg["optim"]["weight_decay"]  # resolved, no ${...}
+    assert cfg["model"]["d_model"] > 0 and "hydra" not in cfg and "defaults" not in cfg
+
+
+@pytest.mark.parametrize("setting,msg", [
+    ("model.d_model=96", "solved by the iso-FLOP plan"),
+    ("train.train_tokens=5", "solved by the iso-FLOP plan"),
+    ("train.eval_tokenz=4096", "has no key train.eval_tokenz"),
+    ("train.eval_tokens=lots", "takes a int"),
+    ("train.progress=3", "takes a bool"),
+    ("oops", "KEY=VALUE"),
+])
+def test_set_is_typed_by_the_trainer_config_and_refused_on_planned_keys(tmp_path, setting, msg):
+    with pytest.raises(ValueError, match=msg):
+        build_sweep([ContractSpec(0.8)], out=tmp_path, family="f", budget=1e13, seeds=[0], settings=[setting])
+
+
+def test_set_values_take_the_type_of_the_value_they_replace(tmp_path):
+    sweep = build_sweep([ContractSpec(0.8)], out=tmp_path, family="f", budget=1e13, seeds=[0],
+                        settings=["optim.lr=1e-3", "optim.weight_decay=0", "train.grad_clip=null",
+                                  "logging.wandb.tags=[a,b]", "+contract.step_s=0.5"])
+    cfg = sweep.runs[0].config
+    assert cfg["optim"]["lr"] == 1e-3 and cfg["optim"]["weight_decay"] == 0.0
+    assert isinstance(cfg["optim"]["weight_decay"], float) and cfg["optim"]["groups"]["head"]["weight_decay"] == 0.0
+    assert cfg["train"]["grad_clip"] is None and cfg["logging"]["wandb"]["tags"] == ["a", "b"]
+    assert cfg["contract"] == {"step_s": 0.5}  # '+' adds a key the trainer's config lacks
 
 
 @pytest.mark.parametrize("kwargs,msg", [
@@ -55,32 +86,27 @@ def test_build_sweep_refuses_bad_plans(tmp_path, kwargs, msg):
         build_sweep(specs, **args)
 
 
-def test_merge_overrides_keeps_the_last_value_per_key():
-    assert merge_overrides(["a=1", "++b.c=2"], ["b.c=3", "d=4"]) == ["a=1", "b.c=3", "d=4"]
-    with pytest.raises(ValueError, match="key=value"):
-        merge_overrides(["oops"])
-
-
 def test_dry_run_lists_every_run_and_the_first_command(tmp_path):
     sweep = build_sweep([ContractSpec(1.0), ContractSpec(0.5)], out=tmp_path, family="f", budget=1e13, seeds=[0])
     text = describe_plan(sweep)
     assert "rho1.00-seed0" in text and "rho0.50-seed0" in text and "pending" in text
-    assert "train/main.py" in text and "train.max_steps=6" in text
+    assert "train/main.py --config-dir" in text and f"{sweep.runs[0].run_dir} --config-name config" in text
     assert not sweep.dir.exists()  # a dry run writes nothing
 
 
 # ---- launch commands ------------------------------------------------------------------------------
 def test_trainer_commands_for_each_runner(tmp_path):
-    ov = ["a=1"]
-    assert trainer_command(ov, python="py") == ["py", "train/main.py", "a=1"]
+    ov = tmp_path / "run"  # the trainer gets the run's config.yaml and nothing else
+    cfg = ["--config-dir", str(ov), "--config-name", "config"]
+    assert trainer_command(ov, python="py") == ["py", "train/main.py", *cfg]
     tr = trainer_command(ov, runner="torchrun", nproc=4, python="py")
-    assert tr == ["py", "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone", "train/main.py", "a=1"]
+    assert tr == ["py", "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone", "train/main.py", *cfg]
     mn = trainer_command(ov, runner="torchrun", nproc=8, nnodes=2, node_rank=1, master_addr="n0", master_port=1234,
                          python="py")
     assert "--nnodes=2" in mn and "--node_rank=1" in mn and "--master_addr=n0" in mn and "--standalone" not in mn
     ds = trainer_command(ov, runner="deepspeed", nproc=2, devices=["2", "3"], master_port=999, python="/v/bin/python")
     assert ds[:3] == ["/v/bin/deepspeed", "--no_local_rank", "--master_port=999"]
-    assert "--include=localhost:2,3" in ds and ds[-2:] == ["train/main.py", "a=1"]
+    assert "--include=localhost:2,3" in ds and ds[-5:] == ["train/main.py", *cfg]
     dsm = trainer_command(ov, runner="deepspeed", nproc=8, nnodes=2, node_rank=1, master_addr="n0",
                           hostfile=tmp_path / "hosts", python="py")
     assert "--no_ssh" in dsm and "--node_rank=1" in dsm and f"--hostfile={tmp_path / 'hosts'}" in dsm
@@ -93,14 +119,14 @@ def test_trainer_commands_for_each_runner(tmp_path):
 def test_local_launcher_device_slots_and_threads():
     one_per_gpu = LocalLauncher(devices=["0", "1", "2", "3"])
     assert one_per_gpu.capacity == 4
-    cmd, env = one_per_gpu.command(["x=1"], one_per_gpu.slots[2])
+    cmd, env = one_per_gpu.command(Path("r"), one_per_gpu.slots[2])
     assert env["CUDA_VISIBLE_DEVICES"] == "2" and cmd[1] == "train/main.py"
     all_gpus = LocalLauncher(devices=["0", "1", "2", "3"], procs_per_run=4)
     assert all_gpus.capacity == 1 and all_gpus.runner == "torchrun"
-    cmd, env = all_gpus.command(["x=1"], all_gpus.slots[0])
+    cmd, env = all_gpus.command(Path("r"), all_gpus.slots[0])
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3" and "--nproc_per_node=4" in cmd
     cpu = LocalLauncher(parallel=2, threads=3)
-    assert cpu.capacity == 2 and cpu.command([], None)[1]["OMP_NUM_THREADS"] == "3"
+    assert cpu.capacity == 2 and cpu.command(Path("r"), None)[1]["OMP_NUM_THREADS"] == "3"
     with pytest.raises(ValueError, match="do not split"):
         LocalLauncher(devices=["0", "1", "2"], procs_per_run=2)
     with pytest.raises(ValueError, match="one process per run"):
@@ -250,7 +276,7 @@ def test_cli_refuses_bad_input_in_one_line(argv, msg, capsys):
 def test_cli_dry_run_plans_the_paper_sweep_without_writing(tmp_path, capsys):
     from sweeps.run import main
 
-    assert main(["--budget", "2e20", "--family", "paper", "--rhos", "1.0", "0.4", "--out", str(tmp_path),
+    assert main(["--budget", "2e20", "--family", "paper", "--rho", "1.0", "0.4", "--out", str(tmp_path),
                  "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "paper-2e20" in out and "rho1.00-seed0" in out and "rho0.40-seed0" in out
@@ -274,6 +300,45 @@ def test_memory_plan_grows_only_the_tables_of_the_rho1_backbone():
     totals = [s.to_dict()["total_params"] for s in specs]
     assert totals[0] < totals[1] < totals[2]
     assert totals[2] - totals[0] == (specs[2].slots - specs[0].slots) * head_dim
-    assert not any(o.startswith("experiment_name=") for o in specs[0].overrides())
+    assert "experiment_name" not in specs[0].config()  # the sweep names its runs
     with pytest.raises(ValueError, match="distinct positive"):
         plan_memory("paper", 2e20, [1000, 1000])
+
+
+def test_one_rho_option_and_one_default_grid_for_plan_and_run():
+    from sweeps.plan import DEFAULT_RHOS, build_parser, flat
+    from sweeps.run import parser as run_parser
+
+    plan_args = build_parser().parse_args(["--budget", "1e13"])
+    run_args = run_parser().parse_args(["--budget", "1e13"])
+    assert flat(plan_args.rho) == flat(run_args.rho) == list(DEFAULT_RHOS)
+    for p in (build_parser(), run_parser()):  # comma- or space-separated; --rhos is the same option
+        assert flat(p.parse_args(["--budget", "1e13", "--rho", "1,0.8", "0.5"]).rho) == [1.0, 0.8, 0.5]
+        assert flat(p.parse_args(["--budget", "1e13", "--rhos", "0.7"]).rho) == [0.7]
+
+
+def test_run_config_names_the_trainers_schema():
+    from rundir.config import SCHEMA_NAME
+    from train import schema
+
+    assert SCHEMA_NAME == schema.SCHEMA_NAME  # config.yaml's defaults list starts from the trainer's schema
+
+
+def test_trainer_reads_the_run_config_even_beside_hydras_record_of_an_earlier_launch(tmp_path):
+    """A relaunched run's directory holds Hydra's hydra/config.yaml: the trainer must read config.yaml, not
+    take that record for Hydra's own config group (the run directory is never on Hydra's search path)."""
+    import subprocess
+    import sys
+
+    from rundir.config import trainer_args, write_run_config
+    from sweeps.runconfig import REPO, TRAIN_SCRIPT, hydra_block
+
+    sweep = build_sweep([ContractSpec(0.8)], out=tmp_path, family="f", budget=1e13, seeds=[0])
+    run = sweep.runs[0]
+    write_run_config(run.run_dir, run.config, hydra_block())
+    (run.run_dir / "hydra").mkdir()
+    (run.run_dir / "hydra" / "config.yaml").write_text("train: {max_steps: 1}\n")
+    out = subprocess.run([sys.executable, TRAIN_SCRIPT, *trainer_args(run.run_dir), "--cfg", "job"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"run_dir: {run.run_dir}" in out.stdout and "max_steps: 6" in out.stdout

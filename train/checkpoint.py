@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import torch
 
 from train.distributed import all_reduce_sum, barrier
+from rundir.files import LATEST, atomic_write_json, fsync_dir
 from train.expert_checkpoint import ExpertCheckpoint, saved_layout
-from train.run_files import LATEST, atomic_write_json, fsync_dir
 
 log = logging.getLogger("train")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train.run_files import parent_pid
+from rundir.locks import parent_pid
 
 if not torch.cuda.is_available():  # before anything imports deepspeed: no "Setting accelerator to CPU"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # warning on stderr above a one-line error

@@ -3,6 +3,7 @@
     python train/main.py +experiment=engram_25pct
     torchrun --nproc_per_node=2 train/main.py train.zero_stage=2
     deepspeed --no_local_rank --num_gpus=8 train/main.py +experiment=...
+    python train/main.py --config-dir RUN_DIR --config-name config   # a planned run: its config.yaml, whole
 
 Every rank agrees on ``run_dir`` (from the config, never the clock) and writes its own
 ``rank<N>.log`` there. Bad input stops with a one-line ``error:`` before any compute.
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python train/main.py` from a checkout without installing
@@ -34,12 +36,43 @@ def _check_group_choices(argv: list[str]) -> None:
             raise SystemExit(f"error: unknown {key} '{value}' (available: {', '.join(options)})")
 
 
-def _compose_and_validate(argv: list[str]):
+RUN_NODE = "run_config"  # a planned run's config.yaml, as Hydra sees it (see _config_source)
+
+
+def _config_source(argv: list[str]) -> tuple[Optional[Path], str, list[str]]:
+    """(config dir, config name, the other arguments): conf/config.yaml, or the run config a planner wrote
+    (``--config-dir RUN_DIR --config-name config``, rundir/config.py). A run config goes into Hydra's
+    ConfigStore (dir None) rather than putting RUN_DIR on Hydra's search path: there Hydra would take the
+    run's own ``hydra/config.yaml`` record for its ``hydra/config`` group on a relaunch."""
+    where, rest, i = {}, [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in ("--config-dir", "--config-name"):
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            where[flag] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    if "--config-dir" not in where:
+        return CONF, where.get("--config-name", "config"), rest
+    path = Path(where["--config-dir"]).resolve() / f"{where.get('--config-name', 'config')}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: no run config {path} (--config-dir, --config-name)")
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name=RUN_NODE, node=OmegaConf.to_container(OmegaConf.load(path)))
+    return None, RUN_NODE, rest
+
+
+def _compose_and_validate(config_dir: Optional[Path], config_name: str, argv: list[str]):
     """Compose the config as Hydra will and check it against train/schema.py, before torch is imported,
     so a typo'd key or a bad value costs a second, not a checkpoint (and fails in one line)."""
     if any(a.startswith("-") for a in argv):  # Hydra's own flags (--cfg, --multirun): leave it to Hydra
         return
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -47,8 +80,10 @@ def _compose_and_validate(argv: list[str]):
 
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
+        init = (initialize(config_path=None, version_base="1.3") if config_dir is None
+                else initialize_config_dir(config_dir=str(config_dir), version_base="1.3"))
+        with init:
+            cfg = compose(config_name, overrides=overrides)
         check_schema(cfg)
         validate(cfg)
         return cfg
@@ -66,7 +101,7 @@ def _wait_for_own_rank0(run_dir: Path, timeout_s: float = 300.0) -> None:
     holds the lock, which rank 0 marks by writing this launch's id into the lock file. A launch refused
     because another trainer is live there thus touches nothing: its rank 0 exits and the launcher stops
     the peers while they wait here. Peers on other nodes (RANK != LOCAL_RANK) match the rendezvous only."""
-    from train.run_files import launch_id, lock_owner
+    from rundir.locks import launch_id, lock_owner
 
     me = launch_id()
     same_node = os.environ.get("RANK") == os.environ.get("LOCAL_RANK", "0")
@@ -88,7 +123,7 @@ def _lock_run_dir(run_dir: Path) -> None:
     (the descriptor is passed on to the trainer in ISOFLOP_RUN_LOCK_FD); the other ranks wait until it
     holds it. A second launch into a live run stops here, every rank touching nothing in the directory;
     under torchrun or the DeepSpeed launcher, rank 0's exit makes the launcher stop the peers."""
-    from train.run_files import LOCK_FD_ENV, LOCK_NAME, launch_id, stamp_lock_owner, try_lock
+    from rundir.locks import LOCK_FD_ENV, LOCK_NAME, launch_id, stamp_lock_owner, try_lock
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if os.environ.get(LOCK_FD_ENV):  # a launcher (the sweep driver) holds the lock for this launch
@@ -113,7 +148,7 @@ def _fail(msg: str) -> None:
 def _report_rank_failure(cfg, status: str, msg: str) -> None:
     """Any rank that fails says so on stderr and in run_dir/failed.json (rank 0's record wins), so a
     failure on one rank is never silent. Without FINAL: a finished run's record is not overwritten."""
-    from train.run_files import FAILED, FINAL, atomic_write_json
+    from rundir.files import FAILED, FINAL, atomic_write_json
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     who = f"rank {rank}: " if world > 1 else ""
@@ -144,7 +179,9 @@ def main() -> int:
     from train.schema import register
 
     register()
-    cfg = _compose_and_validate(sys.argv[1:])  # every rank: all stop, rank 0 says why
+    config_dir, config_name, args = _config_source(sys.argv[1:])
+    sys.argv[1:] = args  # Hydra gets the run config by name, never its directory on the search path
+    cfg = _compose_and_validate(config_dir, config_name, args)  # every rank: all stop, rank 0 says why
     if cfg is not None:
         _lock_run_dir(Path(cfg.run_dir))
     import hydra
@@ -152,7 +189,8 @@ def main() -> int:
 
     exit_code = {"code": 0}
 
-    @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
+    @hydra.main(version_base="1.3", config_path=None if config_dir is None else str(config_dir),
+                config_name=config_name)
     def _run(cfg: DictConfig) -> None:
         from data_prep.reader import DataError
         from train.checkpoint import CheckpointError

@@ -4,19 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-import string
 import sys
 from pathlib import Path
 from typing import Optional
 
+from rundir.files import METRICS, new_run_id
+
 log = logging.getLogger("train")
-
-
-def new_run_id() -> str:
-    """An 8-character W&B-style run id (random: two fresh runs never share one)."""
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def read_metrics(path: Path) -> list[tuple[str, dict]]:
@@ -46,7 +40,7 @@ class Tracker:
         self.is_main = is_main
         self.run = None
         self.run_id = run_id
-        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self.metrics_path = Path(run_dir) / METRICS
         if not is_main:
             return
         self._truncate_metrics_after(resume_step)

@@ -1,8 +1,6 @@
 """The training loop: DeepSpeed engine, exact resume, evaluation, checkpoints, W&B."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import pickle
@@ -27,7 +25,8 @@ from train.expert_parallel import (check_expert_parallel, ep_size, expert_memory
                                    setup_expert_parallel)
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
-from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
+from rundir.files import CHECKPOINTS, FAILED, FINAL, RUN_STATE, atomic_write_json, fingerprint, read_json_object
+from rundir.locks import LOCK_FD_ENV, LOCK_NAME, try_lock
 from train.schema import ConfigError, check_schema, engram_tables, validate
 from train.shards import ShardedTables, load_hooks
 from train.loop import Diverged, Loop
@@ -84,8 +83,7 @@ def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int,
 def stream_fingerprint(data_dir: Path, cfg: DictConfig, manifest: Optional[dict] = None) -> str:
     manifest = manifest if manifest is not None else load_manifest(data_dir)
     shards = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
-    blob = json.dumps([shards, cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.seed])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint([shards, cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.seed])
 
 
 def step_schedule(cfg: DictConfig) -> tuple[int, int]:
@@ -134,12 +132,10 @@ def _hold_run_lock(run_dir: Path, dist: DistInfo) -> Optional[int]:
 
 def _read_json(path: Path) -> dict:
     """A run-directory JSON file, or {} if absent; a damaged one is a one-line error naming it."""
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); repair or delete it") from None
+    obj, broken = read_json_object(path)
+    if broken:
+        raise ConfigError(f"{path}: {broken}; repair or delete it")
+    return obj or {}
 
 
 def _check_finished(cfg: DictConfig, run_dir: Path, run_state: dict) -> None:

@@ -1,45 +1,18 @@
-"""The run directory's files: the contract between a training run and whoever watches it (the
-sweep driver reads outcomes and checkpoints by these names). No torch import: cheap to use."""
+"""The run directory's lock: at most one live trainer owns a run directory.
+
+Whoever starts the trainer (the trainer's rank 0 itself, or the sweep driver for the trainer it
+launches) takes an exclusive ``flock`` on ``<run_dir>/.run.lock`` and keeps it as long as the trainer
+lives; the launch's id written into the file lets the other ranks of that launch see that their own
+rank 0 holds it. No torch import: cheap to use."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from pathlib import Path
 from typing import Optional
 
-FINAL = "final.json"  # written once a run completed: its final validation loss, tokens, FLOPs
-FAILED = "failed.json"  # written when a run failed or diverged: status, reason, step
-CHECKPOINTS = "checkpoints"
-LATEST = "latest.json"  # in CHECKPOINTS: the last committed checkpoint
-RUN_STATE = "run.json"  # W&B run id, fingerprints, the trajectory settings and any allowed changes
 LOCK_NAME = ".run.lock"  # flock held by whoever owns the live trainer of this run directory
 LOCK_FD_ENV = "ISOFLOP_RUN_LOCK_FD"  # set by a launcher that holds the lock for the trainer it starts
-
-
-def latest_checkpoint_index(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS / LATEST
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, obj, **dump_kwargs) -> None:
-    """Write JSON all-or-nothing: a temp file (unique per process), fsync, rename over ``path``, fsync the dir."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, **{"indent": 2, "sort_keys": True, **dump_kwargs})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _proc_stat(pid: int) -> list[str]:
