@@ -1,4 +1,4 @@
-from models.accounting import Counts, ModelCounts
+from core.accounting import Counts, ModelCounts
 from models.config import ModelConfig
 from models.transformer import ModelOutput, Transformer
 

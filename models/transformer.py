@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.accounting import Counts, ModelCounts, linear_counts
+from core.accounting import Counts, ModelCounts, linear_counts
+from core.param_groups import tag
 from models.attention import Attention
 from models.block import Block
 from models.config import ModelConfig
 from models.ffn import SwiGLU
 from models.hyper_connections import HyperConnection, expand_streams, merge_streams
 from models.layers import RMSNorm
-from models.param_groups import tag
 
 
 @dataclass

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 
 import torch
 
+from core.accounting import ModelCounts
 from models import ModelConfig, Transformer
-from models.accounting import ModelCounts
 from models.moe import MoEConfig
 from sweeps.families import Family
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.param_groups import group_of
 from models import ModelConfig, Transformer
 from models.hyper_connections import HyperConnection
-from models.param_groups import group_of
 
 torch.set_num_threads(1)
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.param_groups import group_of
 from models import ModelConfig, Transformer
-from models.param_groups import group_of
 from sweeps.budget import (Plan, estimate_resources, experts_for_rho, hydra_value, select_backbone, solve_backbone,
                            solve_plan)
 from sweeps.families import Rung, family_from_dict, load_family

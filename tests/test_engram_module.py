@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import ModelConfig, Transformer
-from models.param_groups import group_of
+from core.param_groups import group_of
 from memory.engram import Engram
 from memory.layers import ShortConv
+from models import ModelConfig, Transformer
 
 torch.set_num_threads(1)
 

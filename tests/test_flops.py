@@ -9,8 +9,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.accounting import ModelCounts, attention_core_counts
 from models import ModelConfig, Transformer
-from models.accounting import ModelCounts, attention_core_counts
 from models.attention import Attention
 
 

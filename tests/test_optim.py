@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from core.param_groups import tag
 from models import ModelConfig, Transformer
-from models.param_groups import tag
 from train.optim import build_optimizer, describe_optimizer, optimizer_memory, set_lr
 
 torch.set_num_threads(1)

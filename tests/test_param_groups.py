@@ -14,8 +14,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from core.param_groups import GROUPS, UndeclaredParameter, group_of, grouped_parameters, owner_path, tag
 from models import ModelConfig, Transformer
-from models.param_groups import GROUPS, UndeclaredParameter, group_of, grouped_parameters, owner_path, tag
 from train.optim import build_optimizer, describe_optimizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
-from train.distributed import all_reduce_sum, barrier
+from core.distributed import all_reduce_sum
+from train.distributed import barrier
 from train.run_files import LATEST, atomic_write_json, fsync_dir
 
 log = logging.getLogger("train")

@@ -14,13 +14,14 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.distributed import all_reduce_sum
 from data_prep.reader import DataError, load_manifest, open_split
 from data_prep.verify import verify_data_dir
 from models import ModelConfig, Transformer
 from train import checkpoint as ckpt
 from train.data import TrainBatches, eval_windows, run_length
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
-from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from train.distributed import DistInfo, barrier, broadcast_object
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from train.run_files import CHECKPOINTS, FAILED, FINAL, LOCK_FD_ENV, LOCK_NAME, RUN_STATE, atomic_write_json, try_lock
