@@ -14,6 +14,7 @@ A failure names each offending import as ``file:line``. ARCHITECTURE.md draws th
 from __future__ import annotations
 
 import ast
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -166,9 +167,12 @@ def import_cycles(imports: list[Import], allowed=frozenset()) -> list[str]:
 
 
 # ---- the project ----------------------------------------------------------------------------------
-def test_every_package_has_a_layer():
+def test_every_package_has_a_layer_and_is_installed():
     found = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()} - {"tests"}
-    assert found <= set(LAYERS), f"packages without a layer in tests/test_layers.py LAYERS: {sorted(found - set(LAYERS))}"
+    assert found <= set(LAYERS), f"packages without a layer in LAYERS: {sorted(found - set(LAYERS))}"
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    missing = sorted(p for p in found if f"{p}*" not in include)
+    assert not missing, f"packages missing from pyproject.toml [tool.setuptools.packages.find] include: {missing}"
 
 
 def test_imports_point_down_only():
