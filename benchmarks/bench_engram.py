@@ -24,10 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from assembly import build_model, engram_tokenizer_file  # noqa: E402
 from memory.compression import find_pad_id, load_compression  # noqa: E402
 from memory.hashing import NgramHasher  # noqa: E402
 from memory.indexer import EngramIndexer  # noqa: E402
-from models import ModelConfig, Transformer  # noqa: E402
+from memory.reference import reference_hash_ids  # noqa: E402
+from models import ModelConfig  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -54,26 +56,14 @@ def _best_time(fn, device, repeats: int, warmup: int = 2) -> float:
 def numpy_reference_hash(ids: torch.Tensor, lookup: np.ndarray, multipliers: dict, primes: dict,
                          pad_id: int, max_ngram: int) -> dict:
     """The demo's per-call procedure: host numpy compression and hashing, results back on the device."""
-    x = lookup[ids.cpu().numpy()]
-    B, T = x.shape
-    shifts = [x] + [np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad_id)[:, :T]
-                    for k in range(1, max_ngram)]
-    out = {}
-    for layer, mult in multipliers.items():
-        cols = []
-        for n in range(2, max_ngram + 1):
-            mix = shifts[0] * mult[0]
-            for k in range(1, n):
-                mix = np.bitwise_xor(mix, shifts[k] * mult[k])
-            for p in primes[layer][n - 2]:
-                cols.append((mix % int(p)).astype(np.int64, copy=False))
-        out[layer] = torch.from_numpy(np.stack(cols, axis=2)).to(ids.device)
-    return out
+    hashed = reference_hash_ids(lookup[ids.cpu().numpy()], multipliers, primes, pad_id, max_ngram)
+    return {layer: torch.from_numpy(h).to(ids.device) for layer, h in hashed.items()}
 
 
 def bench_hashing(device: torch.device, tokens: int, seq_len: int, repeats: int) -> dict:
-    comp = load_compression("deepseek")
-    pad = int(comp.lookup[find_pad_id("deepseek")])
+    deepseek = engram_tokenizer_file("deepseek")
+    comp = load_compression(deepseek)
+    pad = int(comp.lookup[find_pad_id(deepseek)])
     layers, max_ngram, heads = [1, 15], 3, 8
     hasher = NgramHasher(comp.num_canonical, max_ngram, heads, [129280 * 5] * 2, layers, pad, seed=0)
     indexer = EngramIndexer(comp.lookup, hasher).to(device)
@@ -105,7 +95,7 @@ def bench_step(device: torch.device, batch: int, seq_len: int, d_model: int, n_l
     steps, out = {}, {}
     for name, eng in (("without", None), ("with", engram)):
         torch.manual_seed(0)
-        model = Transformer(ModelConfig(**base, engram=eng)).to(device)
+        model = build_model(ModelConfig(**base, engram=eng)).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
         def fwd_bwd(model=model, opt=opt):

@@ -114,8 +114,8 @@ def framework_tokens_per_s(cfg, dist) -> float:
 
 
 def _bare_setup(cfg, device: torch.device):
+    from assembly import build_model
     from data_prep.reader import open_split
-    from models import Transformer
     from train.data import TrainBatches
     from train.optim import build_optimizer
     from train.trainer import resolve_model_config
@@ -124,7 +124,7 @@ def _bare_setup(cfg, device: torch.device):
     split = open_split(Path(cfg.data.dir), "train")
     mcfg = resolve_model_config(cfg, Path(cfg.data.dir), split.vocab_size)
     torch.manual_seed(t.seed)
-    model = Transformer(mcfg).to(device)
+    model = build_model(mcfg).to(device)
     optimizer = build_optimizer(model, cfg.optim, t)
     batches = TrainBatches(split, t.seq_len, t.micro_batch_size, t.global_batch_size, 0, 1, t.seed)
     return model, optimizer, batches

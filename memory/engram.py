@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.accounting import Counts, linear_counts
-from models.param_groups import tag_module
+from core.accounting import Counts, linear_counts
+from core.param_groups import tag_module
 from memory.layers import BranchRMSNorm, MultiHeadTable, ShortConv
 
 GATE_EPS = 1e-6  # floor of |s| under the square root (bounds the gate's gradient at s = 0)

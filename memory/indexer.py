@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.accounting import Counts
+from core.accounting import Counts
 from memory.hashing import NgramHasher
 
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.accounting import Counts
-from models.param_groups import tag, tag_module
+from core.accounting import Counts
+from core.param_groups import tag
 from memory.sharded import RowLayout, TableShard, sharded_lookup
 
 TABLE_GROUP = "engram_tables"

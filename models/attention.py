@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.accounting import Counts, attention_core_counts, linear_counts
+from core.accounting import Counts, attention_core_counts, linear_counts
+from core.param_groups import tag_module
 from models.layers import Rotary
-from models.param_groups import tag_module
 
 
 class Attention(nn.Module):
@@ -45,5 +45,5 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         proj = (linear_counts(self.d_model, q_dim) + linear_counts(self.d_model, kv_dim) * 2
                 + linear_counts(q_dim, self.d_model))
-        # QK^T and AV: full T x T count, and what the causal kernel skips (models.accounting).
+        # QK^T and AV: full T x T count, and what the causal kernel skips (core.accounting).
         return proj + attention_core_counts(seq_len, q_dim)

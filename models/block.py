@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models.accounting import Counts
+from core.accounting import Counts
 
 
 class Block(nn.Module):

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
-from models.config_utils import checked_kwargs
+from core.config_utils import checked_kwargs
 
 
 _OMITTED_AT = {"n_branches": 1}  # field -> value at which it is left out of to_dict()

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.accounting import Counts
-from models.param_groups import tag
+from core.accounting import Counts
+from core.param_groups import tag
 
 HC_GROUP = "residual_mix"  # a few mixing weights per branch: AdamW without weight decay, never Muon
 DYN_SCALE_INIT = 0.01  # Zhu et al.'s s_alpha, s_beta

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.accounting import Counts, norm_counts
-from models.param_groups import tag
+from core.accounting import Counts, norm_counts
+from core.param_groups import tag
 
 
 class RMSNorm(nn.Module):

@@ -1,25 +1,33 @@
 """Decoder-only transformer: token embedding -> blocks -> RMSNorm -> output head.
 
 With ``n_branches > 1`` the residual stream is hyper-connected (:mod:`models.hyper_connections`):
-expanded to [B, T, n, d] after the embedding, merged back to [B, T, d] before the final norm."""
+expanded to [B, T, n, d] after the embedding, merged back to [B, T, d] before the final norm.
+
+The memory branch (Engram) is handed in, never imported: models and memory are siblings above
+``core``, and the model is assembled where both are known (:func:`assembly.build_model`)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.accounting import Counts, ModelCounts, linear_counts
+from core.accounting import Counts, ModelCounts, linear_counts
+from core.param_groups import tag
 from models.attention import Attention
 from models.block import Block
 from models.config import ModelConfig
 from models.ffn import SwiGLU
 from models.hyper_connections import HyperConnection, expand_streams, merge_streams
 from models.layers import RMSNorm
-from models.param_groups import tag
+
+
+# model config -> (indexer, {layer_id: module}). The indexer maps raw ids [B, T] to per-layer keys
+# {layer_id: keys}; block l then adds module(h, keys[l]) to its residual stream before attention.
+MemoryBuilder = Callable[[ModelConfig], tuple[nn.Module, dict[int, nn.Module]]]
 
 
 @dataclass
@@ -48,7 +56,10 @@ def build_hyper_connections(cfg: ModelConfig, layer_id: int) -> tuple:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """``memory``: builds the memory branch when ``cfg.engram`` is set (assembly.build_model hands in
+    memory.build_memory); the backbone itself knows no memory module."""
+
+    def __init__(self, cfg: ModelConfig, memory: Optional[MemoryBuilder] = None):
         super().__init__()
         self.cfg = cfg
         std = cfg.init_std
@@ -73,9 +84,10 @@ class Transformer(nn.Module):
             tag(self.head.weight, "head")
         self.memory_indexer: Optional[nn.Module] = None
         if cfg.engram is not None:
-            from memory import build_memory  # local import: Engram lives in its own package
-
-            self.memory_indexer, per_layer = build_memory(cfg.engram, cfg)
+            if memory is None:
+                raise ValueError("model.engram is set but no memory builder was handed in: build the model "
+                                 "with assembly.build_model(cfg)")
+            self.memory_indexer, per_layer = memory(cfg)
             for layer_id, module in per_layer.items():
                 if not 0 <= layer_id < cfg.n_layers:
                     raise ValueError(f"engram layer id {layer_id} outside 0..{cfg.n_layers - 1}")

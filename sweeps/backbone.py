@@ -8,8 +8,9 @@ from typing import Any, Mapping
 
 import torch
 
-from models import ModelConfig, Transformer
-from models.accounting import ModelCounts
+from assembly import build_model
+from core.accounting import ModelCounts
+from models import ModelConfig
 from models.moe import MoEConfig
 from sweeps.families import Family
 
@@ -49,10 +50,10 @@ def _for_counting(model: Mapping[str, Any]) -> dict:
 
 
 def measure(model: Mapping[str, Any], seq_len: int) -> Measured:
-    """Instantiate ``Transformer(ModelConfig(**model))`` on the meta device and read its counts."""
+    """Build the model of ``model`` on the meta device (assembly.build_model) and read its counts."""
     cfg = ModelConfig.from_dict(_for_counting(model))
     with torch.device("meta"):
-        net = Transformer(cfg)
+        net = build_model(cfg)
     tables = sum(int(blk.memory.table_params) for blk in net.layers if blk.memory is not None)
     return Measured(net.model_counts(seq_len), tables)
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from sweeps.study import LOG_FILE, Study, load_study
+from sweeps.study_config import LOG_FILE, Study, load_study
 
 BEGIN, END = "<!-- study-results:begin -->", "<!-- study-results:end -->"
 

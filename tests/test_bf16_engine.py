@@ -11,10 +11,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from models import ModelConfig, Transformer
+from assembly import build_model
+from models import ModelConfig
 from tests.trainer_utils import REPO, TINY_MODEL
-from train.optim import build_optimizer
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
+from train.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ACCUM = 2
@@ -38,7 +39,7 @@ def _engine(cfg):
     import deepspeed
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
+    model = build_model(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
     optimizer = build_optimizer(model, cfg.optim, cfg.train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ACCUM))
     return engine

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from assembly import build_model
+from core.param_groups import group_of
 from models import ModelConfig, Transformer
 from models.hyper_connections import HyperConnection
-from models.param_groups import group_of
 
 torch.set_num_threads(1)
 
@@ -24,7 +25,7 @@ OLD_FINGERPRINT = "7752a0a8b1b2a2e2"
 
 def _model(G: int, engram: bool = True, seed: int = 0, moe: dict = MOE) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(**TINY, n_branches=G, moe=moe, engram=ENGRAM if engram else None))
+    return build_model(ModelConfig(**TINY, n_branches=G, moe=moe, engram=ENGRAM if engram else None))
 
 
 def _plain_forward(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ def test_one_branch_is_the_plain_residual_model():
     assert all(blk.attn_hc is None and blk.ffn_hc is None for blk in model.layers)
     assert not [n for n in model.state_dict() if "_hc" in n]
     torch.manual_seed(0)  # same seed, n_branches left at its default: same parameters, bit for bit
-    default = Transformer(ModelConfig(**TINY, moe=MOE, engram=ENGRAM))
+    default = build_model(ModelConfig(**TINY, moe=MOE, engram=ENGRAM))
     sd, sd_default = model.state_dict(), default.state_dict()
     assert sd.keys() == sd_default.keys() and all(torch.equal(sd[k], sd_default[k]) for k in sd)
     idx = torch.randint(0, 512, (2, 24))

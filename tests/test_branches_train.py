@@ -8,7 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from models import ModelConfig, Transformer
+from assembly import build_model
+from models import ModelConfig
 from test_train_sparse import ENGRAM, MOE
 from trainer_utils import final, losses, run_train
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _counts(model: dict, seq_len: int):
     with torch.device("meta"):
-        net = Transformer(ModelConfig.from_dict({**model, "engram": {**model["engram"], "tokenizer": None}}))
+        net = build_model(ModelConfig.from_dict({**model, "engram": {**model["engram"], "tokenizer": None}}))
     return net, net.model_counts(seq_len)
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import ModelConfig, Transformer
-from models.param_groups import group_of
+from assembly import build_model
+from core.param_groups import group_of
+from models import ModelConfig
 from sweeps.budget import (Plan, estimate_resources, experts_for_rho, select_backbone, solve_backbone,
                            solve_plan)
 from sweeps.families import Rung, family_from_dict, load_family
@@ -153,7 +154,7 @@ def test_solver_counts_equal_instantiated_models(cpu):
         if model_cfg["engram"] is not None:  # identity compression: counts do not depend on the tokenizer
             model_cfg["engram"] = {**model_cfg["engram"], "tokenizer": None}
         torch.manual_seed(0)
-        net = Transformer(ModelConfig.from_dict(model_cfg))  # real weights on the CPU
+        net = build_model(ModelConfig.from_dict(model_cfg))  # real weights on the CPU
         numel = sum(p.numel() for p in net.parameters())
         assert numel == run.total_params + run.embedding_params + run.head_params
         tables = sum(p.numel() for p in net.parameters() if group_of(p) == "engram_tables")

@@ -11,12 +11,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from models import ModelConfig, Transformer
+from assembly import build_model, engram_tokenizer_file
 from memory import EngramConfig, build_memory, solve_table_sizes, table_params_for
 from memory.compression import load_compression
 from memory.primes import is_prime
+from memory.reference import reference_hash
 from memory.sizing import resolve_base_sizes, table_primes_for
-from test_engram_hashing import reference_hash
+from models import ModelConfig, Transformer
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -112,12 +113,27 @@ def test_build_memory_rejects_bad_layer_and_pad():
         build_memory(dict(ENGRAM, pad_id=512), ModelConfig(**TINY))
 
 
+def test_backbone_alone_refuses_an_engram_config():
+    """models knows no memory: a config with engram needs the builder assembly.build_model hands in."""
+    with pytest.raises(ValueError, match="no memory builder"):
+        Transformer(ModelConfig(**TINY, engram=ENGRAM))
+    torch.manual_seed(0)
+    assembled = build_model(ModelConfig(**TINY, engram=ENGRAM))
+    torch.manual_seed(0)
+    by_hand = Transformer(ModelConfig(**TINY, engram=ENGRAM), memory=lambda cfg: build_memory(ENGRAM, cfg))
+    assert assembled.state_dict().keys() == by_hand.state_dict().keys()
+    for k, v in assembled.state_dict().items():
+        assert torch.equal(v, by_hand.state_dict()[k]), k
+
+
 def test_deepseek_indexer_matches_reference_pipeline(tmp_path, monkeypatch):
     monkeypatch.setenv("ISOFLOP_ENGRAM_CACHE", str(tmp_path))
     model_cfg = ModelConfig(**dict(TINY, vocab_size=129280))
     eng = dict(ENGRAM, layer_ids=[1, 2], tokenizer="deepseek", table_sizes=[5003, 5003])
-    indexer, _ = build_memory(eng, model_cfg)
-    comp = load_compression("deepseek", tmp_path)
+    with pytest.raises(ValueError, match="no tokenizer was handed"):
+        build_memory(eng, model_cfg)  # memory knows no tokenizer names: the caller resolves them
+    indexer, _ = build_memory(eng, model_cfg, engram_tokenizer_file("deepseek"))
+    comp = load_compression(engram_tokenizer_file("deepseek"), tmp_path)
     assert indexer.hasher.vocab_size == comp.num_canonical
     assert indexer.hasher.pad_id == comp.lookup[2]  # the reference's pad: raw id 2, compressed
     raw = np.random.default_rng(0).integers(0, 129280, size=(2, 40))
@@ -127,15 +143,15 @@ def test_deepseek_indexer_matches_reference_pipeline(tmp_path, monkeypatch):
     for l in (1, 2):
         np.testing.assert_array_equal(got[l].numpy(), expected[l])
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
-        build_memory(eng, ModelConfig(**TINY))
+        build_memory(eng, ModelConfig(**TINY), engram_tokenizer_file("deepseek"))
 
 
 def test_model_dtype_moves_and_checkpoints():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**TINY, engram=ENGRAM))
+    model = build_model(ModelConfig(**TINY, engram=ENGRAM))
     sd = model.state_dict()
     assert not any("lookup" in k or "offsets" in k or "moduli" in k for k in sd)  # derived, not saved
-    other = Transformer(ModelConfig(**TINY, engram=ENGRAM))
+    other = build_model(ModelConfig(**TINY, engram=ENGRAM))
     other.load_state_dict(sd)
     idx = torch.randint(0, 512, (2, 16))
     torch.testing.assert_close(other(idx).logits, model(idx).logits)
@@ -166,7 +182,7 @@ def test_memory_group_composes_into_model(tmp_path):
     cfg = _compose(tmp_path, ["memory=engram_tiny", "model.engram.seed=3"])
     model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     assert model_cfg.engram["layer_ids"] == [1] and model_cfg.engram["seed"] == 3
-    model = Transformer(model_cfg)
+    model = build_model(model_cfg)
     assert model.layers[1].memory is not None
     out = model(torch.randint(0, model_cfg.vocab_size, (1, 32)))
     assert out.logits.shape == (1, 32, model_cfg.vocab_size)

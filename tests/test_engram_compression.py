@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers
 
+import assembly.compression as compression_cli
 import memory.compression as compression
+from assembly import engram_tokenizer_file
 from memory.compression import Compression, find_pad_id, identity_compression, load_compression
 
 
@@ -111,8 +113,8 @@ def test_identity_and_model_vocab_padding():
 @pytest.fixture(scope="module")
 def deepseek(tmp_path_factory) -> tuple[Compression, Tokenizer, object]:
     cache = tmp_path_factory.mktemp("cache")
-    comp = load_compression("deepseek", cache)
-    return comp, Tokenizer.from_file(str(compression.resolve_tokenizer_file("deepseek"))), cache
+    comp = load_compression(engram_tokenizer_file("deepseek"), cache)
+    return comp, Tokenizer.from_file(str(engram_tokenizer_file("deepseek"))), cache
 
 
 def _reference_lookup(tok: Tokenizer) -> tuple[np.ndarray, int]:
@@ -140,7 +142,7 @@ def test_deepseek_compression_equals_the_reference_rule_id_for_id(deepseek):
     comp, tok, _ = deepseek
     # The reference decodes with transformers' PreTrainedTokenizerFast, which is tokenizers' decode
     # unless the config asks for clean_up_tokenization_spaces (it would then rewrite " ." etc.).
-    cfg = json.loads((compression.resolve_tokenizer_file("deepseek").parent / "tokenizer_config.json").read_text())
+    cfg = json.loads((engram_tokenizer_file("deepseek").parent / "tokenizer_config.json").read_text())
     assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and cfg["clean_up_tokenization_spaces"] is False
     ref, num = _reference_lookup(tok)
     assert ref.shape == comp.lookup.shape == (129280,)
@@ -158,7 +160,7 @@ def test_deepseek_reduction(deepseek, capsys):
         ids = [tok.token_to_id(t) for t in group]
         assert None not in ids and len({int(comp.lookup[i]) for i in ids}) == 1
     assert comp.lookup[tok.token_to_id("the")] != comp.lookup[tok.token_to_id("then")]
-    assert find_pad_id("deepseek") == 2 and comp.lookup[2] == 2
-    compression.main(["deepseek", "--cache-dir", str(cache)])
+    assert find_pad_id(engram_tokenizer_file("deepseek")) == 2 and comp.lookup[2] == 2
+    compression_cli.main(["deepseek", "--cache-dir", str(cache)])
     print_out = capsys.readouterr().out
     assert "129280 ->" in print_out and "% reduction" in print_out

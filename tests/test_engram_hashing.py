@@ -1,5 +1,6 @@
 """Hash-id parity with the public Engram reference rule (always on: a port that drifts from it, e.g.
-to int32, must fail here), plus the prime-size assignment and device handling."""
+to int32, must fail here), plus the prime-size assignment and device handling. The reference is the
+independent numpy implementation in memory/reference.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,58 +9,7 @@ import torch
 
 from memory.hashing import NgramHasher, multiplier_bound
 from memory.primes import assign_table_primes, is_prime, next_prime_above
-
-
-# ---- an independent numpy implementation of the reference rule ---------------------------------
-def _slow_is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    f = 2
-    while f * f <= n:
-        if n % f == 0:
-            return False
-        f += 1
-    return True
-
-
-def reference_primes(bases, n_heads, layer_ids):
-    seen, out = set(), {}
-    for layer in layer_ids:
-        per_order = []
-        for base in bases:
-            heads, cand = [], base
-            for _ in range(n_heads):
-                while cand in seen or not _slow_is_prime(cand):
-                    cand += 1
-                heads.append(cand)
-                seen.add(cand)
-                cand += 1
-            per_order.append(heads)
-        out[layer] = per_order
-    return out
-
-
-def reference_hash(ids: np.ndarray, vocab_size, max_ngram, n_heads, bases, layer_ids, pad_id, seed):
-    """The reference's procedure, step by step, in numpy int64."""
-    half = max(1, int(np.iinfo(np.int64).max // vocab_size) // 2)
-    primes = reference_primes(bases, n_heads, layer_ids)
-    x = np.asarray(ids, dtype=np.int64)
-    B, T = x.shape
-    shifts = [x] + [np.pad(x, ((0, 0), (k, 0)), mode="constant", constant_values=pad_id)[:, :T]
-                    for k in range(1, max_ngram)]
-    out = {}
-    for layer in layer_ids:
-        g = np.random.default_rng(int(seed + 10007 * layer))
-        mult = g.integers(low=0, high=half, size=(max_ngram,), dtype=np.int64) * 2 + 1
-        cols = []
-        for n in range(2, max_ngram + 1):
-            mix = shifts[0] * mult[0]
-            for k in range(1, n):
-                mix = np.bitwise_xor(mix, shifts[k] * mult[k])
-            for j in range(n_heads):
-                cols.append(mix % int(primes[layer][n - 2][j]))
-        out[layer] = np.stack(cols, axis=2)
-    return out, primes
+from memory.reference import reference_hash, slow_is_prime
 
 
 CONFIGS = [
@@ -136,7 +86,7 @@ def test_primes_unique_in_reference_order():
 
 
 def test_is_prime_exact():
-    sieve = [_slow_is_prime(n) for n in range(20000)]
+    sieve = [slow_is_prime(n) for n in range(20000)]
     assert [is_prime(n) for n in range(20000)] == sieve
     for n in (2 ** 61 - 1, 1_000_000_007, 67_280_421_310_721, 10 ** 18 + 9):
         assert is_prime(n)

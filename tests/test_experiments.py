@@ -6,7 +6,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from models import ModelConfig, Transformer
+from assembly import build_model
+from models import ModelConfig
 from sweeps.budget import solve_plan
 from sweeps.experiments import CONF_EXPERIMENTS, SHIPPED, render
 from sweeps.families import load_family
@@ -30,7 +31,7 @@ def test_experiment_composes_into_the_planned_model(name):
     if model_dict.get("engram"):  # 'data' is resolved by the trainer; counts do not depend on it
         model_dict["engram"]["tokenizer"] = None
     with torch.device("meta"):
-        counts = Transformer(ModelConfig.from_dict(model_dict)).model_counts(cfg.train.seq_len)
+        counts = build_model(ModelConfig.from_dict(model_dict)).model_counts(cfg.train.seq_len)
     assert (counts.total_params, counts.active_params) == (spec.total_params, spec.active_params)
     assert total_steps(cfg) == spec.steps
     assert cfg.run_dir == f"runs/{name}-seed{cfg.train.seed}"

@@ -9,8 +9,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import ModelConfig, Transformer
-from models.accounting import ModelCounts, attention_core_counts
+from assembly import build_model
+from core.accounting import ModelCounts, attention_core_counts
+from models import ModelConfig
 from models.attention import Attention
 
 
@@ -53,7 +54,7 @@ def test_full_and_causal_attention_counts_match_flop_counter(n_heads, n_kv_heads
 
 def test_model_reports_both_numbers_and_the_budget_keeps_the_full_one():
     cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=4, ffn_hidden=64, max_seq_len=64)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     T, q_dim = 64, 4 * 8
     mc = model.model_counts(T)
     assert mc.flops_per_token - mc.flops_per_token_causal == pytest.approx(3 * 2 * (T - 1) * q_dim)
@@ -86,7 +87,7 @@ def test_trainer_mfu_uses_the_causal_count(tiny_data, tmp_path):
     assert recs
     overrides = dict(kv.split("=", 1) for kv in TINY_MODEL)
     cfg = ModelConfig(**{k.split(".", 1)[1]: int(v) for k, v in overrides.items()})
-    mc = Transformer(cfg).model_counts(64)
+    mc = build_model(cfg).model_counts(64)
     for r in recs:
         assert r["perf/mfu"] * 1e12 / r["train/tokens_per_s"] == pytest.approx(mc.train_flops_per_token_causal)
     assert final(run_dir)["flops_per_token"] == pytest.approx(mc.train_flops_per_token)

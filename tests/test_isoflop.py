@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import ModelConfig, Transformer
+from assembly import build_model
+from models import ModelConfig
 from sweeps.budget import solve_plan
 from sweeps.families import load_family
 from sweeps.results import FLOPS_EXCLUDE, SCHEMA, RunRecord, read_results, spec_json, write_results
@@ -87,7 +88,7 @@ def test_per_point_figures_come_from_the_built_model(standard_plans):
         head_dim = eng["embed_dim_per_ngram"] // eng["heads_per_ngram"]
         cfg = dict(run.model, engram={**eng, "tokenizer": None, "pad_id": None})
         with torch.device("meta"):
-            net = Transformer(ModelConfig.from_dict(cfg))
+            net = build_model(ModelConfig.from_dict(cfg))
         rows = sum(sum(blk.memory.tables.sizes) for blk in net.layers if blk.memory is not None)
         assert rows * head_dim == run.engram_params
         per_token = len(eng["layer_ids"]) * (eng["max_ngram"] - 1) * eng["heads_per_ngram"]

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.param_groups import group_of, grouped_parameters
 from models.config import ModelConfig
 from models.ffn import SwiGLU
 from models.moe import MoEConfig, MoEFFN, build_moe_ffn
-from models.param_groups import group_of, grouped_parameters
 from models.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,7 +242,8 @@ def _dist_worker(rank: int, world: int, init_file: str, q):
         layer(x)
         local = torch.bincount(layer.router(x.reshape(-1, 32)).expert_ids.reshape(-1), minlength=8).float()
         layer.on_optimizer_step()
-        q.put((rank, local, layer.router.expert_bias.clone(), layer.metrics()))
+        # plain lists: a tensor in a queue is shared by file descriptor, which dies with this process
+        q.put((rank, local.tolist(), layer.router.expert_bias.tolist(), layer.metrics()))
         dist.barrier()
         dist.destroy_process_group()
     except Exception:
@@ -262,6 +263,7 @@ def test_bias_update_all_reduces_counts_over_ranks(tmp_path):
         p.join(timeout=60)
     for r in res:
         assert len(r) == 4, f"rank {r[0]} failed:\n{r[1]}"
+    res = [(rank, torch.tensor(local), torch.tensor(bias), metrics) for rank, local, bias, metrics in res]
     assert all(p.exitcode == 0 for p in procs)
     total = res[0][1] + res[1][1]
     assert not torch.equal(res[0][1], res[1][1])

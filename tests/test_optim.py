@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from assembly import build_model
+from core.param_groups import tag
 from models import ModelConfig, Transformer
-from models.param_groups import tag
 from train.optim import build_optimizer, describe_optimizer, optimizer_memory, set_lr
 
 torch.set_num_threads(1)
@@ -96,7 +97,7 @@ def test_schedule_reaches_every_group_and_lines_name_them():
 
 def engram_model() -> Transformer:
     torch.manual_seed(0)
-    return Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16,
+    return build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16,
                                    engram=dict(layer_ids=[1], max_ngram=2, heads_per_ngram=2, embed_dim_per_ngram=16,
                                                table_sizes=[211])))
 

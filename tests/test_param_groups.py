@@ -14,8 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from assembly import build_model
+from core.param_groups import GROUPS, UndeclaredParameter, group_of, grouped_parameters, owner_path, tag
 from models import ModelConfig, Transformer
-from models.param_groups import GROUPS, UndeclaredParameter, group_of, grouped_parameters, owner_path, tag
 from train.optim import build_optimizer, describe_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ EXPECTED = {
 def full_model() -> Transformer:
     """Dense first layer, MoE layers with a shared expert, Engram at two layers, two residual branches."""
     torch.manual_seed(0)
-    return Transformer(ModelConfig(
+    return build_model(ModelConfig(
         vocab_size=128, d_model=32, n_layers=3, n_heads=2, ffn_hidden=64, max_seq_len=16, n_branches=2,
         moe=dict(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden=16, n_dense_layers=1),
         engram=dict(layer_ids=[0, 2], max_ngram=3, heads_per_ngram=2, embed_dim_per_ngram=16, table_sizes=[31, 37])))

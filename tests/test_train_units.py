@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.param_groups import tag
 from models import ModelConfig, Transformer
-from models.param_groups import tag
 from train.data import TrainBatches
 from train.optim import build_optimizer
 from train.schedule import lr_factor

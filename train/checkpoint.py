@@ -25,9 +25,11 @@ from typing import Callable, Optional
 
 import torch
 
-from train.distributed import all_reduce_sum, barrier
+from core.distributed import all_reduce_sum
 from rundir.files import LATEST, atomic_write_json, fsync_dir
+from train.distributed import barrier
 from train.expert_checkpoint import ExpertCheckpoint, saved_layout
+from train.safe_load import safe_load
 
 log = logging.getLogger("train")
 
@@ -167,20 +169,6 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int
         for old in history[:len(history) - len(kept)]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     barrier()
-
-
-def _safe_globals() -> list:
-    """The non-tensor classes DeepSpeed pickles into its checkpoints (data only, no code on load)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def safe_load(path: str, map_location=None):
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _load_one(engine, ckpt_dir: Path, tag: str, hooks: Optional["LoadHooks"] = None,

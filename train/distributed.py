@@ -133,12 +133,6 @@ def teardown(clean: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def broadcast_object(obj, src: int = 0):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]

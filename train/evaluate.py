@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from core.distributed import all_reduce_sum
 from train.data import eval_batches, eval_windows
-from train.distributed import all_reduce_sum
 
 
 @torch.no_grad()

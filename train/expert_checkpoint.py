@@ -86,7 +86,7 @@ def _rows(files: list[dict], first: int, count: int, per_file: int, pick) -> tor
 
 
 def _load_files(tag_dir: Path, record: dict, first: int, count: int) -> dict[int, dict]:
-    from train.checkpoint import safe_load
+    from train.safe_load import safe_load
 
     per = record["n_experts"] // record["expert"]
     wanted = range(first // per, (first + count - 1) // per + 1)

@@ -2,7 +2,7 @@
 
 MFU = train_flops_per_token_causal x tokens/s / (peak x devices): active-parameter FLOPs from the
 models' own counts, with causal attention counted as a causal kernel computes it (about half of the
-full T x T product that the budget's ``flops_per_token`` counts; see models.accounting).
+full T x T product that the budget's ``flops_per_token`` counts; see core.accounting).
 """
 from __future__ import annotations
 

@@ -24,9 +24,10 @@ import time
 
 import torch
 
+from core.distributed import all_reduce_sum
 from train import checkpoint as ckpt
 from train.data import Prefetcher
-from train.distributed import all_reduce_sum, maybe_inject_fault
+from train.distributed import maybe_inject_fault
 from train.evaluate import evaluate
 from train.expert_parallel import ep_size, expert_group, grad_norm
 from train.hardware import peak_flops

@@ -1,4 +1,4 @@
-"""The optimizer, built from the groups the model's modules declare (models/param_groups.py).
+"""The optimizer, built from the groups the model's modules declare (core/param_groups.py).
 
 ``optim.kind=adamw``: one torch AdamW over the declared groups (each with its lr multiplier and
 weight decay). ``optim.kind=muon`` (conf/optim/muon.yaml, the paper family's default): groups with
@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from models.param_groups import GROUPS, grouped_parameters, owner_path
+from core.param_groups import GROUPS, grouped_parameters, owner_path
 from train.schema import OPTIM_KINDS as KINDS, TABLE_UPDATES
 from train.muon import MuonAdamW, matrix_shape, muon_shape_factor, zero_lr_scale
 
@@ -125,7 +125,7 @@ def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping,
     """torch AdamW (kind=adamw, dense tables) or :class:`MuonAdamW` (Muon and/or lazy tables).
 
     A declared group missing from ``optim.groups`` is an error (a new module's parameters are
-    never silently mis-optimised), as is an undeclared parameter (models.param_groups).
+    never silently mis-optimised), as is an undeclared parameter (core.param_groups).
     ``train_cfg`` (precision, zero_stage, grad_clip) is checked against what the Muon path supports.
     """
     _check_config(optim_cfg, train_cfg or {})

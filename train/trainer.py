@@ -12,14 +12,16 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from assembly import build_model, engram_tokenizer_file
+from core.distributed import all_reduce_sum
 from data_prep.reader import DataError, load_manifest, open_split
 from data_prep.verify import verify_data_dir
-from models import ModelConfig, Transformer
+from models import ModelConfig
 from train import checkpoint as ckpt
 from train.compile import compile_blocks
 from train.data import TrainBatches, eval_windows, run_length
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
-from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from train.distributed import DistInfo, barrier, broadcast_object
 from train.expert_checkpoint import engine_hooks
 from train.expert_parallel import (check_expert_parallel, ep_size, expert_memory_lines, routed_experts,
                                    setup_expert_parallel)
@@ -66,11 +68,10 @@ def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int,
     if engram and engram.get("tokenizer") is not None:
         from data_prep.reader import data_tokenizer_id
         from data_prep.tokenization import tokenizer_id
-        from memory.compression import resolve_tokenizer_file
         from tokenizers import Tokenizer
 
         data_id = data_tokenizer_id(data_dir, manifest)
-        engram_id = tokenizer_id(Tokenizer.from_file(str(resolve_tokenizer_file(engram["tokenizer"]))))
+        engram_id = tokenizer_id(Tokenizer.from_file(str(engram_tokenizer_file(engram["tokenizer"]))))
         if engram_id != data_id:
             raise ValueError(f"model.engram.tokenizer={engram['tokenizer']!r} (id {engram_id}) is not the tokenizer "
                              f"the data in {data_dir} was made with (id {data_id}): Engram would compress another "
@@ -303,7 +304,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     # ---- model, optimizer, engine -----------------------------------------------------------
     torch.manual_seed(t.seed)
     t0 = time.perf_counter()
-    model = Transformer(p.mcfg)
+    model = build_model(p.mcfg)
     counts = model.model_counts(t.seq_len)
     ep_layout = setup_expert_parallel(model, ep_size(cfg), dist.world_size)  # before the optimizer
     tables = (ShardedTables(model, cfg.optim, t, dist.rank, dist.world_size, dist.device)

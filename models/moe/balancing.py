@@ -19,14 +19,6 @@ alpha for a perfectly balanced sequence; it is averaged over the sequences of th
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-
-
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum over the default process group when torch.distributed is initialised."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from models.config_utils import checked_kwargs
+from core.config_utils import checked_kwargs
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 BALANCE_MODES = ("aux_free", "aux_loss", "both", "none")

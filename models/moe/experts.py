@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.accounting import Counts
-from models.param_groups import tag
+from core.accounting import Counts
+from core.param_groups import tag
 
 _GROUPED_MM_MAX_GROUPS = 1024  # the CUDA bf16 kernel's group limit
 

@@ -13,15 +13,16 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from models.accounting import Counts
+from core.accounting import Counts
+from core.distributed import all_reduce_sum
+from core.param_groups import tag
 from models.ffn import SwiGLU
-from models.moe.balancing import all_reduce_sum_, load_stats, sequence_aux_loss, update_expert_bias_
+from models.moe.balancing import load_stats, sequence_aux_loss, update_expert_bias_
 from models.moe.config import MoEConfig
 from models.moe.dispatch import ExpertDispatch
 from models.moe.experts import RoutedExperts
 from models.moe.parallel import ExpertShard, expert_parallel_compute
 from models.moe.router import TopKRouter
-from models.param_groups import tag
 
 
 class MoEFFN(nn.Module):
@@ -112,7 +113,7 @@ class MoEFFN(nn.Module):
         else:
             load = self._step_load.to(device=bias.device, dtype=torch.float32)
         self._step_load = None
-        all_reduce_sum_(load)
+        all_reduce_sum(load)
         routed = load.sum() > 0  # a 0-d device tensor: selects below, never a Python branch
         if self.cfg.uses_bias:
             updated = update_expert_bias_(bias.clone(), load, self.cfg.bias_update_rate)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.accounting import Counts, linear_counts
-from models.param_groups import tag
+from core.accounting import Counts, linear_counts
+from core.param_groups import tag
 
 
 @dataclass

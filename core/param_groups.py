@@ -57,7 +57,7 @@ def group_of(param: torch.nn.Parameter, name: str = "<unnamed>") -> str:
     if group is None:
         raise UndeclaredParameter(
             f"parameter {name} {tuple(param.shape)} has no declared optimizer group: tag it with "
-            f"models.param_groups.tag(param, group) in the module that creates it (groups: {sorted(GROUPS)})")
+            f"core.param_groups.tag(param, group) in the module that creates it (groups: {sorted(GROUPS)})")
     return group
 
 
