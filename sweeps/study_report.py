@@ -154,6 +154,15 @@ def _interpretation(study: Study, summaries: list[dict]) -> list[str]:
             out.append(f"  Memory ablation ({abl['verdict']}): loss(one-row tables) - loss(full tables) = "
                        f"{_num(abl['memory_effect'].get('diff'), '+.4f')} "
                        f"{_ci(abl['memory_effect'].get('ci'), '+.4f')} nats, pooled over rho < 1.")
+    for s in summaries:
+        fit = s.get("fit") or {}
+        if s.get("mode") == "memory" and fit.get("beta_ci") and None not in fit["beta_ci"]:
+            lo, hi = fit["beta_ci"]
+            slots = sorted({p["slots"] for p in s.get("points", []) if p.get("slots")})
+            what = ("no detectable effect of table size" if lo <= 0 <= hi else
+                    "larger tables lower the loss" if hi < 0 else "larger tables raise the loss")
+            out.append(f"- {s['_dir']}: {what} between {slots[0]:,} and {slots[-1]:,} slots (slope "
+                       f"{fit['beta']:+.4f} nats per decade {_ci(fit['beta_ci'], '+.4f')}).")
     lookups = [p.get("lookups_per_row") for s in summaries for p in s.get("points", [])
                if _arm(p) == "full" and p.get("lookups_per_row")]
     if lookups:
