@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Union
-
 from torch import nn
 
 from memory.compression import find_pad_id, identity_compression, load_compression
@@ -14,14 +12,12 @@ from memory.indexer import EngramIndexer
 from memory.sizing import resolve_base_sizes
 
 
-def build_memory(engram: Union[EngramConfig, Mapping[str, Any]],
-                 model_cfg) -> tuple[nn.Module, dict[int, nn.Module]]:
+def build_memory(cfg: EngramConfig, model_cfg) -> tuple[nn.Module, dict[int, nn.Module]]:
     """``(indexer, {layer_id: Engram})`` for ``model_cfg`` (a models.ModelConfig).
 
     The indexer maps raw ids [B, T] to ``{layer_id: hash ids}``; ``Engram(h, ids)`` returns the
     delta the backbone adds to its residual stream before attention.
     """
-    cfg = EngramConfig.from_any(engram)
     n_branches = getattr(model_cfg, "n_branches", 1)
     if cfg.n_branches not in (None, n_branches):
         raise ValueError(f"engram.n_branches={cfg.n_branches} disagrees with model.n_branches={n_branches}")

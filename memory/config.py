@@ -1,21 +1,14 @@
-"""Engram configuration (the mapping stored under ``model.engram``)."""
+"""Engram configuration: the typed ``model.engram`` section of the config tree.
+
+Built once, from YAML or a dict, by :func:`core.config_utils.load` (keys and types checked there,
+values in ``__post_init__``); the builder and the sizing functions take this object only.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional
 
-from models.config_utils import checked_kwargs
-
-
-def _int_list(name: str, value: Any) -> list[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"engram.{name} must be a list of integers, got {value!r}")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or int(v) != v:
-            raise ValueError(f"engram.{name} must hold integers, got {list(value)!r}")
-        out.append(int(v))
-    return out
+from core.config_utils import load
 
 
 @dataclass
@@ -42,11 +35,11 @@ class EngramConfig:
         None derives it (the tokenizer's pad token if it has one, else 0).
     """
 
-    layer_ids: list = field(default_factory=lambda: [1])
+    layer_ids: List[int] = field(default_factory=lambda: [1])
     max_ngram: int = 3
     heads_per_ngram: int = 8
     embed_dim_per_ngram: int = 512
-    table_sizes: Optional[list] = None
+    table_sizes: Optional[List[int]] = None
     table_params: Optional[int] = None
     seed: int = 0
     kernel_size: int = 4
@@ -55,47 +48,35 @@ class EngramConfig:
     pad_id: Optional[int] = None
 
     def __post_init__(self):
-        self.layer_ids = _int_list("layer_ids", self.layer_ids)
+        self.layer_ids = list(self.layer_ids)
         if not self.layer_ids:
             raise ValueError("engram.layer_ids must name at least one layer")
         if len(set(self.layer_ids)) != len(self.layer_ids) or min(self.layer_ids) < 0:
             raise ValueError(f"engram.layer_ids must be unique non-negative ints, got {self.layer_ids}")
         for name, lo in (("max_ngram", 2), ("heads_per_ngram", 1), ("embed_dim_per_ngram", 1),
-                         ("kernel_size", 1), ("n_branches", 1)):
+                         ("kernel_size", 1), ("n_branches", 1), ("seed", 0), ("pad_id", 0)):
             v = getattr(self, name)
-            if v is None and name == "n_branches":
-                continue
-            if isinstance(v, bool) or int(v) != v or v < lo:
+            if v is not None and v < lo:
                 raise ValueError(f"engram.{name} must be an integer >= {lo}, got {v!r}")
-            setattr(self, name, int(v))
         if self.embed_dim_per_ngram % self.heads_per_ngram:
             raise ValueError(f"engram.embed_dim_per_ngram={self.embed_dim_per_ngram} is not divisible by "
                              f"heads_per_ngram={self.heads_per_ngram}")
+        self._check_table_size()
+
+    def _check_table_size(self) -> None:
         if (self.table_sizes is None) == (self.table_params is None):
             raise ValueError("engram: set exactly one of table_sizes (base size per order) and table_params "
                              f"(total table parameters); got table_sizes={self.table_sizes!r}, "
                              f"table_params={self.table_params!r}")
         if self.table_sizes is not None:
-            self.table_sizes = _int_list("table_sizes", self.table_sizes)
+            self.table_sizes = list(self.table_sizes)
             if len(self.table_sizes) != self.n_orders:
                 raise ValueError(f"engram.table_sizes needs one base size per order 2..{self.max_ngram} "
                                  f"({self.n_orders}), got {self.table_sizes}")
             if min(self.table_sizes) < 1:
                 raise ValueError(f"engram.table_sizes must be >= 1 (1: one row per head), got {self.table_sizes}")
-        if self.table_params is not None:
-            tp = self.table_params
-            if isinstance(tp, bool) or float(tp) != int(float(tp)) or int(float(tp)) <= 0:
-                raise ValueError(f"engram.table_params must be a positive integer, got {tp!r}")
-            self.table_params = int(float(tp))
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
-            raise ValueError(f"engram.seed must be a non-negative integer, got {self.seed!r}")
-        self.seed = int(self.seed)
-        if self.pad_id is not None:
-            if isinstance(self.pad_id, bool) or int(self.pad_id) != self.pad_id or self.pad_id < 0:
-                raise ValueError(f"engram.pad_id must be a non-negative integer or null, got {self.pad_id!r}")
-            self.pad_id = int(self.pad_id)
-        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
-            self.tokenizer = str(self.tokenizer)
+        if self.table_params is not None and self.table_params <= 0:
+            raise ValueError(f"engram.table_params must be a positive integer, got {self.table_params!r}")
 
     # ---- derived sizes ---------------------------------------------------------------------
     @property
@@ -119,12 +100,9 @@ class EngramConfig:
 
     # ---- conversions -----------------------------------------------------------------------
     @classmethod
-    def from_any(cls, cfg: "EngramConfig | Mapping[str, Any]") -> "EngramConfig":
-        if isinstance(cfg, EngramConfig):
-            return cfg
-        kwargs = checked_kwargs(cls, cfg, "model.engram")
-        return cls(**{k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v)
-                      for k, v in kwargs.items()})
+    def from_dict(cls, d: Mapping[str, Any]) -> "EngramConfig":
+        """A mapping of fields (unknown keys and wrong types refused in one line)."""
+        return load(cls, d, "model.engram")
 
     def to_dict(self) -> dict:
         return asdict(self)

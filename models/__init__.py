@@ -1,5 +1,7 @@
-from models.accounting import Counts, ModelCounts
-from models.config import ModelConfig
-from models.transformer import ModelOutput, Transformer
+"""The backbone: config, transformer, accounting (names imported lazily: :mod:`models.config` stays torch-free)."""
+from core.lazy import lazy_exports
 
-__all__ = ["Counts", "ModelCounts", "ModelConfig", "ModelOutput", "Transformer"]
+_EXPORTS = {"Counts": "models.accounting", "ModelCounts": "models.accounting", "ModelConfig": "models.config",
+            "ModelOutput": "models.transformer", "Transformer": "models.transformer"}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

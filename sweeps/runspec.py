@@ -101,7 +101,10 @@ class RunSpec:
 
     def overrides(self, include_name: bool = True) -> list[str]:
         """Hydra overrides that make ``python train/main.py`` train exactly this run."""
-        out = [f"++model.{k}={hydra_value(v)}" for k, v in self.model.items() if k not in ("moe", "engram")]
+        # A null typed section (model.moe / model.engram) cannot take a mapping override (omegaconf 2.3
+        # merges into the null node and fails): a group fills it first; the override then sets every field.
+        out = [g for g, section in (("model=moe", "moe"), ("memory=engram_tiny", "engram")) if self.model[section]]
+        out += [f"++model.{k}={hydra_value(v)}" for k, v in self.model.items() if k not in ("moe", "engram")]
         out += [f"++model.moe={hydra_value(self.model['moe'])}",
                 f"++model.engram={hydra_value(self.model['engram'])}",
                 f"train.seq_len={self.seq_len}", f"train.global_batch_size={self.global_batch_size}",

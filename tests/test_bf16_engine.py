@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 
 from models import ModelConfig, Transformer
 from tests.trainer_utils import REPO, TINY_MODEL
-from train.optim import build_optimizer
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
+from train.optim import build_optimizer
+from train.schema import check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ACCUM = 2
@@ -38,8 +39,9 @@ def _engine(cfg):
     import deepspeed
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
-    optimizer = build_optimizer(model, cfg.optim, cfg.train)
+    config = check(cfg)
+    model = Transformer(config.model)
+    optimizer = build_optimizer(model, config.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ACCUM))
     return engine
 

@@ -290,7 +290,7 @@ def test_overrides_compose_into_the_trainer_config(cpu, paper):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for run in runs:
             cfg = compose("config", overrides=run.overrides())
-            assert OmegaConf.to_container(cfg.model, resolve=True) == run.model
+            assert ModelConfig.from_dict(cfg.model).to_dict() == run.model
             assert step_schedule(cfg) == (run.steps, run.last_step_sequences)
             assert (cfg.train.seq_len, cfg.train.global_batch_size) == (run.seq_len, run.global_batch_size)
             assert cfg.train.train_tokens == run.train_tokens

@@ -142,8 +142,8 @@ def test_engram_tokenizer_must_be_the_datas(bpe_dirs):
     a, b = bpe_dirs
     vocab = load_manifest(a)["tokenizer"]["vocab_size"]
     mcfg = resolve_model_config(_cfg(vocab, "data"), a, vocab)
-    assert mcfg.engram["tokenizer"] == str((a / "tokenizer.json").resolve())
-    assert resolve_model_config(_cfg(vocab, str(a)), a, vocab).engram["tokenizer"] == str(a)
+    assert mcfg.engram.tokenizer == str((a / "tokenizer.json").resolve())
+    assert resolve_model_config(_cfg(vocab, str(a)), a, vocab).engram.tokenizer == str(a)
     with pytest.raises(ValueError, match="is not the tokenizer the data .* was made with"):
         resolve_model_config(_cfg(vocab, str(b / "tokenizer.json")), a, vocab)
     with pytest.raises(ValueError, match="is not the tokenizer the data"):
@@ -160,4 +160,4 @@ def test_paper_model_on_deepseek_data_passes(tmp_path):
     tok = load_manifest(d)["tokenizer"]
     assert tok["vocab_size"] == 129280
     mcfg = resolve_model_config(_cfg(129280, "deepseek"), d, tok["vocab_size"])
-    assert mcfg.vocab_size == 129280 and mcfg.engram["tokenizer"] == "deepseek"
+    assert mcfg.vocab_size == 129280 and mcfg.engram.tokenizer == "deepseek"

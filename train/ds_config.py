@@ -16,7 +16,7 @@ def fp32_grad_accumulation(cfg: DictConfig) -> bool:
     if t.precision != "bf16":
         return False  # fp32 weights accumulate in fp32 already
     stage = int(t.zero_stage)
-    return stage == 2 or (stage == 1 and cfg.optim.get("kind", "adamw") != "muon")
+    return stage == 2 or (stage == 1 and cfg.optim.kind != "muon")
 
 
 def deepspeed_config(cfg: DictConfig, accum: int) -> dict:

@@ -43,14 +43,13 @@ def _compose_and_validate(argv: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.schema import ConfigError, check_schema, validate
+    from train.schema import ConfigError, check
 
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
-        check_schema(cfg)
-        validate(cfg)
+        check(cfg)
         return cfg
     except ConfigError as e:
         _fail(str(e))

@@ -1,17 +1,19 @@
-"""Configuration of the DeepSeekMoE feed-forward block (the mapping stored under ``model.moe``)."""
+"""Configuration of the DeepSeekMoE feed-forward block: the typed ``model.moe`` section of the config tree
+(torchtitan's MoEArgs inside the model args). Built once, from YAML or a dict, by
+:func:`core.config_utils.load`; every MoE layer of a model shares the one instance."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from models.config_utils import checked_kwargs
+from core.config_utils import load
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 BALANCE_MODES = ("aux_free", "aux_loss", "both", "none")
 IMPLS = ("auto", "grouped_mm", "batched")
 
 
-@dataclass(frozen=True)
+@dataclass
 class MoEConfig:
     """Shared + fine-grained routed experts with token-choice top-k routing.
 
@@ -47,10 +49,10 @@ class MoEConfig:
 
     def __post_init__(self):
         for name in ("n_routed_experts", "top_k", "expert_hidden"):
-            if int(getattr(self, name)) <= 0:
+            if getattr(self, name) <= 0:
                 raise ValueError(f"moe.{name} must be positive, got {getattr(self, name)}")
         for name in ("n_shared_experts", "n_dense_layers"):
-            if int(getattr(self, name)) < 0:
+            if getattr(self, name) < 0:
                 raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
         if self.top_k > self.n_routed_experts:
             raise ValueError(f"moe.top_k={self.top_k} exceeds moe.n_routed_experts={self.n_routed_experts}")
@@ -78,9 +80,8 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MoEConfig":
-        if isinstance(d, MoEConfig):
-            return d
-        return cls(**checked_kwargs(cls, d, "model.moe"))
+        """A mapping of fields (unknown keys and wrong types refused in one line)."""
+        return load(cls, d, "model.moe")
 
     def to_dict(self) -> dict:
         return asdict(self)
