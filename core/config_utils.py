@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import typing
 from dataclasses import fields, is_dataclass
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -35,7 +35,7 @@ def _unknown_key_hint(cls: type, key: str, prefix: str) -> str:
     for part in path:
         node = _child_type(node, part)
     names = [f.name for f in fields(node)] if is_dataclass(node) else []
-    near = difflib.get_close_matches(last, names, n=1)
+    near = difflib.get_close_matches(last, names, n=1, cutoff=0.75)
     if near:
         return f"; did you mean {_joined(prefix, '.'.join(path + [near[0]]))}?"
     return f" (known: {', '.join(names)})" if names else ""

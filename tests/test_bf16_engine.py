@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from models import ModelConfig, Transformer
+from models import Transformer
 from tests.trainer_utils import REPO, TINY_MODEL
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.optim import build_optimizer

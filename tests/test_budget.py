@@ -254,7 +254,15 @@ def test_family_validation():
     for key, value, msg in (("moe", {"top_k": 2, "n_routed_experts": 8}, "solver derives"),
                             ("engram", {"table_params": 100}, "solver derives"),
                             ("sparsity", 1.0, "must exceed 1"),
-                            ("extra", 1, "unknown keys"),
+                            ("extra", 1, "family x: unknown config key extra"),
+                            ("vocab_size", "big", "family x: config key vocab_size"),
+                            ("moe", {"top_k": 2, "n_shared_experts": 1, "top_kk": 3},
+                             "unknown config key moe.top_kk; did you mean moe.top_k"),
+                            ("engram", {"max_ngram": "three"}, "config key engram.max_ngram"),
+                            ("hardware", {"n_gpu": 8}, "unknown config key hardware.n_gpu; did you mean hardware.n_gpus"),
+                            ("budget_rule", {"tokens_per_active_param": 1}, "min_tokens_per_active_param"),
+                            ("rungs", [{"model": {"d_model": 64}, "moe": {"expert_hidden": 32, "hidden": 1}}],
+                             r"family x: unknown config key rungs\[0\]\.moe\.hidden \(known: n_routed"),
                             ("rungs", [], "non-empty")):
         with pytest.raises(ValueError, match=msg):
             family_from_dict({**raw, key: value})
@@ -282,7 +290,6 @@ def test_resource_estimates(paper):
 # ---- Hydra overrides and the plan CLI -----------------------------------------------------------------
 def test_overrides_compose_into_the_trainer_config(cpu, paper):
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from train.trainer import step_schedule
 

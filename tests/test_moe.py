@@ -456,7 +456,6 @@ def test_config_validation_and_dense_layers():
 
 def test_hydra_model_moe_builds_and_trains():
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         # Only the model group (tiny backbone + moe mapping), so that this test depends on no other group.

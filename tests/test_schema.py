@@ -121,3 +121,19 @@ def test_config_modules_import_without_torch():
     code = ("import sys, train.schema, sweeps.families; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=moe", "model.moe.top_kk=2"], "model.moe.top_kk"),
+    (["model=moe", "+model.moe.top_kk=2"], "unknown config key model.moe.top_kk; did you mean model.moe.top_k?"),
+    (["memory=engram_tiny", "model.engram.table_sizes=[5]"], "engram.table_sizes needs one base size per order"),
+])
+def test_trainer_refuses_a_bad_model_section_in_one_line(tmp_path, overrides, message):
+    from trainer_utils import env
+
+    p = subprocess.run([sys.executable, "train/main.py", f"run_dir={tmp_path / 'run'}", *overrides], cwd=REPO,
+                       env=env(), capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-2000:]
+    assert message in lines[0]
+    assert not (tmp_path / "run").exists()

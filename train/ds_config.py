@@ -23,7 +23,7 @@ def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
     """The engine's config. In bf16, gradients are reduced over ranks in fp32 (``communication_data_type``,
     honoured at ZeRO 0, 1 and 2) and accumulated over micro-steps in fp32 where DeepSpeed can
     (:func:`fp32_grad_accumulation`): a bf16 sum of many micro-batch gradients keeps 8 mantissa bits."""
-    t = cfg.train  # values checked by train.schema.validate
+    t = cfg.train  # values checked by train.schema.check
     out = {
         "train_batch_size": int(t.global_batch_size),
         "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
