@@ -31,11 +31,15 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = False
-    n_branches: int = 1  # residual branches; > 1: hyper-connections (models.hyper_connections)
+    # residual branches; > 1: hyper-connections (models.hyper_connections). None (the default) is 1, so that
+    # `+model.n_branches=4` (Hydra's add) works on a config that leaves it out.
+    n_branches: Optional[int] = None
     moe: Optional[MoEConfig] = None  # None = dense FFN everywhere
     engram: Optional[EngramConfig] = None  # None = no memory
 
     def __post_init__(self):
+        if self.n_branches is None:
+            self.n_branches = 1
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:

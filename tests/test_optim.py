@@ -162,7 +162,7 @@ def test_bad_optim_config_is_refused(change, message):
 def test_muon_refuses_what_deepspeed_would_get_wrong():
     """Checked with the config (train/schema.py's Config), before any model is built."""
     def config(**train):
-        return load(Config, {"optim": toy_cfg("muon"), "train": train})
+        return load(Config, {"model": {}, "optim": toy_cfg("muon"), "train": train})
 
     with pytest.raises(ConfigError, match="needs train.zero_stage 1 or 2"):
         config(precision="bf16", zero_stage=0)

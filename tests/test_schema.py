@@ -69,9 +69,10 @@ def test_wrong_types_are_refused_naming_the_key(overrides, message):
     ({"model": {"moe": {"top_k": "two"}}}, r"config key model\.moe\.top_k: Value 'two'"),
     ({"model": {"moe": {"top_k": 99}}}, r"moe\.top_k=99 exceeds moe\.n_routed_experts=16"),
     ({"model": {"engram": {**ENGRAM, "table_params": 10}}}, "exactly one of table_sizes"),
-    ({"train": {"seq_len": 0}}, r"train\.seq_len=0 must be positive"),
-    ({"optim": {"groups": {"matrix": {"lr_mul": 2}}}}, r"optim\.groups\.matrix\.lr_mul; did you mean"),
-    ({"optim": {"kind": "muon"}, "train": {"precision": "bf16"}}, "needs train.zero_stage 1 or 2"),
+    ({"model": {}, "train": {"seq_len": 0}}, r"train\.seq_len=0 must be positive"),
+    ({"model": {}, "optim": {"groups": {"matrix": {"lr_mul": 2}}}}, r"optim\.groups\.matrix\.lr_mul; did you mean"),
+    ({"model": {}, "optim": {"kind": "muon"}, "train": {"precision": "bf16"}}, "needs train.zero_stage 1 or 2"),
+    ({"train": {}}, "missing mandatory value: model"),
     ({"model": 3}, r"config key model: expected a mapping of ModelConfig fields, got int 3"),
     ({"optim": {"groups": {"matrix": 1.0}}}, r"config key optim\.groups\.matrix: expected a mapping of ParamGroupConfig"),
 ])
@@ -85,10 +86,12 @@ def test_sections_are_typed_and_defaults_come_from_the_dataclasses():
     assert isinstance(cfg.model, ModelConfig) and isinstance(cfg.model.moe, MoEConfig)
     assert isinstance(cfg.model.engram, EngramConfig)
     assert check(_compose()).model.moe is None and check(_compose()).model.engram is None
-    bare = load(Config, {})
+    assert check(_compose("+model.n_branches=4")).model.n_branches == 4  # README's command: `+` adds it
+    assert check(_compose()).model.n_branches == 1
+    bare = load(Config, {"model": {}})
     assert bare.optim.decay_frac == 0.2 and bare.train.train_tokens is None  # no .get(key, default) at use sites
     # a group without weight_decay takes optim.weight_decay (one rule, in OptimConfig)
-    groups = load(Config, {"optim": {"weight_decay": 0.05, "groups": {"matrix": {}}}}).optim.groups
+    groups = load(Config, {"model": {}, "optim": {"weight_decay": 0.05, "groups": {"matrix": {}}}}).optim.groups
     assert groups["matrix"].weight_decay == 0.05
 
 

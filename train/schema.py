@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from core.config_utils import ConfigError, load
 from models.config import ModelConfig
@@ -170,7 +170,7 @@ class Config:
     experiment_name: str = "default"
     run_name: str = "default"
     run_dir: str = "runs/default"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = MISSING  # conf/config.yaml always selects a model group (class defaults, not an instance's)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
