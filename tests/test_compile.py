@@ -33,8 +33,8 @@ def test_compiled_blocks_match_eager_and_keep_parameter_names():
 
     torch.manual_seed(0)
     moe = dict(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=32, n_dense_layers=1)
-    eager = Transformer(ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, ffn_hidden=96,
-                                    max_seq_len=64, moe=moe))
+    eager = Transformer(ModelConfig.from_dict(dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, ffn_hidden=96,
+                                                   max_seq_len=64, moe=moe)))
     compiled = copy.deepcopy(eager)
     assert compile_blocks(compiled, "blocks", torch.device("cpu")) == 2
     assert list(compiled.state_dict()) == list(eager.state_dict())  # checkpoints interchange

@@ -125,7 +125,8 @@ def test_backbone_alone_refuses_an_engram_config():
     torch.manual_seed(0)
     assembled = build_model(ModelConfig(**TINY, engram=EngramConfig(**ENGRAM)))
     torch.manual_seed(0)
-    by_hand = Transformer(ModelConfig(**TINY, engram=EngramConfig(**ENGRAM)), memory=lambda cfg: build_memory(EngramConfig(**ENGRAM), cfg))
+    engram = EngramConfig(**ENGRAM)
+    by_hand = Transformer(ModelConfig(**TINY, engram=engram), memory=lambda cfg: build_memory(engram, cfg))
     assert assembled.state_dict().keys() == by_hand.state_dict().keys()
     for k, v in assembled.state_dict().items():
         assert torch.equal(v, by_hand.state_dict()[k]), k
