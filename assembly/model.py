@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from memory import EngramConfig, build_memory
+from memory import build_memory
 from memory.compression import resolve_tokenizer_file
 from models import ModelConfig, Transformer
 
@@ -36,7 +36,7 @@ def build_model(cfg: Union[ModelConfig, Mapping[str, Any]]) -> Transformer:
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg)
     memory = None
     if cfg.engram is not None:
-        engram = EngramConfig.from_any(cfg.engram)
+        engram = cfg.engram
         tokenizer: Optional[Path] = None if engram.tokenizer is None else engram_tokenizer_file(engram.tokenizer)
         memory = functools.partial(build_memory, engram, tokenizer=tokenizer)
     return Transformer(cfg, memory=memory)

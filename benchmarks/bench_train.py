@@ -118,6 +118,7 @@ def _bare_setup(cfg, device: torch.device):
     from data_prep.reader import open_split
     from train.data import TrainBatches
     from train.optim import build_optimizer
+    from train.schema import check
     from train.trainer import resolve_model_config
 
     t = cfg.train
@@ -125,7 +126,7 @@ def _bare_setup(cfg, device: torch.device):
     mcfg = resolve_model_config(cfg, Path(cfg.data.dir), split.vocab_size)
     torch.manual_seed(t.seed)
     model = build_model(mcfg).to(device)
-    optimizer = build_optimizer(model, cfg.optim, t)
+    optimizer = build_optimizer(model, check(cfg).optim)
     batches = TrainBatches(split, t.seq_len, t.micro_batch_size, t.global_batch_size, 0, 1, t.seed)
     return model, optimizer, batches
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import nn
@@ -21,8 +21,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 
-def build_memory(engram: Union[EngramConfig, Mapping[str, Any]], model_cfg,
-                 tokenizer: Union[Tokenizer, str, os.PathLike, None] = None
+def build_memory(cfg: EngramConfig, model_cfg, tokenizer: Union[Tokenizer, str, os.PathLike, None] = None
                  ) -> tuple[nn.Module, dict[int, nn.Module]]:
     """``(indexer, {layer_id: Engram})`` for ``model_cfg`` (a models.ModelConfig, read by field name:
     memory does not import models).
@@ -33,7 +32,6 @@ def build_memory(engram: Union[EngramConfig, Mapping[str, Any]], model_cfg,
     path; assembly.build_model resolves names like 'deepseek'); unused when ``engram.tokenizer`` is
     None (identity compression).
     """
-    cfg = EngramConfig.from_any(engram)
     n_branches = getattr(model_cfg, "n_branches", 1)
     if cfg.n_branches not in (None, n_branches):
         raise ValueError(f"engram.n_branches={cfg.n_branches} disagrees with model.n_branches={n_branches}")

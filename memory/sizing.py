@@ -15,7 +15,7 @@ milliseconds.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from memory.config import EngramConfig
 from memory.primes import assign_table_primes
@@ -23,38 +23,31 @@ from memory.primes import assign_table_primes
 _MAX_ITERS = 12
 
 
-def _cfg(cfg: Union[EngramConfig, Mapping[str, Any]]) -> EngramConfig:
-    return EngramConfig.from_any(cfg)
-
-
-def table_primes_for(cfg: Union[EngramConfig, Mapping[str, Any]],
+def table_primes_for(cfg: EngramConfig,
                      base_sizes: Optional[Sequence[int]] = None) -> dict[int, list[list[int]]]:
     """Exact prime table sizes ``{layer_id: [order][head]}`` (base sizes default to the config's)."""
-    c = _cfg(cfg)
-    bases = list(base_sizes) if base_sizes is not None else resolve_base_sizes(c)
-    return assign_table_primes(bases, c.heads_per_ngram, c.layer_ids)
+    bases = list(base_sizes) if base_sizes is not None else resolve_base_sizes(cfg)
+    return assign_table_primes(bases, cfg.heads_per_ngram, cfg.layer_ids)
 
 
 def params_of_primes(primes: Mapping[int, Sequence[Sequence[int]]], head_dim: int) -> int:
     return head_dim * sum(p for per_order in primes.values() for heads in per_order for p in heads)
 
 
-def table_params_for(cfg: Union[EngramConfig, Mapping[str, Any]],
+def table_params_for(cfg: EngramConfig,
                      base_sizes: Optional[Sequence[int]] = None) -> int:
     """Exact number of table parameters over all Engram layers of this config."""
-    c = _cfg(cfg)
-    return params_of_primes(table_primes_for(c, base_sizes), c.head_dim)
+    return params_of_primes(table_primes_for(cfg, base_sizes), cfg.head_dim)
 
 
-def resolve_base_sizes(cfg: Union[EngramConfig, Mapping[str, Any]]) -> list[int]:
+def resolve_base_sizes(cfg: EngramConfig) -> list[int]:
     """The config's base size per order: ``table_sizes`` as given, or solved from ``table_params``."""
-    c = _cfg(cfg)
-    if c.table_sizes is not None:
-        return list(c.table_sizes)
-    return solve_table_sizes(c.table_params, c)[0]
+    if cfg.table_sizes is not None:
+        return list(cfg.table_sizes)
+    return solve_table_sizes(cfg.table_params, cfg)[0]
 
 
-def solve_table_sizes(table_params: Union[int, float], cfg: Union[EngramConfig, Mapping[str, Any]],
+def solve_table_sizes(table_params: Union[int, float], cfg: EngramConfig,
                       order_shares: Optional[Sequence[float]] = None) -> tuple[list[int], int]:
     """Base size per order whose prime-sized tables hold as close to ``table_params`` as possible.
 
@@ -62,26 +55,25 @@ def solve_table_sizes(table_params: Union[int, float], cfg: Union[EngramConfig, 
     ``order_shares``: relative share of the budget per order 2..N (default: equal).
     Returns ``(base_sizes, exact_table_params)``.
     """
-    c = _cfg(cfg)
     target = float(table_params)
     if not target > 0:
         raise ValueError(f"table_params must be positive, got {table_params!r}")
-    shares = [1.0] * c.n_orders if order_shares is None else [float(s) for s in order_shares]
-    if len(shares) != c.n_orders or min(shares) < 0 or sum(shares) <= 0:
-        raise ValueError(f"order_shares needs {c.n_orders} non-negative weights with a positive sum, "
+    shares = [1.0] * cfg.n_orders if order_shares is None else [float(s) for s in order_shares]
+    if len(shares) != cfg.n_orders or min(shares) < 0 or sum(shares) <= 0:
+        raise ValueError(f"order_shares needs {cfg.n_orders} non-negative weights with a positive sum, "
                          f"got {order_shares!r}")
     shares = [s / sum(shares) for s in shares]
-    heads_per_order = len(c.layer_ids) * c.heads_per_ngram  # tables per order over all layers
-    rows_per_head = [target * s / (c.head_dim * heads_per_order) for s in shares]  # ideal rows
+    heads_per_order = len(cfg.layer_ids) * cfg.heads_per_ngram  # tables per order over all layers
+    rows_per_head = [target * s / (cfg.head_dim * heads_per_order) for s in shares]  # ideal rows
 
     def evaluate(bases: list[int]) -> int:
-        return table_params_for(c, bases)
+        return table_params_for(cfg, bases)
 
-    floor_params = evaluate([2] * c.n_orders)
+    floor_params = evaluate([2] * cfg.n_orders)
     if target < floor_params:
         raise ValueError(f"table_params={int(target)} is below the smallest possible tables "
-                         f"({floor_params} params for {len(c.layer_ids)} layers x {c.n_orders} orders x "
-                         f"{c.heads_per_ngram} heads x {c.head_dim} dims)")
+                         f"({floor_params} params for {len(cfg.layer_ids)} layers x {cfg.n_orders} orders x "
+                         f"{cfg.heads_per_ngram} heads x {cfg.head_dim} dims)")
     # exact(bases) ~ head_dim * heads_per_order * sum(bases) + (prime-gap overshoot, roughly constant):
     # shift the ideal sizes down by the measured overshoot until it stops improving.
     correction = 0.0
@@ -96,6 +88,6 @@ def solve_table_sizes(table_params: Union[int, float], cfg: Union[EngramConfig, 
         err = exact - target
         if best is None or abs(err) < best[0]:
             best = (abs(err), bases, exact)
-        correction += err / (c.head_dim * heads_per_order)
+        correction += err / (cfg.head_dim * heads_per_order)
     assert best is not None
     return best[1], best[2]

@@ -1,6 +1,7 @@
-"""Backbone configuration. MoE and Engram sub-configs are owned by their own packages
-(``models.moe.MoEConfig``, ``memory.EngramConfig``) and stored here as plain mappings so that
-this file never needs to know their fields."""
+"""Model configuration: the ``model`` section of the config tree (train/schema.py), with the typed
+``moe`` and ``engram`` sections (pure data kept in core: :mod:`core.moe_config`, :mod:`core.engram_config`;
+re-exported by models.moe and memory), as torchtitan keeps its MoEArgs inside the model args. One object
+is built per run and handed to every layer: nothing re-parses a section per layer."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
-from core.config_utils import checked_kwargs
+from core.config_utils import load
+from core.engram_config import EngramConfig
+from core.moe_config import MoEConfig
 
 
 _OMITTED_AT = {"n_branches": 1}  # field -> value at which it is left out of to_dict()
@@ -28,11 +31,15 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = False
-    n_branches: int = 1  # residual branches; > 1: hyper-connections (models.hyper_connections)
-    moe: Optional[dict] = None  # fields of models.moe.MoEConfig; None = dense FFN everywhere
-    engram: Optional[dict] = None  # fields of memory.EngramConfig; None = no memory
+    # residual branches; > 1: hyper-connections (models.hyper_connections). None (the default) is 1, so that
+    # `+model.n_branches=4` (Hydra's add) works on a config that leaves it out.
+    n_branches: Optional[int] = None
+    moe: Optional[MoEConfig] = None  # None = dense FFN everywhere
+    engram: Optional[EngramConfig] = None  # None = no memory
 
     def __post_init__(self):
+        if self.n_branches is None:
+            self.n_branches = 1
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -49,20 +56,15 @@ class ModelConfig:
         n = self.n_branches
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"model.n_branches must be an integer >= 1, got {n!r}")
-        engram = self.engram
-        if isinstance(engram, Mapping):
-            mem_n = engram.get("n_branches")
-        else:
-            mem_n = getattr(engram, "n_branches", None)
+        mem_n = self.engram.n_branches if self.engram is not None else None
         if mem_n is not None and mem_n != n:
             raise ValueError(f"model.engram.n_branches={mem_n!r} disagrees with model.n_branches={n}: the branch "
                              f"count is the backbone's (set model.n_branches, leave engram.n_branches null)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        d = {k: (dict(v) if isinstance(v, Mapping) else v)
-             for k, v in checked_kwargs(cls, d, "model").items()}
-        return cls(**d)
+        """A mapping of fields, ``moe`` and ``engram`` as nested mappings (the YAML / plan form)."""
+        return load(cls, d, "model")
 
     def to_dict(self) -> dict:
         """All fields, except those added later while at the value that reproduces the older model

@@ -6,7 +6,14 @@ rule) and a ladder of *rungs*, each a backbone shape (width, depth, heads, exper
 layers). The budget solver (:mod:`sweeps.budget`) picks the rung for a budget and derives
 everything else (expert counts, Engram table sizes, tokens) from the models' own counts.
 
-A rung is a mapping with optional sub-mappings ``model``, ``moe``, ``engram`` and ``train`` that
+A family is a :class:`Family` dataclass tree loaded like every config of the project
+(:func:`core.config_utils.load`: an OmegaConf structured merge that refuses unknown keys and wrong
+types in one line; values checked in ``__post_init__``). Its ``model``, ``moe`` and ``engram``
+sections (family-wide and per rung) are partial :class:`ModelConfig` / :class:`MoEConfig` /
+:class:`EngramConfig` mappings, checked against those dataclasses' keys and types; ``train`` and
+``optim`` are partial trainer sections, checked when a run's config is loaded.
+
+A rung has optional sub-mappings ``model``, ``moe``, ``engram`` and ``train`` that
 are merged over the family-level ones. Where a rung gives no ``model.ffn_hidden``, the dense
 layers get ``(top_k + n_shared_experts) * expert_hidden``: the FFN width a token sees in an MoE
 layer (DeepSeekMoE's convention), so dense and MoE layers cost the same per token.
@@ -15,11 +22,17 @@ This module only loads and validates; it computes no parameter or FLOP counts.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from omegaconf import MISSING
+
+from core.config_utils import ConfigError, check_keys, load
+from memory.config import EngramConfig
+from models.config import ModelConfig
+from models.moe.config import MoEConfig
 
 FAMILY_DIR = Path(__file__).resolve().parents[1] / "conf" / "family"
 
@@ -28,28 +41,11 @@ _SOLVED_MOE_KEYS = ("n_routed_experts",)
 _SOLVED_ENGRAM_KEYS = ("table_sizes", "table_params")
 _SOLVED_MODEL_KEYS = ("vocab_size", "max_seq_len", "moe", "engram")
 _SOLVED_TRAIN_KEYS = ("seq_len", "train_tokens", "max_steps")
-_RUNG_KEYS = ("name", "model", "moe", "engram", "train")
-_TOP_KEYS = ("name", "description", "vocab_size", "seq_len", "data_dir", "sparsity", "budgets", "budget_rule", "model",
-             "moe", "engram", "train", "optim", "warmup_frac", "hardware", "tolerances", "rungs",
-             "reference_points")
 
 
-def _positive(where: str, value: Any, kind=float) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where} must be a positive number, got {value!r}")
-    if kind is int and int(value) != value:
-        raise ValueError(f"{where} must be an integer, got {value!r}")
+def _positive(where: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{where} must be positive and finite, got {value!r}")
-    return kind(value)
-
-
-def _mapping(where: str, value: Any) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{where} must be a mapping, got {type(value).__name__}")
-    return copy.deepcopy(dict(value))
 
 
 def _reject(where: str, mapping: Mapping, keys: tuple[str, ...]) -> None:
@@ -58,7 +54,18 @@ def _reject(where: str, mapping: Mapping, keys: tuple[str, ...]) -> None:
         raise ValueError(f"{where} may not set {bad}: the budget solver derives them")
 
 
-@dataclass(frozen=True)
+def _check_sections(where: str, model: Mapping, moe: Mapping, engram: Mapping, train: Mapping) -> None:
+    """Partial backbone sections: keys and types of their dataclasses, minus what the solver owns."""
+    check_keys(ModelConfig, model, f"{where}model")
+    check_keys(MoEConfig, moe, f"{where}moe")
+    check_keys(EngramConfig, engram, f"{where}engram")
+    _reject(f"{where}model", model, _SOLVED_MODEL_KEYS)
+    _reject(f"{where}moe", moe, _SOLVED_MOE_KEYS)
+    _reject(f"{where}engram", engram, _SOLVED_ENGRAM_KEYS)
+    _reject(f"{where}train", train, _SOLVED_TRAIN_KEYS)
+
+
+@dataclass
 class BudgetRule:
     """Tokens per active parameter D / P_act (P_act without embedding and head).
 
@@ -68,17 +75,19 @@ class BudgetRule:
     ``max_tokens_per_active_param``) is outside the family.
     """
 
-    tokens_per_active_param: float
-    min_tokens_per_active_param: float
-    max_tokens_per_active_param: float
+    tokens_per_active_param: float = MISSING
+    min_tokens_per_active_param: float = MISSING
+    max_tokens_per_active_param: float = MISSING
 
     def __post_init__(self):
+        for name in ("tokens_per_active_param", "min_tokens_per_active_param", "max_tokens_per_active_param"):
+            _positive(f"budget_rule.{name}", getattr(self, name))
         lo, mid, hi = self.min_tokens_per_active_param, self.tokens_per_active_param, self.max_tokens_per_active_param
         if not lo <= mid <= hi:
             raise ValueError(f"budget_rule needs min <= tokens_per_active_param <= max, got {lo}, {mid}, {hi}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Hardware:
     """What the cost estimates assume (not used to build models)."""
 
@@ -91,12 +100,12 @@ class Hardware:
     def __post_init__(self):
         _positive("hardware.peak_tflops", self.peak_tflops)
         _positive("hardware.gpu_mem_gib", self.gpu_mem_gib)
-        _positive("hardware.n_gpus", self.n_gpus, int)
+        _positive("hardware.n_gpus", self.n_gpus)
         if not 0 < self.mfu <= 1:
             raise ValueError(f"hardware.mfu must lie in (0, 1], got {self.mfu}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Tolerances:
     """What every plan must satisfy (the solver raises rather than return a plan outside them)."""
 
@@ -112,12 +121,12 @@ class Tolerances:
                 raise ValueError(f"tolerances.{name} must lie in (0, 1), got {v}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ReferencePoint:
     """A published sweep point the family should land on (for relative-error reports)."""
 
-    budget: float
-    rho: float
+    budget: float = MISSING
+    rho: float = MISSING
     total_params: Optional[float] = None
     active_params: Optional[float] = None
     n_routed_experts: Optional[int] = None
@@ -128,37 +137,69 @@ class ReferencePoint:
                                   ("n_routed_experts", self.n_routed_experts)) if v is not None}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Rung:
-    """One backbone shape: sub-mappings merged over the family's."""
+    """One backbone shape: sub-mappings merged over the family's (name '': ``rung<i>``); checked by the family."""
 
-    name: str
-    model: dict = field(default_factory=dict)
-    moe: dict = field(default_factory=dict)
-    engram: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
+    name: str = ""
+    model: Dict[str, Any] = field(default_factory=dict)
+    moe: Dict[str, Any] = field(default_factory=dict)
+    engram: Dict[str, Any] = field(default_factory=dict)
+    train: Dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Family:
-    name: str
-    description: str
-    vocab_size: int
-    seq_len: int
-    data_dir: Optional[str]
-    sparsity: float  # P_tot / P_act of the rho = 1 model
-    budget_rule: BudgetRule
-    model: dict
-    moe: dict
-    engram: dict
-    train: dict
-    optim: dict
-    warmup_frac: Optional[float]
-    hardware: Hardware
-    tolerances: Tolerances
-    rungs: tuple[Rung, ...]
-    reference_points: tuple[ReferencePoint, ...] = ()
-    budgets: tuple[float, ...] = ()  # the family's standard sweep budgets (training FLOPs per run)
+    name: str = MISSING
+    description: str = ""
+    vocab_size: int = MISSING
+    seq_len: int = MISSING
+    data_dir: Optional[str] = None
+    sparsity: float = MISSING  # P_tot / P_act of the rho = 1 model
+    budget_rule: BudgetRule = MISSING
+    model: Dict[str, Any] = field(default_factory=dict)
+    moe: Dict[str, Any] = MISSING  # needs top_k and n_shared_experts
+    engram: Dict[str, Any] = field(default_factory=dict)
+    train: Dict[str, Any] = field(default_factory=dict)
+    optim: Dict[str, Any] = field(default_factory=dict)
+    warmup_frac: Optional[float] = None
+    hardware: Hardware = field(default_factory=Hardware)
+    tolerances: Tolerances = field(default_factory=Tolerances)
+    rungs: Tuple[Rung, ...] = MISSING
+    reference_points: Tuple[ReferencePoint, ...] = ()
+    budgets: Tuple[float, ...] = ()  # the family's standard sweep budgets (training FLOPs per run)
+
+    def __post_init__(self):
+        rungs = tuple(r if r.name else replace(r, name=f"rung{i}") for i, r in enumerate(self.rungs))
+        self.rungs = rungs  # a loaded list becomes the declared tuple
+        self.reference_points = tuple(self.reference_points)
+        self.budgets = tuple(self.budgets)
+        for name in ("vocab_size", "seq_len", "sparsity"):
+            _positive(name, getattr(self, name))
+        for i, budget in enumerate(self.budgets):
+            _positive(f"budgets[{i}]", budget)
+        if self.sparsity <= 1:
+            raise ValueError(f"sparsity (P_tot / P_act) must exceed 1, got {self.sparsity}")
+        _check_sections("", self.model, self.moe, self.engram, self.train)
+        missing = [k for k in ("top_k", "n_shared_experts") if k not in self.moe]
+        if missing:
+            raise ValueError(f"moe.{missing[0]} is required")
+        if self.warmup_frac is not None and not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac must lie in [0, 1), got {self.warmup_frac}")
+        self._check_rungs()
+
+    def _check_rungs(self) -> None:
+        if not self.rungs:
+            raise ValueError("rungs must be a non-empty list of backbone shapes")
+        if len({r.name for r in self.rungs}) != len(self.rungs):
+            raise ValueError(f"rung names must be unique, got {[r.name for r in self.rungs]}")
+        for i, rung in enumerate(self.rungs):
+            _check_sections(f"rungs[{i}].", rung.model, rung.moe, rung.engram, rung.train)
+            if "expert_hidden" not in self.rung_moe(i):
+                raise ValueError(f"rung {rung.name} has no moe.expert_hidden")
+            batch = self.rung_train(i).get("global_batch_size")
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+                raise ValueError(f"rung {rung.name} train.global_batch_size must be a positive integer, got {batch!r}")
 
     # ---- per-rung configuration ---------------------------------------------------------------
     def rung_model(self, i: int) -> dict:
@@ -207,83 +248,13 @@ class Family:
         return str(data_dir)
 
 
-def _parse_rung(where: str, raw: Any, index: int) -> Rung:
-    raw = _mapping(where, raw)
-    unknown = sorted(set(raw) - set(_RUNG_KEYS))
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} (allowed: {list(_RUNG_KEYS)})")
-    model, moe, engram, train = (_mapping(f"{where}.{k}", raw.get(k)) for k in ("model", "moe", "engram", "train"))
-    _reject(f"{where}.model", model, _SOLVED_MODEL_KEYS)
-    _reject(f"{where}.moe", moe, _SOLVED_MOE_KEYS)
-    _reject(f"{where}.engram", engram, _SOLVED_ENGRAM_KEYS)
-    _reject(f"{where}.train", train, _SOLVED_TRAIN_KEYS)
-    return Rung(str(raw.get("name", f"rung{index}")), model, moe, engram, train)
-
-
 def family_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> Family:
-    """Validate a family mapping (as loaded from YAML) into a :class:`Family`."""
-    raw = _mapping(f"family {source}", raw)
-    unknown = sorted(set(raw) - set(_TOP_KEYS))
-    if unknown:
-        raise ValueError(f"family {source}: unknown keys {unknown} (allowed: {list(_TOP_KEYS)})")
-    for key in ("name", "vocab_size", "seq_len", "sparsity", "budget_rule", "moe", "rungs"):
-        if raw.get(key) is None:
-            raise ValueError(f"family {source}: missing required key '{key}'")
-    name = str(raw["name"])
-    where = f"family {name}"
-    sparsity = _positive(f"{where}: sparsity", raw["sparsity"])
-    if sparsity <= 1:
-        raise ValueError(f"{where}: sparsity (P_tot / P_act) must exceed 1, got {sparsity}")
-    rule = _mapping(f"{where}: budget_rule", raw["budget_rule"])
+    """A family mapping (as loaded from YAML) as a :class:`Family`, or one ValueError line naming the key."""
+    name = raw.get("name", source) if isinstance(raw, Mapping) else source
     try:
-        budget_rule = BudgetRule(**{k: _positive(f"{where}: budget_rule.{k}", v) for k, v in rule.items()})
-    except TypeError as e:
-        raise ValueError(f"{where}: budget_rule needs tokens_per_active_param, min_tokens_per_active_param and "
-                         f"max_tokens_per_active_param ({e})") from None
-    model, moe, engram = (_mapping(f"{where}: {k}", raw.get(k)) for k in ("model", "moe", "engram"))
-    _reject(f"{where}: model", model, _SOLVED_MODEL_KEYS)
-    _reject(f"{where}: moe", moe, _SOLVED_MOE_KEYS)
-    _reject(f"{where}: engram", engram, _SOLVED_ENGRAM_KEYS)
-    for key in ("top_k", "n_shared_experts"):
-        if key not in moe:
-            raise ValueError(f"{where}: moe.{key} is required")
-    train = _mapping(f"{where}: train", raw.get("train"))
-    _reject(f"{where}: train", train, _SOLVED_TRAIN_KEYS)
-    warmup_frac = raw.get("warmup_frac")
-    if warmup_frac is not None and not 0 <= float(warmup_frac) < 1:
-        raise ValueError(f"{where}: warmup_frac must lie in [0, 1), got {warmup_frac}")
-    budgets = raw.get("budgets") or ()
-    if not isinstance(budgets, (list, tuple)):
-        raise ValueError(f"{where}: budgets must be a list of training FLOPs, got {budgets!r}")
-    budgets = tuple(_positive(f"{where}: budgets[{i}]", b) for i, b in enumerate(budgets))
-    raw_rungs = raw["rungs"]
-    if not isinstance(raw_rungs, (list, tuple)) or not raw_rungs:
-        raise ValueError(f"{where}: rungs must be a non-empty list of backbone shapes")
-    rungs = tuple(_parse_rung(f"{where}: rungs[{i}]", r, i) for i, r in enumerate(raw_rungs))
-    if len({r.name for r in rungs}) != len(rungs):
-        raise ValueError(f"{where}: rung names must be unique, got {[r.name for r in rungs]}")
-    try:
-        hardware = Hardware(**_mapping(f"{where}: hardware", raw.get("hardware")))
-        tolerances = Tolerances(**_mapping(f"{where}: tolerances", raw.get("tolerances")))
-        refs = tuple(ReferencePoint(**_mapping(f"{where}: reference_points[{i}]", r))
-                     for i, r in enumerate(raw.get("reference_points") or ()))
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-    fam = Family(
-        name=name, description=str(raw.get("description", "")),
-        vocab_size=_positive(f"{where}: vocab_size", raw["vocab_size"], int),
-        seq_len=_positive(f"{where}: seq_len", raw["seq_len"], int),
-        data_dir=None if raw.get("data_dir") is None else str(raw["data_dir"]),
-        sparsity=sparsity, budget_rule=budget_rule, model=model, moe=moe, engram=engram, train=train,
-        optim=_mapping(f"{where}: optim", raw.get("optim")),
-        warmup_frac=None if warmup_frac is None else float(warmup_frac),
-        hardware=hardware, tolerances=tolerances, rungs=rungs, reference_points=refs, budgets=budgets)
-    for i, rung in enumerate(fam.rungs):
-        if "expert_hidden" not in fam.rung_moe(i):
-            raise ValueError(f"{where}: rung {rung.name} has no moe.expert_hidden")
-        _positive(f"{where}: rung {rung.name} train.global_batch_size",
-                  fam.rung_train(i).get("global_batch_size"), int)
-    return fam
+        return load(Family, raw)
+    except ConfigError as e:
+        raise ConfigError(f"family {name}: {e}") from None
 
 
 def available_families() -> list[str]:
@@ -299,5 +270,4 @@ def load_family(name_or_path: str) -> Family:
         path = FAMILY_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ValueError(f"unknown family '{name_or_path}' (available: {', '.join(available_families())})")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    return family_from_dict(raw, source=str(path))
+    return family_from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True), source=str(path))

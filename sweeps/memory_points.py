@@ -25,11 +25,11 @@ def solve_memory_points(family: Family, budget: float, slots: Sequence[int],
         raise ValueError(f"slots must be distinct positive integers, got {slots}")
     backbone, _ = select_backbone(family, float(budget))
     base = solve_point(family, backbone, float(budget), 1.0, data_dir=data_dir)
-    engram = EngramConfig.from_any({**family.rung_engram(backbone.rung), "table_params": 1}).to_dict()
-    head_dim = EngramConfig.from_any(engram).head_dim
+    probe = EngramConfig.from_dict({**family.rung_engram(backbone.rung), "table_params": 1})
+    engram, head_dim = probe.to_dict(), probe.head_dim
     out = []
     for s in sorted(slots):
-        sizes, exact = solve_table_sizes(s * head_dim, {**engram, "tokenizer": None, "pad_id": None})
+        sizes, exact = solve_table_sizes(s * head_dim, replace(probe, tokenizer=None, pad_id=None))
         model = {**base.model, "engram": {**engram, "table_sizes": [int(b) for b in sizes], "table_params": None}}
         m = measure(model, base.seq_len)
         spec = replace(base, model=model, total_params=m.total, active_params=m.active,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from memory.config import EngramConfig
 from models import ModelConfig
 from sweeps.backbone import _for_counting
 from sweeps.families import Hardware
@@ -64,20 +63,18 @@ def activation_bytes_per_token(model: Mapping[str, Any], precision: str) -> floa
     cfg = ModelConfig.from_dict(_for_counting(model))
     d, q = cfg.d_model, cfg.n_heads * cfg.head_dim
     kv = cfg.n_kv_heads * cfg.head_dim
-    moe = cfg.moe or {}
-    n_dense = int(moe.get("n_dense_layers", cfg.n_layers)) if moe else cfg.n_layers
-    n_dense = min(n_dense, cfg.n_layers)
+    moe = cfg.moe
+    n_dense = min(moe.n_dense_layers, cfg.n_layers) if moe else cfg.n_layers
     attn = 2 * d + 2 * q + 2 * kv
     dense_ffn = 2 * d + 4 * cfg.ffn_hidden
     if moe:
-        k, shared, hidden = int(moe["top_k"]), int(moe.get("n_shared_experts", 0)), int(moe["expert_hidden"])
+        k, shared, hidden = moe.top_k, moe.n_shared_experts, moe.expert_hidden
         moe_ffn = 2 * d + 4 * (k + shared) * hidden + 2 * k * d
     else:
         moe_ffn = dense_ffn
     per_token = n_dense * (attn + dense_ffn) + (cfg.n_layers - n_dense) * (attn + moe_ffn)
-    engram = cfg.engram
-    if engram:
-        e = EngramConfig.from_any({**engram, "table_sizes": None, "table_params": 1})
+    e = cfg.engram
+    if e is not None:
         per_token += len(e.layer_ids) * (e.memory_dim + 4 * d)
     return b * per_token + (b + 4 + 4) * cfg.vocab_size
 

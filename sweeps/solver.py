@@ -18,7 +18,7 @@ def _full_engram(family: Family, rung: int) -> dict:
     raw = family.rung_engram(rung)
     if not raw:
         raise ValueError(f"family {family.name} has no engram settings: rho < 1 needs Engram layers and widths")
-    cfg = EngramConfig.from_any({**raw, "table_params": 1}).to_dict()
+    cfg = EngramConfig.from_dict({**raw, "table_params": 1}).to_dict()
     cfg["table_params"] = None
     return cfg
 
@@ -128,8 +128,9 @@ def solve_point(family: Family, backbone: Backbone, budget: float, rho: float, e
         engram_dense = without_tables - measure(moe_model, family.seq_len).total
         table_budget = base.total - without_tables
         try:
-            base_sizes, _ = solve_table_sizes(max(1, table_budget), {**engram, "table_params": max(1, table_budget),
-                                                                     "tokenizer": None, "pad_id": None})
+            sized = EngramConfig.from_dict({**engram, "table_params": int(max(1, table_budget)), "tokenizer": None,
+                                            "pad_id": None})
+            base_sizes, _ = solve_table_sizes(sized.table_params, sized)
         except ValueError as e:
             raise ValueError(f"{where}: the {backbone.n_routed - n} removed experts leave {table_budget:,} params "
                              f"for Engram tables, too few ({e})") from None

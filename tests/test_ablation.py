@@ -29,7 +29,7 @@ GAP = 0.01  # the fixture's known memory effect: ablated runs lose this much
 # ---- one-row tables in memory/ -------------------------------------------------------------------
 def test_base_one_gives_one_row_per_head_and_every_ngram_hashes_to_it():
     assert assign_table_primes([1, 100], 2, [0, 3]) == {0: [[1, 1], [101, 103]], 3: [[1, 1], [107, 109]]}
-    assert EngramConfig.from_any({"table_sizes": [1, 1], "heads_per_ngram": 2, "embed_dim_per_ngram": 8}).table_sizes == [1, 1]
+    assert EngramConfig.from_dict({"table_sizes": [1, 1], "heads_per_ngram": 2, "embed_dim_per_ngram": 8}).table_sizes == [1, 1]
     hasher = NgramHasher(50, 3, 2, [1, 1], [0], pad_id=0, seed=0)
     ids = torch.randint(0, 50, (2, 17))
     assert hasher(ids)[0].abs().sum().item() == 0  # every head reads row 0 of its own one-row table

@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from assembly import build_model
-from models import ModelConfig
 from tests.trainer_utils import REPO, TINY_MODEL
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.optim import build_optimizer
+from train.schema import check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ACCUM = 2
@@ -39,8 +38,9 @@ def _engine(cfg):
     import deepspeed
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
-    optimizer = build_optimizer(model, cfg.optim, cfg.train)
+    config = check(cfg)
+    model = build_model(config.model)
+    optimizer = build_optimizer(model, config.optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ACCUM))
     return engine
 

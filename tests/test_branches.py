@@ -2,6 +2,8 @@
 start as the plain model, stay causal, and are counted (params and FLOPs) like everything else."""
 from __future__ import annotations
 
+from dataclasses import asdict, replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,20 +12,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from assembly import build_model
 from core.param_groups import group_of
+from memory.config import EngramConfig
 from models import ModelConfig, Transformer
 from models.hyper_connections import HyperConnection
+from models.moe.config import MoEConfig
 
 torch.set_num_threads(1)
 
 TINY = dict(vocab_size=512, d_model=48, n_layers=3, n_heads=4, ffn_hidden=96, max_seq_len=64)
-MOE = dict(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=16, n_dense_layers=1)
-ENGRAM = dict(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram=32, table_sizes=[211, 223])
-# ModelConfig(**TINY, moe=MOE).fingerprint() before n_branches existed (commit 9646c3d): checkpoints
-# written then must still resume.
-OLD_FINGERPRINT = "7752a0a8b1b2a2e2"
+MOE = MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=16, n_dense_layers=1)
+ENGRAM = EngramConfig(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram=32, table_sizes=[211, 223])
+# ModelConfig(**TINY, moe=<MOE with every MoEConfig field spelled out, as conf/model/moe.yaml, the
+# experiments and every plan write it>).fingerprint() before n_branches existed (commit 9646c3d; the
+# same at db87788): checkpoints written then must still resume.
+OLD_FINGERPRINT = "f523fee690607659"
 
 
-def _model(G: int, engram: bool = True, seed: int = 0, moe: dict = MOE) -> Transformer:
+def _model(G: int, engram: bool = True, seed: int = 0, moe: MoEConfig = MOE) -> Transformer:
     torch.manual_seed(seed)
     return build_model(ModelConfig(**TINY, n_branches=G, moe=moe, engram=ENGRAM if engram else None))
 
@@ -122,7 +127,7 @@ def test_multi_branch_model_is_causal():
 # ---- forward / backward / training ------------------------------------------------------------------
 @pytest.mark.parametrize("G", [1, 4])
 def test_forward_backward_with_moe_and_engram(G):
-    model = _model(G, moe={**MOE, "balance": "both"})  # bias and aux loss: both paths through the HC
+    model = _model(G, moe=replace(MOE, balance="both"))  # bias and aux loss: both paths through the HC
     assert model.layers[1].memory.n_branches == G
     idx = torch.randint(0, 512, (4, 33))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -187,7 +192,7 @@ def test_counts_match_parameters_and_flop_counter(G):
 def test_branch_overhead_is_counted_by_the_budget_measure():
     from sweeps.budget import measure
 
-    base = dict(TINY, moe=MOE, engram=ENGRAM)
+    base = dict(TINY, moe=asdict(MOE), engram=asdict(ENGRAM))
     one, four = measure(base, 64), measure({**base, "n_branches": 4}, 64)
     hc = HyperConnection(4, 48, 0).counts(64)
     n_hc = 2 * TINY["n_layers"]
@@ -203,7 +208,7 @@ def test_branch_config_errors():
     with pytest.raises(ValueError, match="n_branches must be an integer >= 1"):
         ModelConfig(**TINY, n_branches=0)
     with pytest.raises(ValueError, match="disagrees with model.n_branches=4"):
-        ModelConfig(**TINY, n_branches=4, engram={**ENGRAM, "n_branches": 1})
-    ModelConfig(**TINY, n_branches=4, engram={**ENGRAM, "n_branches": 4})  # agreeing is fine
+        ModelConfig(**TINY, n_branches=4, engram=replace(ENGRAM, n_branches=1))
+    ModelConfig(**TINY, n_branches=4, engram=replace(ENGRAM, n_branches=4))  # agreeing is fine
     assert ModelConfig(**TINY, n_branches=4).to_dict()["n_branches"] == 4
     assert ModelConfig(**TINY, n_branches=4).fingerprint() != ModelConfig(**TINY).fingerprint()

@@ -255,7 +255,15 @@ def test_family_validation():
     for key, value, msg in (("moe", {"top_k": 2, "n_routed_experts": 8}, "solver derives"),
                             ("engram", {"table_params": 100}, "solver derives"),
                             ("sparsity", 1.0, "must exceed 1"),
-                            ("extra", 1, "unknown keys"),
+                            ("extra", 1, "family x: unknown config key extra"),
+                            ("vocab_size", "big", "family x: config key vocab_size"),
+                            ("moe", {"top_k": 2, "n_shared_experts": 1, "top_kk": 3},
+                             "unknown config key moe.top_kk; did you mean moe.top_k"),
+                            ("engram", {"max_ngram": "three"}, "config key engram.max_ngram"),
+                            ("hardware", {"n_gpu": 8}, "unknown config key hardware.n_gpu; did you mean hardware.n_gpus"),
+                            ("budget_rule", {"tokens_per_active_param": 1}, "min_tokens_per_active_param"),
+                            ("rungs", [{"model": {"d_model": 64}, "moe": {"expert_hidden": 32, "hidden": 1}}],
+                             r"family x: unknown config key rungs\[0\]\.moe\.hidden \(known: n_routed"),
                             ("rungs", [], "non-empty")):
         with pytest.raises(ValueError, match=msg):
             family_from_dict({**raw, key: value})
@@ -287,6 +295,7 @@ def test_run_config_is_what_the_trainer_composes(cpu, paper, tmp_path):
 
     from rundir.config import write_run_config
     from sweeps.runconfig import hydra_block, resolve_run_config
+    from train.schema import check
     from train.trainer import step_schedule
 
     runs = solve_plan(cpu, 1e13, [1.0, 0.4]).runs + solve_plan(paper, 2e20, [0.8]).runs
@@ -294,7 +303,9 @@ def test_run_config_is_what_the_trainer_composes(cpu, paper, tmp_path):
         write_run_config(tmp_path / str(i), resolve_run_config(run.config()), hydra_block())
         with initialize_config_dir(config_dir=str(tmp_path / str(i)), version_base="1.3"):
             cfg = compose("config")  # as train/main.py --config-dir <run_dir> --config-name config reads it
-        assert OmegaConf.to_container(cfg.model, resolve=True) == run.model
+        raw = OmegaConf.to_container(cfg.model, resolve=True)  # also the schema's defaults (n_branches: null)
+        assert {k: raw[k] for k in run.model} == run.model
+        assert check(cfg).model.to_dict() == run.model  # the trainer's typed tree takes the moe/engram dicts
         assert step_schedule(cfg) == (run.steps, run.last_step_sequences)
         assert (cfg.train.seq_len, cfg.train.global_batch_size) == (run.seq_len, run.global_batch_size)
         assert cfg.train.train_tokens == run.train_tokens

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,42 +38,44 @@ ENGRAM = dict(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram
     (dict(n_branches=0), "n_branches"),
     (dict(pad_id=-1), "pad_id"),
     (dict(table_sizes=[100, 0]), ">= 1"),
-    (dict(colour="red"), "unknown model.engram keys"),
+    (dict(colour="red"), "unknown config key model.engram.colour"),
+    (dict(layer_ids="1"), "model.engram.layer_ids"),
+    (dict(table_params=5.5, table_sizes=None), "model.engram.table_params"),
 ])
 def test_config_rejects_bad_values(change, match):
     with pytest.raises(ValueError, match=match):
-        EngramConfig.from_any({**ENGRAM, **change})
+        EngramConfig.from_dict({**ENGRAM, **change})
 
 
 def test_config_derived_sizes():
-    c = EngramConfig.from_any(dict(ENGRAM, max_ngram=4, table_sizes=[5, 6, 7], embed_dim_per_ngram=64))
+    c = EngramConfig.from_dict(dict(ENGRAM, max_ngram=4, table_sizes=[5, 6, 7], embed_dim_per_ngram=64))
     assert (c.n_orders, c.head_dim, c.memory_dim, c.n_heads_total) == (3, 16, 192, 12)
-    solved = EngramConfig.from_any(dict(ENGRAM, table_sizes=None, table_params=5.7e9))
+    solved = EngramConfig.from_dict(dict(ENGRAM, table_sizes=None, table_params=5_700_000_000))
     assert solved.table_params == 5_700_000_000
 
 
 # ---- sizing --------------------------------------------------------------------------------------
 def test_table_params_for_counts_prime_rows():
-    primes = table_primes_for(ENGRAM)
+    primes = table_primes_for(EngramConfig(**ENGRAM))
     assert primes == {1: [[211, 223, 227, 229], [233, 239, 241, 251]]}
-    assert table_params_for(ENGRAM) == 8 * sum(primes[1][0] + primes[1][1])
+    assert table_params_for(EngramConfig(**ENGRAM)) == 8 * sum(primes[1][0] + primes[1][1])
 
 
 @pytest.mark.parametrize("target,layers,heads,dim", [
     (5e5, [1], 4, 64), (3.3e6, [0, 2], 8, 128), (7.77e7, [1, 5, 9], 2, 96), (123457, [3], 1, 8)])
 def test_solve_table_sizes_hits_budget(target, layers, heads, dim):
-    cfg = dict(layer_ids=layers, max_ngram=3, heads_per_ngram=heads, embed_dim_per_ngram=dim,
-               table_sizes=[2, 2])
+    cfg = EngramConfig(layer_ids=layers, max_ngram=3, heads_per_ngram=heads, embed_dim_per_ngram=dim,
+                       table_sizes=[2, 2])
     bases, exact = solve_table_sizes(target, cfg)
     assert exact == table_params_for(cfg, bases)
     assert bases[0] == bases[1]  # equal split over orders by default
-    per_head_row = EngramConfig.from_any(cfg).head_dim * len(layers) * heads * 2  # one row in every table
+    per_head_row = cfg.head_dim * len(layers) * heads * 2  # one row in every table
     assert abs(exact - target) <= 4 * per_head_row + 1e-4 * target
-    assert resolve_base_sizes(dict(cfg, table_sizes=None, table_params=target)) == bases
+    assert resolve_base_sizes(replace(cfg, table_sizes=None, table_params=int(target))) == bases
 
 
 def test_solve_table_sizes_order_shares_and_limits():
-    cfg = dict(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram=64, table_sizes=[2, 2])
+    cfg = EngramConfig(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram=64, table_sizes=[2, 2])
     bases, exact = solve_table_sizes(1e6, cfg, order_shares=[3, 1])
     assert bases[0] == pytest.approx(3 * bases[1], rel=0.01)
     assert abs(exact - 1e6) / 1e6 < 0.01
@@ -83,7 +86,8 @@ def test_solve_table_sizes_order_shares_and_limits():
 
 
 def test_solve_paper_scale_is_fast():
-    cfg = dict(layer_ids=[1, 14], max_ngram=3, heads_per_ngram=8, embed_dim_per_ngram=640, table_params=5.7e9)
+    cfg = EngramConfig(layer_ids=[1, 14], max_ngram=3, heads_per_ngram=8, embed_dim_per_ngram=640,
+                       table_params=5_700_000_000)
     t0 = time.perf_counter()
     bases, exact = solve_table_sizes(5.7e9, cfg)
     big_bases, big_exact = solve_table_sizes(2.6e11, cfg)  # primes around 1e8
@@ -97,7 +101,8 @@ def test_solve_paper_scale_is_fast():
 
 # ---- build_memory --------------------------------------------------------------------------------
 def test_build_memory_solves_table_params():
-    cfg = ModelConfig(**TINY, engram=dict(ENGRAM, layer_ids=[0, 2], table_sizes=None, table_params=400_000))
+    cfg = ModelConfig(**TINY, engram=EngramConfig(**dict(ENGRAM, layer_ids=[0, 2], table_sizes=None,
+                                                           table_params=400_000)))
     indexer, layers = build_memory(cfg.engram, cfg)
     assert sorted(layers) == [0, 2]
     _, exact = solve_table_sizes(400_000, cfg.engram)
@@ -108,19 +113,20 @@ def test_build_memory_solves_table_params():
 
 def test_build_memory_rejects_bad_layer_and_pad():
     with pytest.raises(ValueError, match="outside the model's layers"):
-        build_memory(dict(ENGRAM, layer_ids=[3]), ModelConfig(**TINY))
+        build_memory(EngramConfig(**dict(ENGRAM, layer_ids=[3])), ModelConfig(**TINY))
     with pytest.raises(ValueError, match="pad_id"):
-        build_memory(dict(ENGRAM, pad_id=512), ModelConfig(**TINY))
+        build_memory(EngramConfig(**dict(ENGRAM, pad_id=512)), ModelConfig(**TINY))
 
 
 def test_backbone_alone_refuses_an_engram_config():
     """models knows no memory: a config with engram needs the builder assembly.build_model hands in."""
     with pytest.raises(ValueError, match="no memory builder"):
-        Transformer(ModelConfig(**TINY, engram=ENGRAM))
+        Transformer(ModelConfig(**TINY, engram=EngramConfig(**ENGRAM)))
     torch.manual_seed(0)
-    assembled = build_model(ModelConfig(**TINY, engram=ENGRAM))
+    assembled = build_model(ModelConfig(**TINY, engram=EngramConfig(**ENGRAM)))
     torch.manual_seed(0)
-    by_hand = Transformer(ModelConfig(**TINY, engram=ENGRAM), memory=lambda cfg: build_memory(ENGRAM, cfg))
+    engram = EngramConfig(**ENGRAM)
+    by_hand = Transformer(ModelConfig(**TINY, engram=engram), memory=lambda cfg: build_memory(engram, cfg))
     assert assembled.state_dict().keys() == by_hand.state_dict().keys()
     for k, v in assembled.state_dict().items():
         assert torch.equal(v, by_hand.state_dict()[k]), k
@@ -129,7 +135,7 @@ def test_backbone_alone_refuses_an_engram_config():
 def test_deepseek_indexer_matches_reference_pipeline(tmp_path, monkeypatch):
     monkeypatch.setenv("ISOFLOP_ENGRAM_CACHE", str(tmp_path))
     model_cfg = ModelConfig(**dict(TINY, vocab_size=129280))
-    eng = dict(ENGRAM, layer_ids=[1, 2], tokenizer="deepseek", table_sizes=[5003, 5003])
+    eng = EngramConfig(**dict(ENGRAM, layer_ids=[1, 2], tokenizer="deepseek", table_sizes=[5003, 5003]))
     with pytest.raises(ValueError, match="no tokenizer was handed"):
         build_memory(eng, model_cfg)  # memory knows no tokenizer names: the caller resolves them
     indexer, _ = build_memory(eng, model_cfg, engram_tokenizer_file("deepseek"))
@@ -148,10 +154,10 @@ def test_deepseek_indexer_matches_reference_pipeline(tmp_path, monkeypatch):
 
 def test_model_dtype_moves_and_checkpoints():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY, engram=ENGRAM))
+    model = build_model(ModelConfig(**TINY, engram=EngramConfig(**ENGRAM)))
     sd = model.state_dict()
     assert not any("lookup" in k or "offsets" in k or "moduli" in k for k in sd)  # derived, not saved
-    other = build_model(ModelConfig(**TINY, engram=ENGRAM))
+    other = build_model(ModelConfig(**TINY, engram=EngramConfig(**ENGRAM)))
     other.load_state_dict(sd)
     idx = torch.randint(0, 512, (2, 16))
     torch.testing.assert_close(other(idx).logits, model(idx).logits)
@@ -175,13 +181,13 @@ def _compose(tmp_path, overrides):
 def test_memory_group_files():
     for path in sorted((REPO / "conf" / "memory").glob("*.yaml")):
         assert path.read_text().splitlines()[0] == "# @package model.engram", path
-        EngramConfig.from_any(OmegaConf.to_container(OmegaConf.load(path)))
+        EngramConfig.from_dict(OmegaConf.load(path))
 
 
 def test_memory_group_composes_into_model(tmp_path):
     cfg = _compose(tmp_path, ["memory=engram_tiny", "model.engram.seed=3"])
-    model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    assert model_cfg.engram["layer_ids"] == [1] and model_cfg.engram["seed"] == 3
+    model_cfg = ModelConfig.from_dict(cfg.model)
+    assert model_cfg.engram.layer_ids == [1] and model_cfg.engram.seed == 3
     model = build_model(model_cfg)
     assert model.layers[1].memory is not None
     out = model(torch.randint(0, model_cfg.vocab_size, (1, 32)))
@@ -190,7 +196,7 @@ def test_memory_group_composes_into_model(tmp_path):
 
 def test_paper_memory_config(tmp_path):
     cfg = _compose(tmp_path, ["memory=engram_paper"])
-    eng = EngramConfig.from_any(OmegaConf.to_container(cfg.model.engram))
+    eng = EngramConfig.from_dict(cfg.model.engram)
     assert eng.layer_ids == [1, 14] and eng.memory_dim == 1280 and eng.heads_per_ngram == 8
     assert eng.tokenizer == "deepseek" and eng.max_ngram == 3
     assert abs(table_params_for(eng) - 5.7e9) / 5.7e9 < 1e-5

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from assembly import build_model
 from core.param_groups import group_of
+from memory.config import EngramConfig
 from memory.engram import Engram
 from memory.layers import ShortConv
 from models import ModelConfig
@@ -111,7 +112,7 @@ def test_module_is_causal(G):
 
 def test_transformer_with_engram_is_causal():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY, engram=dict(ENGRAM, layer_ids=[0, 2]))).eval()
+    model = build_model(ModelConfig(**TINY, engram=EngramConfig(**dict(ENGRAM, layer_ids=[0, 2])))).eval()
     for layer in (0, 2):
         with torch.no_grad():
             model.layers[layer].memory.conv.weight.normal_()
@@ -145,7 +146,7 @@ def test_module_counts_match_params_and_flop_counter(G):
 
 
 def test_model_counts_with_engram():
-    cfg = ModelConfig(**TINY, engram=ENGRAM)
+    cfg = ModelConfig(**TINY, engram=EngramConfig(**ENGRAM))
     torch.manual_seed(0)
     with_mem, without = build_model(cfg), build_model(ModelConfig(**TINY))
     mem = with_mem.layers[1].memory
@@ -161,7 +162,7 @@ def test_model_counts_with_engram():
 
 
 def test_parameter_groups():
-    model = build_model(ModelConfig(**TINY, engram=ENGRAM))
+    model = build_model(ModelConfig(**TINY, engram=EngramConfig(**ENGRAM)))
     groups = {n: group_of(p) for n, p in model.named_parameters() if ".memory." in n}
     assert groups.pop("layers.1.memory.tables.weight") == "engram_tables"
     assert groups["layers.1.memory.value_proj.weight"] == "engram_proj"
@@ -172,7 +173,7 @@ def test_parameter_groups():
 
 def test_training_steps_reduce_loss_and_update_tables():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**TINY, engram=ENGRAM))
+    model = build_model(ModelConfig(**TINY, engram=EngramConfig(**ENGRAM)))
     table = model.layers[1].memory.tables.weight
     before = table.detach().clone()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -127,18 +127,17 @@ def test_layout_rules_for_table_modes():
 
 
 def test_sharded_tables_with_clipping_need_fp32_zero0():
-    from omegaconf import OmegaConf
+    from core.config_utils import load
+    from train.schema import Config, ConfigError
 
-    from train.schema import Config, ConfigError, validate
+    def check(parallel: dict, **train) -> Config:
+        return load(Config, {"model": {}, "parallel": parallel, "train": train})
 
-    cfg = OmegaConf.structured(Config)
-    cfg.parallel.engram_tables = "sharded"
-    validate(cfg)  # fp32, ZeRO 0, grad_clip 1.0: the trainer clips
-    cfg.train.zero_stage = 2
+    assert check({"engram_tables": "sharded"}).train.grad_clip == 1.0  # fp32, ZeRO 0, clipping: the trainer clips
     with pytest.raises(ConfigError, match="needs train.precision=fp32 and train.zero_stage=0"):
-        validate(cfg)
-    cfg.train.grad_clip = 0.0
-    validate(cfg)
-    cfg.parallel.engram_tables = "striped"
+        check({"engram_tables": "sharded"}, zero_stage=2)
+    check({"engram_tables": "sharded"}, zero_stage=2, grad_clip=0.0)
     with pytest.raises(ConfigError, match="parallel.engram_tables='striped' is not one of replicated, sharded"):
-        validate(cfg)
+        check({"engram_tables": "striped"})
+    with pytest.raises(ConfigError, match="parallel.expert=0 must be >= 1"):
+        check({"expert": 0})

@@ -28,7 +28,7 @@ def make_layer(seed: int = 0, d: int = 32, layer_id: int = 1, **moe) -> MoEFFN:
     torch.manual_seed(seed)
     cfg = dict(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=24, n_dense_layers=0)
     cfg.update(moe)
-    layer = build_moe_ffn(cfg, d, layer_id, init_std=0.1, out_std=0.05)
+    layer = build_moe_ffn(MoEConfig(**cfg), d, layer_id, init_std=0.1, out_std=0.05)
     assert isinstance(layer, MoEFFN)
     return layer
 
@@ -291,13 +291,14 @@ def test_two_builds_give_bit_identical_outputs_and_gradients():
 _DETERMINISM_SCRIPT = textwrap.dedent("""
     import hashlib, torch
     from models.config import ModelConfig
+    from models.moe.config import MoEConfig
     from models.transformer import Transformer
     torch.set_num_threads(1)
     torch.manual_seed(0)
     moe = dict(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=32, n_dense_layers=1,
                balance='both')
     model = Transformer(ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, ffn_hidden=96,
-                                    max_seq_len=64, moe=moe))
+                                    max_seq_len=64, moe=MoEConfig(**moe)))
     idx = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
     out = model(idx, idx.roll(-1, 1), return_logits=True)
     out.loss.backward()
@@ -388,8 +389,8 @@ def test_reported_params_equal_instantiated_parameters():
     assert "expert_bias" not in dict(layer.named_parameters())
 
     cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=3, n_heads=4, ffn_hidden=64, max_seq_len=32,
-                      moe=dict(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=16,
-                               n_dense_layers=1))
+                      moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=16,
+                                    n_dense_layers=1))
     model = Transformer(cfg)
     mc = model.model_counts(32)
     core = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("tok_emb", "head")))
@@ -409,8 +410,8 @@ def test_reported_flops_match_flop_counter():
     assert measured == pytest.approx(reported, rel=0.02)
 
     cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=3, n_heads=4, ffn_hidden=128, max_seq_len=64,
-                      moe=dict(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=32,
-                               n_dense_layers=1))
+                      moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=32,
+                                    n_dense_layers=1))
     model = Transformer(cfg)
     idx = torch.randint(0, 512, (2, 64))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # math SDPA: scores counted
@@ -442,11 +443,12 @@ def test_parameter_groups_and_checkpointed_fp32_bias():
 
 
 def test_config_validation_and_dense_layers():
-    assert build_moe_ffn(dict(n_dense_layers=2), 32, 1, 0.02, 0.02) is None
-    assert isinstance(build_moe_ffn(dict(n_dense_layers=2), 32, 2, 0.02, 0.02), MoEFFN)
+    assert build_moe_ffn(MoEConfig(n_dense_layers=2), 32, 1, 0.02, 0.02) is None
+    assert isinstance(build_moe_ffn(MoEConfig(n_dense_layers=2), 32, 2, 0.02, 0.02), MoEFFN)
     bad = [dict(top_k=20, n_routed_experts=8), dict(score_func="relu"), dict(balance="loss"),
            dict(impl="triton"), dict(expert_hidden=0), dict(n_shared_experts=-1), dict(foo=1),
-           dict(balance="aux_loss", aux_loss_coef=0.0), dict(balance="aux_free", bias_update_rate=0.0)]
+           dict(balance="aux_loss", aux_loss_coef=0.0), dict(balance="aux_free", bias_update_rate=0.0),
+           dict(top_k="two"), dict(norm_topk="maybe")]
     for b in bad:
         with pytest.raises(ValueError):
             MoEConfig.from_dict(b)
@@ -456,17 +458,16 @@ def test_config_validation_and_dense_layers():
 
 def test_hydra_model_moe_builds_and_trains():
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         # Only the model group (tiny backbone + moe mapping), so that this test depends on no other group.
         cfg = compose(overrides=["+model=moe", "model.max_seq_len=32"])
-    model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    MoEConfig.from_dict(model_cfg.moe)  # every key is a MoEConfig field
+    model_cfg = ModelConfig.from_dict(cfg.model)
+    assert isinstance(model_cfg.moe, MoEConfig)  # every key is a MoEConfig field, typed
     torch.manual_seed(0)
     model = Transformer(model_cfg)
     n_moe = sum(isinstance(b.ffn, MoEFFN) for b in model.layers)
-    assert n_moe == model_cfg.n_layers - model_cfg.moe["n_dense_layers"] > 0
+    assert n_moe == model_cfg.n_layers - model_cfg.moe.n_dense_layers > 0
     assert {"experts", "router"} <= set(grouped_parameters(model))
 
     # A few AdamW steps on a fixed repeating batch: the loss must fall and metrics must appear.

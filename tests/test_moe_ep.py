@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from models.moe import MoEFFN, build_moe_ffn
+from models.moe import MoEConfig, MoEFFN, build_moe_ffn
 from models.moe.parallel import ExpertShard, local_order
 from train.distributed import free_port
 
@@ -19,7 +19,7 @@ CFG = dict(n_routed_experts=8, n_shared_experts=1, top_k=3, expert_hidden=24, n_
 
 def make_layer() -> MoEFFN:
     torch.manual_seed(0)
-    layer = build_moe_ffn(CFG, 32, 1, init_std=0.1, out_std=0.05)
+    layer = build_moe_ffn(MoEConfig(**CFG), 32, 1, init_std=0.1, out_std=0.05)
     assert isinstance(layer, MoEFFN)
     return layer
 

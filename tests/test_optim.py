@@ -11,9 +11,17 @@ from torch import nn
 from assembly import build_model
 from core.param_groups import tag
 from models import ModelConfig, Transformer
-from train.optim import build_optimizer, describe_optimizer, optimizer_memory, set_lr
+from core.config_utils import load
+from memory.config import EngramConfig
+from train.optim import build_optimizer as _build_optimizer, describe_optimizer, optimizer_memory, set_lr
+from train.schema import Config, ConfigError, OptimConfig
 
 torch.set_num_threads(1)
+
+def build_optimizer(model: nn.Module, optim: dict) -> torch.optim.Optimizer:
+    """The optimizer of an ``optim:`` mapping, loaded as the trainer loads it (train/schema.py)."""
+    return _build_optimizer(model, load(OptimConfig, optim, "optim"))
+
 
 BASE = {"lr": 2e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
 
@@ -98,8 +106,8 @@ def test_schedule_reaches_every_group_and_lines_name_them():
 def engram_model() -> Transformer:
     torch.manual_seed(0)
     return build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16,
-                                   engram=dict(layer_ids=[1], max_ngram=2, heads_per_ngram=2, embed_dim_per_ngram=16,
-                                               table_sizes=[211])))
+                                   engram=EngramConfig(layer_ids=[1], max_ngram=2, heads_per_ngram=2,
+                                                       embed_dim_per_ngram=16, table_sizes=[211])))
 
 
 ALL_GROUPS = {g: {} for g in ("matrix", "embed", "head", "norm", "bias", "engram_proj", "engram_conv")}
@@ -139,11 +147,13 @@ def test_memory_counts_tables_and_state():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"kind": "sgd"}, "optim.kind must be one of"),
-    ({"table_update": "sparse"}, "optim.table_update must be one of"),
+    ({"kind": "sgd"}, "optim.kind='sgd' is not one of adamw, muon"),
+    ({"table_update": "sparse"}, "optim.table_update='sparse' is not one of dense, lazy"),
     ({"groups": {"decay": {}}}, r"undeclared groups \['decay'\]"),
-    ({"groups": {"norm": {"wd": 0.0}}}, r"optim.groups.norm has unknown keys \['wd'\]"),
-    ({"muon": {"nesterov": False}}, r"optim.muon has unknown keys \['nesterov'\]"),
+    ({"groups": {"norm": {"wd": 0.0}}}, "unknown config key optim.groups.norm.wd"),
+    ({"muon": {"nesterov": False}}, "unknown config key optim.muon.nesterov"),
+    ({"muon": {"adjust_lr_fn": "rms"}}, "optim.muon.adjust_lr_fn='rms' is not one of"),
+    ({"lr": "fast"}, "config key optim.lr"),
 ])
 def test_bad_optim_config_is_refused(change, message):
     with pytest.raises(ValueError, match=message):
@@ -151,13 +161,15 @@ def test_bad_optim_config_is_refused(change, message):
 
 
 def test_muon_refuses_what_deepspeed_would_get_wrong():
-    with pytest.raises(ValueError, match="needs train.zero_stage 1 or 2"):
-        build_optimizer(Toy(), toy_cfg("muon"), {"precision": "bf16", "zero_stage": 0})
-    with pytest.raises(ValueError, match="needs train.grad_clip=0"):
-        build_optimizer(Toy(), toy_cfg("muon"), {"precision": "bf16", "zero_stage": 2, "grad_clip": 1.0})
-    build_optimizer(Toy(), toy_cfg("muon"), {"precision": "bf16", "zero_stage": 2, "grad_clip": 0.0})
-    with pytest.raises(ValueError, match="adjust_lr_fn must be one of"):
-        build_optimizer(Toy(), {**toy_cfg("muon"), "muon": {"adjust_lr_fn": "rms"}})
+    """Checked with the config (train/schema.py's Config), before any model is built."""
+    def config(**train):
+        return load(Config, {"model": {}, "optim": toy_cfg("muon"), "train": train})
+
+    with pytest.raises(ConfigError, match="needs train.zero_stage 1 or 2"):
+        config(precision="bf16", zero_stage=0)
+    with pytest.raises(ConfigError, match="needs train.grad_clip=0"):
+        config(precision="bf16", zero_stage=2, grad_clip=1.0)
+    _build_optimizer(Toy(), config(precision="bf16", zero_stage=2, grad_clip=0.0).optim)
 
 
 @pytest.mark.parametrize("shape", [(24, 16), (16, 24)])

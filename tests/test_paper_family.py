@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from data_prep.prepare import prepare
 from data_prep.reader import DataError, data_tokenizer_id, load_manifest
 from data_prep.tokenization import tokenizer_id
+from models.config import ModelConfig
 from models.moe.config import MoEConfig
 from sweeps.families import load_family
 from train.trainer import resolve_model_config
@@ -77,7 +78,8 @@ def test_paper_runs_train_with_the_whole_muon_recipe():
     assert planned.optim.kind == "muon" and run.config()["optim"]["kind"] == "muon"  # the group, not just the key
     assert (planned.optim.lr, planned.optim.weight_decay) == (4e-4, 0.1)  # the paper's Muon lr and wd
     assert OmegaConf.to_container(planned.optim, resolve=True) == OmegaConf.to_container(muon.optim, resolve=True)
-    assert planned.model.engram.n_branches is None and planned.model.get("n_branches", 1) == 1
+    assert planned.model.engram.n_branches is None and planned.model.get("n_branches") in (None, 1)  # null = 1
+    assert ModelConfig.from_dict(planned.model).n_branches == 1
     assert planned.train.grad_clip == 0.0 and planned.train.zero_stage == 2
     text = (Path(__file__).resolve().parents[1] / "conf/family/paper.yaml").read_text()
     assert "DEPARTURE from the DeepSeek recipe (clip at 1.0)" in text
@@ -143,8 +145,8 @@ def test_engram_tokenizer_must_be_the_datas(bpe_dirs):
     a, b = bpe_dirs
     vocab = load_manifest(a)["tokenizer"]["vocab_size"]
     mcfg = resolve_model_config(_cfg(vocab, "data"), a, vocab)
-    assert mcfg.engram["tokenizer"] == str((a / "tokenizer.json").resolve())
-    assert resolve_model_config(_cfg(vocab, str(a)), a, vocab).engram["tokenizer"] == str(a)
+    assert mcfg.engram.tokenizer == str((a / "tokenizer.json").resolve())
+    assert resolve_model_config(_cfg(vocab, str(a)), a, vocab).engram.tokenizer == str(a)
     with pytest.raises(ValueError, match="is not the tokenizer the data .* was made with"):
         resolve_model_config(_cfg(vocab, str(b / "tokenizer.json")), a, vocab)
     with pytest.raises(ValueError, match="is not the tokenizer the data"):
@@ -161,4 +163,4 @@ def test_paper_model_on_deepseek_data_passes(tmp_path):
     tok = load_manifest(d)["tokenizer"]
     assert tok["vocab_size"] == 129280
     mcfg = resolve_model_config(_cfg(129280, "deepseek"), d, tok["vocab_size"])
-    assert mcfg.vocab_size == 129280 and mcfg.engram["tokenizer"] == "deepseek"
+    assert mcfg.vocab_size == 129280 and mcfg.engram.tokenizer == "deepseek"

@@ -15,9 +15,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from assembly import build_model
+from core.config_utils import load
 from core.param_groups import GROUPS, UndeclaredParameter, group_of, grouped_parameters, owner_path, tag
+from memory.config import EngramConfig
 from models import ModelConfig, Transformer
+from models.moe.config import MoEConfig
 from train.optim import build_optimizer, describe_optimizer
+from train.schema import OptimConfig
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -63,8 +67,9 @@ def full_model() -> Transformer:
     torch.manual_seed(0)
     return build_model(ModelConfig(
         vocab_size=128, d_model=32, n_layers=3, n_heads=2, ffn_hidden=64, max_seq_len=16, n_branches=2,
-        moe=dict(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden=16, n_dense_layers=1),
-        engram=dict(layer_ids=[0, 2], max_ngram=3, heads_per_ngram=2, embed_dim_per_ngram=16, table_sizes=[31, 37])))
+        moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden=16, n_dense_layers=1),
+        engram=EngramConfig(layer_ids=[0, 2], max_ngram=3, heads_per_ngram=2, embed_dim_per_ngram=16,
+                            table_sizes=[31, 37])))
 
 
 def group_table(model: nn.Module) -> dict[str, str]:
@@ -108,7 +113,7 @@ def test_optimizer_configs_cover_every_group_and_keep_engram_norms_undecayed(opt
     cfg.pop("defaults", None)
     assert set(cfg.groups) == set(GROUPS)
     model = full_model()
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, load(OptimConfig, cfg, "optim"))
     norm_ids = {id(m.weight) for m in model.modules() if type(m).__name__ == "BranchRMSNorm"}
     holding = [g for g in opt.param_groups if norm_ids & {id(p) for p in g["params"]}]
     assert len(norm_ids) == 6 and [g["weight_decay"] for g in holding] == [0.0]

@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from core.config_utils import load
 from core.param_groups import tag
 from models import ModelConfig, Transformer
 from train.data import TrainBatches
 from train.optim import build_optimizer
+from train.schema import OptimConfig
 from train.schedule import lr_factor
 
 
@@ -64,11 +66,12 @@ def test_optimizer_groups_follow_tags():
     m = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_hidden=64, max_seq_len=16))
     groups = {"matrix": {"lr_mult": 1.0, "weight_decay": 0.1}, "norm": {"weight_decay": 0.0},
               "embed": {"weight_decay": 0.0}, "head": {"lr_mult": 0.5}}
-    opt = build_optimizer(m, {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1, "groups": groups})
+    opt = build_optimizer(m, load(OptimConfig, {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.1,
+                                                "groups": groups}))
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["head"]["lr"] == pytest.approx(5e-4)
     assert by_name["norm"]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.parameters()))
     tag(m.layers[0].ffn.w1.weight, "residual_mix")
     with pytest.raises(ValueError, match="optim.groups.residual_mix"):
-        build_optimizer(m, {"lr": 1e-3, "betas": [0.9, 0.95], "groups": groups})
+        build_optimizer(m, load(OptimConfig, {"lr": 1e-3, "betas": [0.9, 0.95], "groups": groups}))

@@ -18,7 +18,7 @@ def fp32_grad_accumulation(cfg: DictConfig) -> bool:
     if t.precision != "bf16":
         return False  # fp32 weights accumulate in fp32 already
     stage = int(t.zero_stage)
-    return stage == 2 or (stage == 1 and cfg.optim.get("kind", "adamw") != "muon")
+    return stage == 2 or (stage == 1 and cfg.optim.kind != "muon")
 
 
 def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
@@ -26,7 +26,7 @@ def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
     honoured at ZeRO 0, 1 and 2) and accumulated over micro-steps in fp32 where DeepSpeed can
     (:func:`fp32_grad_accumulation`): a bf16 sum of many micro-batch gradients keeps 8 mantissa bits.
     With sharded Engram tables the trainer clips (train/shards.py): the engine sees no table gradient."""
-    t = cfg.train  # values checked by train.schema.validate
+    t = cfg.train  # values checked by train.schema.check
     out = {
         "train_batch_size": int(t.global_batch_size),
         "train_micro_batch_size_per_gpu": int(t.micro_batch_size),

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models.moe import MoEFFN
+from models.moe import MoEConfig, MoEFFN
 from models.moe.parallel import ExpertShard
 
 MARKER = "expert_parallel_marker"
@@ -67,13 +67,9 @@ def check_expert_parallel(size: int, world_size: int, n_routed: Optional[int], p
         raise ValueError(f"parallel.expert={size} with train.precision=bf16 needs train.zero_stage 1 or 2")
 
 
-def routed_experts(moe: Optional[dict]) -> Optional[int]:
+def routed_experts(moe: Optional[MoEConfig]) -> Optional[int]:
     """model.moe's routed expert count (None for a dense model)."""
-    if not moe:
-        return None
-    from models.moe import MoEConfig
-
-    return MoEConfig.from_dict(moe).n_routed_experts
+    return None if moe is None else moe.n_routed_experts
 
 
 def moe_layers(model: nn.Module) -> list[MoEFFN]:

@@ -87,7 +87,7 @@ class Loop:
         """Forward/backward over the accumulation micro-steps and the optimizer step.
         Returns (loss_vec [2] device tensor: mean ce and aux loss over ranks, lr, last output)."""
         o, b, d = self.cfg.optim, self.p.batches, self.dist
-        factor = lr_factor(step, self.p.steps, o.schedule, o.warmup_steps, o.min_lr_ratio, o.get("decay_frac", 0.2))
+        factor = lr_factor(step, self.p.steps, o.schedule, o.warmup_steps, o.min_lr_ratio, o.decay_frac)
         lr = set_lr(self.optimizer, self.base_lr, factor)
         if self.tables is not None:
             set_lr(self.tables.optimizer, self.base_lr, factor)

@@ -76,7 +76,7 @@ def _compose_and_validate(config_dir: Optional[Path], config_name: str, argv: li
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.schema import ConfigError, check_schema, validate
+    from train.schema import ConfigError, check
 
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
@@ -84,8 +84,7 @@ def _compose_and_validate(config_dir: Optional[Path], config_name: str, argv: li
                 else initialize_config_dir(config_dir=str(config_dir), version_base="1.3"))
         with init:
             cfg = compose(config_name, overrides=overrides)
-        check_schema(cfg)
-        validate(cfg)
+        check(cfg)
         return cfg
     except ConfigError as e:
         _fail(str(e))

@@ -15,40 +15,19 @@ from typing import Mapping
 import torch
 
 from core.param_groups import GROUPS, grouped_parameters, owner_path
-from train.schema import OPTIM_KINDS as KINDS, TABLE_UPDATES
 from train.muon import MuonAdamW, matrix_shape, muon_shape_factor, zero_lr_scale
+from train.schema import OptimConfig
 
 TABLE_GROUP = "engram_tables"
-GROUP_KEYS = {"lr_mult", "weight_decay", "muon"}
-MUON_DEFAULTS = {"momentum": 0.95, "adjust_lr_fn": "match_rms_adamw"}
 _STATE_FLOATS = {"muon": 1, "adamw": 2}  # fp32 state tensors per parameter: momentum | exp_avg, exp_avg_sq
 
 
-def _check_config(optim_cfg: Mapping, train_cfg: Mapping) -> None:
-    kind, table_update = optim_cfg.get("kind", "adamw"), optim_cfg.get("table_update", "dense")
-    if kind not in KINDS:
-        raise ValueError(f"optim.kind must be one of {KINDS}, got {kind!r}")
-    if table_update not in TABLE_UPDATES:
-        raise ValueError(f"optim.table_update must be one of {TABLE_UPDATES}, got {table_update!r}")
-    groups_cfg = optim_cfg.get("groups") or {}
-    unknown = sorted(set(groups_cfg) - set(GROUPS))
+def _check_groups(optim: OptimConfig) -> None:
+    """Group names are the model side's (core/param_groups.py): keys, types and values were checked by
+    the schema (train/schema.py)."""
+    unknown = sorted(set(optim.groups) - set(GROUPS))
     if unknown:
         raise ValueError(f"optim.groups has entries for undeclared groups {unknown} (declared: {sorted(GROUPS)})")
-    for name, g in groups_cfg.items():
-        bad = sorted(set(g) - GROUP_KEYS)
-        if bad:
-            raise ValueError(f"optim.groups.{name} has unknown keys {bad} (allowed: {sorted(GROUP_KEYS)})")
-    bad_muon = sorted(set(optim_cfg.get("muon") or {}) - set(MUON_DEFAULTS))
-    if bad_muon:
-        raise ValueError(f"optim.muon has unknown keys {bad_muon} (allowed: {sorted(MUON_DEFAULTS)})")
-    zero_stage = int(train_cfg.get("zero_stage", 0))
-    if kind == "muon" and train_cfg.get("precision", "fp32") == "bf16" and zero_stage == 0:
-        raise ValueError("optim.kind=muon with train.precision=bf16 needs train.zero_stage 1 or 2 (DeepSpeed's "
-                         "bf16 stage-0 optimizer orthogonalises plain 2-D matrices only, not [E, out, in] experts)")
-    if kind == "muon" and zero_stage > 0 and float(train_cfg.get("grad_clip") or 0.0) > 0:
-        raise ValueError(f"optim.kind=muon at train.zero_stage={zero_stage} needs train.grad_clip=0: DeepSpeed 0.19 "
-                         "clips the orthogonalised Muon updates (norm ~sqrt(width) per matrix), which would shrink "
-                         "every step, not the raw gradients")
 
 
 def _owners(model: torch.nn.Module, names: list[str]) -> str:
@@ -74,24 +53,20 @@ def _split_expert_parallel(named: list) -> list[tuple[list, dict]]:
     return out
 
 
-def param_groups(model: torch.nn.Module, optim_cfg: Mapping) -> list[dict]:
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     """Optimizer param groups: one per declared group (and per expert-parallel layout); Muon ones split by
     matrix shape."""
-    kind, groups_cfg = optim_cfg.get("kind", "adamw"), optim_cfg.get("groups") or {}
-    muon = {**MUON_DEFAULTS, **(optim_cfg.get("muon") or {})}
-    lazy_tables = optim_cfg.get("table_update", "dense") == "lazy"
+    kind, muon, lazy_tables = optim.kind, optim.muon, optim.table_update == "lazy"
     out = []
     for name, all_named in sorted(grouped_parameters(model).items()):
-        if name not in groups_cfg:
+        if name not in optim.groups:
             raise ValueError(f"parameters tagged '{name}' have no optim.groups.{name} entry "
-                             f"(configured: {sorted(groups_cfg)})")
-        g = groups_cfg[name]
-        lr_mult = float(g.get("lr_mult", 1.0))
-        base = {"lr_mult": lr_mult, "lr": float(optim_cfg["lr"]) * lr_mult,
-                "weight_decay": float(g.get("weight_decay", optim_cfg.get("weight_decay", 0.0)))}
+                             f"(configured: {sorted(optim.groups)})")
+        g = optim.groups[name]
+        base = {"lr_mult": g.lr_mult, "lr": optim.lr * g.lr_mult, "weight_decay": g.weight_decay}
         for named, ep in _split_expert_parallel(all_named):
             label = f"{name}@{ep['ep_group']}" if ep else name
-            if kind == "muon" and g.get("muon", False):
+            if kind == "muon" and g.muon:
                 by_shape: dict[tuple[int, int], list] = {}
                 for n, p in named:
                     by_shape.setdefault(matrix_shape(p), []).append((n, p))
@@ -101,16 +76,16 @@ def param_groups(model: torch.nn.Module, optim_cfg: Mapping) -> list[dict]:
                     out.append({**base, **_named(f"{label}[{shape[0]}x{shape[1]}]", ep),
                                 "params": [p for _, p in items],
                                 "owners": _owners(model, [n for n, _ in items]), "use_muon": True,
-                                "momentum": float(muon["momentum"]), "adjust_lr_fn": str(muon["adjust_lr_fn"]),
-                                "shape_factor": muon_shape_factor(shape, str(muon["adjust_lr_fn"])),
-                                "zero_lr_scale": zero_lr_scale(shape, str(muon["adjust_lr_fn"]))})
+                                "momentum": muon.momentum, "adjust_lr_fn": muon.adjust_lr_fn,
+                                "shape_factor": muon_shape_factor(shape, muon.adjust_lr_fn),
+                                "zero_lr_scale": zero_lr_scale(shape, muon.adjust_lr_fn)})
             else:
                 for _, p in named:
                     p.use_muon = False
                 out.append({**base, **_named(label, ep), "params": [p for _, p in named],
                             "owners": _owners(model, [n for n, _ in named]), "use_muon": False,
-                            "betas": tuple(float(b) for b in optim_cfg["betas"]),
-                            "eps": float(optim_cfg.get("eps", 1e-8)), "lazy": lazy_tables and name == TABLE_GROUP})
+                            "betas": tuple(optim.betas), "eps": optim.eps,
+                            "lazy": lazy_tables and name == TABLE_GROUP})
     return out
 
 
@@ -120,18 +95,17 @@ def _named(label: str, ep: dict) -> dict:
     return {"name": ep["ep_group"], "label": label, "moe": True} if ep else {"name": label}
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg: Mapping,
-                    train_cfg: Mapping | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
     """torch AdamW (kind=adamw, dense tables) or :class:`MuonAdamW` (Muon and/or lazy tables).
 
     A declared group missing from ``optim.groups`` is an error (a new module's parameters are
-    never silently mis-optimised), as is an undeclared parameter (core.param_groups).
-    ``train_cfg`` (precision, zero_stage, grad_clip) is checked against what the Muon path supports.
+    never silently mis-optimised), as is an undeclared parameter (core.param_groups). What the
+    Muon path supports under each precision / ZeRO stage is checked with the config (train/schema.py).
     """
-    _check_config(optim_cfg, train_cfg or {})
-    groups = param_groups(model, optim_cfg)
+    _check_groups(optim)
+    groups = param_groups(model, optim)
     if not any(g["use_muon"] or g["lazy"] for g in groups):
-        return torch.optim.AdamW(groups, lr=float(optim_cfg["lr"]), betas=groups[0]["betas"], eps=groups[0]["eps"])
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=groups[0]["betas"], eps=groups[0]["eps"])
     return MuonAdamW(groups)
 
 

@@ -1,26 +1,30 @@
-"""The trainer's config schema: Hydra structured configs (one dataclass per section) plus the value
-checks a type cannot express. One module on purpose, so every section's keys live in one place.
+"""The run's config tree: Hydra structured configs, one dataclass per section, value checks in each
+section's ``__post_init__``. One module for the trainer's sections; the ``model`` section is
+:class:`models.config.ModelConfig` itself (with its typed ``moe`` and ``engram`` sections), never a
+copy of its fields.
 
 Why a schema: without one, ``+train.max_stepz=3`` (a typo) is accepted and silently ignored, and a
-bad value (``optim.schedule=foo``, ``train.log_interval=0``) surfaces only after compute was spent.
-Hydra merges every YAML file and override into :class:`Config`; an unknown key or a value of the
-wrong type fails the merge, naming the key. :func:`validate` then checks ranges and choices.
+bad value (``optim.schedule=foo``, ``train.log_interval=0``, ``model.moe.top_kk=2``) surfaces only
+after compute was spent. Hydra merges every YAML file and override into :class:`Config`;
+:func:`check` merges the result again onto the schema (``+key=v`` force-adds keys past Hydra's own
+check) and builds the dataclasses, so an unknown key, a wrong type or a bad value is one
+:class:`ConfigError` line naming the key.
 
-To add a key: add a typed field (with its default) to the section's dataclass below, and a check to
-``validate`` if its range matters. ``model`` stays a free dict here: ``ModelConfig.from_dict`` already
-refuses unknown model keys. ``sweep`` is free too: the sweep driver records its own bookkeeping there.
-The tree is meant to grow into one typed config for the whole project (a ``parallel`` section, the
-sweep driver's options) without moving keys.
+To add a key: add a typed field (with its default: defaults live here, never in ``.get(key, default)``
+at the use site) to the section's dataclass, and a check to its ``__post_init__`` if its range matters.
+``sweep`` is free: the sweep driver records its own bookkeeping there.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
+
+from core.config_utils import ConfigError, load
+from models.config import ModelConfig
+
+__all__ = ["Config", "ConfigError", "SCHEMA_NAME", "check", "engram_tables", "register"]
 
 SCHEMA_NAME = "config_schema"  # the first entry of conf/config.yaml's defaults list
 
@@ -36,8 +40,16 @@ MUON_LR_FNS = ("match_rms_adamw", "original")
 ENGRAM_TABLE_MODES = ("replicated", "sharded")
 
 
-class ConfigError(ValueError):
-    """A config value that would fail (or mislead) later: reported in one line before any compute."""
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(section: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is None or value <= 0:
+            raise ConfigError(f"{prefix}.{name}={value} must be positive")
 
 
 @dataclass
@@ -48,7 +60,7 @@ class DataConfig:
 @dataclass
 class ParamGroupConfig:
     lr_mult: float = 1.0
-    weight_decay: float = 0.0
+    weight_decay: Optional[float] = None  # None: optim.weight_decay (filled in by OptimConfig)
     muon: bool = False  # under optim.kind=muon this group's matrices get Muon
 
 
@@ -56,6 +68,9 @@ class ParamGroupConfig:
 class MuonConfig:
     momentum: float = 0.95
     adjust_lr_fn: str = "match_rms_adamw"  # one of MUON_LR_FNS
+
+    def __post_init__(self):
+        _choice("optim.muon.adjust_lr_fn", self.adjust_lr_fn, MUON_LR_FNS)
 
 
 @dataclass
@@ -72,6 +87,21 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     decay_frac: float = 0.2
     groups: Dict[str, ParamGroupConfig] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for group in self.groups.values():
+            if group.weight_decay is None:
+                group.weight_decay = self.weight_decay
+        _positive(self, "optim", "lr")
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        _choice("optim.kind", self.kind, OPTIM_KINDS)
+        _choice("optim.table_update", self.table_update, TABLE_UPDATES)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if not 0.0 < self.decay_frac <= 1.0:
+            raise ConfigError(f"optim.decay_frac={self.decay_frac} must lie in (0, 1]")
 
 
 @dataclass
@@ -97,6 +127,28 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0  # a collective waiting longer fails every rank (ranks without a launcher)
     compile: str = "off"  # off | blocks | auto (blocks on CUDA, off on CPU): train/compile.py
 
+    def __post_init__(self):
+        _positive(self, "train", "seq_len", "micro_batch_size", "global_batch_size", "eval_interval", "eval_tokens",
+                  "ckpt_interval", "log_interval", "max_loss", "dist_timeout_s")
+        if self.train_tokens is None:
+            _positive(self, "train", "max_steps")
+        elif self.train_tokens <= 0:
+            raise ConfigError(f"train.train_tokens={self.train_tokens} must be positive (or null: use train.max_steps)")
+        if self.eval_tokens < self.seq_len:
+            raise ConfigError(f"train.eval_tokens={self.eval_tokens} is less than one {self.seq_len}-token window "
+                              f"(train.seq_len): evaluation would see no data")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+        _choice("train.precision", self.precision, PRECISIONS)
+        _choice("train.zero_stage", self.zero_stage, ZERO_STAGES)
+        _choice("train.resume", self.resume, RESUME_MODES)
+        _choice("train.compile", self.compile, COMPILE_MODES)
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints} must be >= 0 (0 keeps all)")
+        if self.grad_clip is not None and self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 or null: no clipping)")
+
 
 @dataclass
 class ParallelConfig:
@@ -104,6 +156,11 @@ class ParallelConfig:
     # (rows split over the data-parallel ranks, looked up from their owners: memory/sharded.py).
     engram_tables: str = "replicated"  # one of ENGRAM_TABLE_MODES
     expert: int = 1  # expert parallelism: routed experts sharded over this many ranks (train/expert_parallel.py)
+
+    def __post_init__(self):
+        _choice("parallel.engram_tables", self.engram_tables, ENGRAM_TABLE_MODES)
+        if self.expert < 1:
+            raise ConfigError(f"parallel.expert={self.expert} must be >= 1")
 
 
 @dataclass
@@ -114,6 +171,9 @@ class WandbConfig:
     group: Optional[str] = None
     name: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _choice("logging.wandb.mode", self.mode, WANDB_MODES)
 
 
 @dataclass
@@ -127,13 +187,30 @@ class Config:
     experiment_name: str = "default"
     run_name: str = "default"
     run_dir: str = "runs/default"
-    model: Dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = MISSING  # conf/config.yaml always selects a model group (class defaults, not an instance's)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sweep: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Checks across sections (each section checked its own values already)."""
+        o, t = self.optim, self.train
+        if o.kind == "muon" and t.precision == "bf16" and t.zero_stage == 0:
+            raise ConfigError("optim.kind=muon with train.precision=bf16 needs train.zero_stage 1 or 2 (DeepSpeed's "
+                              "bf16 stage-0 optimizer orthogonalises plain 2-D matrices only, not [E, out, in] experts)")
+        if o.kind == "muon" and t.zero_stage > 0 and (t.grad_clip or 0.0) > 0:
+            raise ConfigError(f"optim.kind=muon at train.zero_stage={t.zero_stage} needs train.grad_clip=0: DeepSpeed "
+                              "0.19 clips the orthogonalised Muon updates (norm ~sqrt(width) per matrix), which would "
+                              "shrink every step, not the raw gradients")
+        # Sharded tables are clipped by the trainer (train/shards.py), which reads the engine's reduced
+        # gradients: only fp32 ZeRO 0 leaves them in ``p.grad`` before the step.
+        if self.parallel.engram_tables == "sharded" and (t.grad_clip or 0) > 0 and (t.precision, t.zero_stage) != (
+                "fp32", 0):
+            raise ConfigError(f"parallel.engram_tables=sharded with train.grad_clip={t.grad_clip} needs train.precision="
+                              f"fp32 and train.zero_stage=0 (got {t.precision}, {t.zero_stage}): set train.grad_clip=0")
 
 
 def register() -> None:
@@ -143,101 +220,15 @@ def register() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
 
 
-def _unknown_keys(node: Any, cls: type, prefix: str) -> None:
-    """Raise on the first key of ``node`` that ``cls`` does not declare (recursing into sections).
+def check(cfg: DictConfig) -> Config:
+    """The typed tree of a composed config: every key declared, every value of its type and in range.
 
-    Needed besides Hydra's own struct check: ``+section.key=v`` force-adds a key past the schema."""
-    if not isinstance(node, DictConfig):
-        return
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in node.keys():
-        if key not in hints:
-            near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{near[0]}?" if near else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
-        sub, kind = node._get_node(key), hints[key]
-        if dataclasses.is_dataclass(kind):
-            _unknown_keys(sub, kind, f"{prefix}{key}.")
-        elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(typing.get_args(kind)[1]):
-            for name in sub.keys():
-                _unknown_keys(sub._get_node(name), typing.get_args(kind)[1], f"{prefix}{key}.{name}.")
+    A one-line :class:`ConfigError` otherwise (naming the key, with the nearest known key for a typo)."""
+    return load(Config, cfg)
 
 
-def check_schema(cfg: DictConfig) -> None:
-    """Every key declared and every value of its declared type (one-line ConfigError otherwise)."""
-    _unknown_keys(cfg, Config, "")
-    try:
-        OmegaConf.merge(OmegaConf.structured(Config), cfg)
-    except Exception as e:  # omegaconf's ValidationError text: first line names the value, full_key the key
-        lines = str(e).splitlines()
-        key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.strip().startswith("full_key:")), "?")
-        raise ConfigError(f"config key {key}: {lines[0] if lines else type(e).__name__}") from None
-
-
-def _choice(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def _positive(cfg: DictConfig, *keys: str) -> None:
-    for key in keys:
-        section, name = key.split(".")
-        value = cfg[section][name]
-        if value is None or value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Ranges and choices of the trainer's keys (types and key names were checked by the schema)."""
-    t, o = cfg.train, cfg.optim
-    _positive(cfg, "train.seq_len", "train.micro_batch_size", "train.global_batch_size", "train.eval_interval",
-              "train.eval_tokens", "train.ckpt_interval", "train.log_interval", "train.max_loss",
-              "train.dist_timeout_s", "optim.lr")
-    if t.train_tokens is None:
-        _positive(cfg, "train.max_steps")
-    elif t.train_tokens <= 0:
-        raise ConfigError(f"train.train_tokens={t.train_tokens} must be positive (or null: use train.max_steps)")
-    if t.eval_tokens < t.seq_len:
-        raise ConfigError(f"train.eval_tokens={t.eval_tokens} is less than one {t.seq_len}-token window "
-                          f"(train.seq_len): evaluation would see no data")
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size={t.micro_batch_size}")
-    _choice("optim.schedule", o.schedule, SCHEDULES)
-    _choice("optim.kind", o.kind, OPTIM_KINDS)
-    _choice("optim.table_update", o.table_update, TABLE_UPDATES)
-    _choice("optim.muon.adjust_lr_fn", o.muon.adjust_lr_fn, MUON_LR_FNS)
-    _choice("train.precision", t.precision, PRECISIONS)
-    _choice("train.zero_stage", t.zero_stage, ZERO_STAGES)
-    _choice("train.resume", t.resume, RESUME_MODES)
-    _choice("train.compile", t.compile, COMPILE_MODES)
-    _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
-    _check_parallel(cfg)
-    if o.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
-    if not 0.0 < o.decay_frac <= 1.0:
-        raise ConfigError(f"optim.decay_frac={o.decay_frac} must lie in (0, 1]")
-    if t.keep_checkpoints < 0:
-        raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 (0 keeps all)")
-    if cfg.get("parallel") is not None and cfg.parallel.expert < 1:
-        raise ConfigError(f"parallel.expert={cfg.parallel.expert} must be >= 1")
-    if t.grad_clip is not None and t.grad_clip < 0:
-        raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 or null: no clipping)")
-
-
-def engram_tables(cfg: DictConfig) -> str:
-    """``parallel.engram_tables`` (replicated where a config has no parallel section)."""
-    return str((cfg.get("parallel") or {}).get("engram_tables", "replicated"))
-
-
-def _check_parallel(cfg: DictConfig) -> None:
-    """Sharded tables are clipped by the trainer (train/shards.py), which reads the engine's reduced
-    gradients: only fp32 ZeRO 0 leaves them in ``p.grad`` before the step."""
-    t, mode = cfg.train, engram_tables(cfg)
-    _choice("parallel.engram_tables", mode, ENGRAM_TABLE_MODES)
-    if mode == "sharded" and (t.grad_clip or 0) > 0 and (t.precision != "fp32" or t.zero_stage != 0):
-        raise ConfigError(f"parallel.engram_tables=sharded with train.grad_clip={t.grad_clip} needs train.precision="
-                          f"fp32 and train.zero_stage=0 (got {t.precision}, {t.zero_stage}): set train.grad_clip=0")
+def engram_tables(cfg: Any) -> str:
+    """``parallel.engram_tables`` of a config (typed or composed; replicated where a config has no parallel
+    section, e.g. one written before the section existed)."""
+    parallel = getattr(cfg, "parallel", None)
+    return str(getattr(parallel, "engram_tables", None) or "replicated")

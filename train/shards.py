@@ -24,6 +24,7 @@ from memory.layers import MultiHeadTable
 from memory.sharded import RowLayout, TableShard, reshard_rows
 from train import checkpoint as ckpt
 from train.optim import TABLE_GROUP, build_optimizer, describe_optimizer
+from train.schema import OptimConfig
 
 log = logging.getLogger("train")
 SHARD_DIR = "engram_tables"
@@ -36,15 +37,14 @@ class TableShards(nn.Module):
 class ShardedTables:
     """This rank's shards of every Engram table, their optimizer, clipping and checkpoint files."""
 
-    def __init__(self, model: nn.Module, optim_cfg: Mapping, train_cfg: Mapping, rank: int, world: int,
-                 device: torch.device):
+    def __init__(self, model: nn.Module, optim: OptimConfig, rank: int, world: int, device: torch.device):
         group = dist.new_group(list(range(world))) if world > 1 else None  # the lookups' own collectives
         replicated_floats = sum(m.num_params for m in model.modules() if isinstance(m, MultiHeadTable))
         self.shards: dict[str, TableShard] = shard_tables(model, rank, world, group, device)
         self.rank, self.world, self.replicated_params = rank, world, replicated_floats
         holder = TableShards()
         holder.tables = nn.ParameterList([s.weight for s in self.shards.values()])
-        self.optimizer = build_optimizer(holder, optim_cfg, train_cfg)
+        self.optimizer = build_optimizer(holder, optim)
         self.params = list(holder.tables)
 
     # ---- the step ------------------------------------------------------------------------

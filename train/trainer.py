@@ -29,7 +29,7 @@ from train.optim import build_optimizer, describe_optimizer, memory_line, optimi
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from rundir.files import CHECKPOINTS, FAILED, FINAL, RUN_STATE, atomic_write_json, fingerprint, read_json_object
 from rundir.locks import LOCK_FD_ENV, LOCK_NAME, try_lock
-from train.schema import ConfigError, check_schema, engram_tables, validate
+from train.schema import ConfigError, Config, check, engram_tables
 from train.shards import ShardedTables, load_hooks
 from train.loop import Diverged, Loop
 from train.tracking import Tracker
@@ -53,27 +53,25 @@ def resolve_model_config(cfg: DictConfig, data_dir: Path, data_vocab: int,
     otherwise a model sized for one tokenizer trains on another's ids, and Engram merges ids as if
     they were the other tokenizer's. ``manifest``: the data dir's, already read (else read here).
     """
-    model_dict = OmegaConf.to_container(cfg.model, resolve=True)
-    engram = model_dict.get("engram")
-    if engram and engram.get("tokenizer") == "data":  # compress with the tokenizer the data was made with
+    mcfg = ModelConfig.from_dict(cfg.model)
+    engram = mcfg.engram
+    if engram is not None and engram.tokenizer == "data":  # compress with the tokenizer the data was made with
         manifest = manifest if manifest is not None else load_manifest(data_dir)
-        tok = manifest["tokenizer"]
-        engram["tokenizer"] = str((data_dir / tok["file"]).resolve())
-    mcfg = ModelConfig.from_dict(model_dict)
+        engram.tokenizer = str((data_dir / manifest["tokenizer"]["file"]).resolve())
     padded = -(-data_vocab // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
     if not data_vocab <= mcfg.vocab_size <= padded:
         raise ValueError(f"data in {data_dir} uses a {data_vocab}-token vocabulary but model.vocab_size="
                          f"{mcfg.vocab_size} (allowed: {data_vocab}..{padded}, the data's padded to a multiple "
                          f"of {VOCAB_PAD_MULTIPLE}): data and model were made for different tokenizers")
-    if engram and engram.get("tokenizer") is not None:
+    if engram is not None and engram.tokenizer is not None:
         from data_prep.reader import data_tokenizer_id
         from data_prep.tokenization import tokenizer_id
         from tokenizers import Tokenizer
 
         data_id = data_tokenizer_id(data_dir, manifest)
-        engram_id = tokenizer_id(Tokenizer.from_file(str(engram_tokenizer_file(engram["tokenizer"]))))
+        engram_id = tokenizer_id(Tokenizer.from_file(str(engram_tokenizer_file(engram.tokenizer))))
         if engram_id != data_id:
-            raise ValueError(f"model.engram.tokenizer={engram['tokenizer']!r} (id {engram_id}) is not the tokenizer "
+            raise ValueError(f"model.engram.tokenizer={engram.tokenizer!r} (id {engram_id}) is not the tokenizer "
                              f"the data in {data_dir} was made with (id {data_id}): Engram would compress another "
                              f"tokenizer's ids; use engram.tokenizer=data or data tokenized with it")
     if cfg.train.seq_len > mcfg.max_seq_len:
@@ -91,7 +89,7 @@ def step_schedule(cfg: DictConfig) -> tuple[int, int]:
     """(optimizer steps, sequences of the last step): ``train.train_tokens`` to the sequence (the last
     step may be short, see train/data.py), else ``train.max_steps`` full steps."""
     t = cfg.train
-    if t.get("train_tokens"):
+    if t.train_tokens:
         return run_length(float(t.train_tokens), int(t.seq_len), int(t.global_batch_size), int(t.micro_batch_size))
     if t.max_steps <= 0:
         raise ValueError(f"train.max_steps must be positive, got {t.max_steps}")
@@ -105,6 +103,7 @@ def total_steps(cfg: DictConfig) -> int:
 @dataclass
 class Prepared:
     """Everything checked before any compute: data, model config, resume point, step count."""
+    config: Config  # the typed tree (train/schema.py); the model section's tokenizer resolved in mcfg
     run_dir: Path
     ckpt_dir: Path
     train_split: Any
@@ -238,8 +237,7 @@ def _verify_other_nodes(cfg: DictConfig, manifest: dict, dist: DistInfo) -> None
 
 def prepare(cfg: DictConfig, dist: DistInfo) -> Optional[Prepared]:
     """Validate config, run directory, data and resume point; None when the run already finished."""
-    check_schema(cfg)
-    validate(cfg)
+    config = check(cfg)
     t, run_dir = cfg.train, Path(cfg.run_dir)
     ckpt_dir = run_dir / CHECKPOINTS
     start = _on_main(dist, lambda: _read_start(cfg, run_dir, ckpt_dir))  # the one broadcast of the start state
@@ -263,7 +261,7 @@ def prepare(cfg: DictConfig, dist: DistInfo) -> Optional[Prepared]:
     batches = TrainBatches(train_split, t.seq_len, t.micro_batch_size, t.global_batch_size,
                            dist.rank, dist.world_size, t.seed, steps, last_sequences)
     eval_windows(val_split, t.seq_len, t.eval_tokens)  # the held-out set can hold one window: fail now, not at the end
-    p = Prepared(run_dir, ckpt_dir, train_split, val_split, mcfg, fingerprints, run_state, start["tags"], steps,
+    p = Prepared(config, run_dir, ckpt_dir, train_split, val_split, mcfg, fingerprints, run_state, start["tags"], steps,
                  batches, {"read_s": start["read_s"] + time.perf_counter() - t0, "verified": start["verified"]})
     saved_settings = run_state.get("settings")
     p.run_state.update({**fingerprints, "settings": trajectory_settings(cfg)})
@@ -307,10 +305,10 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     model = build_model(p.mcfg)
     counts = model.model_counts(t.seq_len)
     ep_layout = setup_expert_parallel(model, ep_size(cfg), dist.world_size)  # before the optimizer
-    tables = (ShardedTables(model, cfg.optim, t, dist.rank, dist.world_size, dist.device)
+    tables = (ShardedTables(model, p.config.optim, dist.rank, dist.world_size, dist.device)
               if engram_tables(cfg) == "sharded" and p.mcfg.engram is not None else None)
     compile_blocks(model, t.compile, dist.device)
-    optimizer = build_optimizer(model, cfg.optim, t)
+    optimizer = build_optimizer(model, p.config.optim)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
     optim_lines += expert_memory_lines(model, optimizer, optim_mem, ep_size(cfg), dist.world_size, int(t.zero_stage))
     if tables is not None:

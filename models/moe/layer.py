@@ -8,7 +8,7 @@ token reaches all of its k experts whatever the load.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -145,10 +145,9 @@ class MoEFFN(nn.Module):
                 f"impl={c.impl}")
 
 
-def build_moe_ffn(moe: Mapping | MoEConfig, d_model: int, layer_id: int, init_std: float,
+def build_moe_ffn(cfg: MoEConfig, d_model: int, layer_id: int, init_std: float,
                   out_std: float) -> Optional[MoEFFN]:
     """The MoE FFN of layer ``layer_id``, or None where the layer stays dense (< n_dense_layers)."""
-    cfg = MoEConfig.from_dict(moe)
     if layer_id < cfg.n_dense_layers:
         return None
     return MoEFFN(cfg, d_model, layer_id, init_std, out_std)
