@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assembly import build_model, engram_tokenizer_file  # noqa: E402
 from memory.compression import find_pad_id, load_compression  # noqa: E402
+from memory.config import EngramConfig  # noqa: E402
 from memory.hashing import NgramHasher  # noqa: E402
 from memory.indexer import EngramIndexer  # noqa: E402
 from memory.reference import reference_hash_ids  # noqa: E402
@@ -89,8 +90,8 @@ def bench_step(device: torch.device, batch: int, seq_len: int, d_model: int, n_l
                repeats: int) -> dict:
     base = dict(vocab_size=8192, d_model=d_model, n_layers=n_layers, n_heads=max(1, d_model // 64),
                 ffn_hidden=int(8 * d_model / 3) // 32 * 32, max_seq_len=seq_len)
-    engram = dict(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram=d_model // 2,
-                  table_sizes=[4000, 4000])
+    engram = EngramConfig(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram=d_model // 2,
+                          table_sizes=[4000, 4000])
     idx = torch.randint(0, 8192, (batch, seq_len + 1), device=device)
     steps, out = {}, {}
     for name, eng in (("without", None), ("with", engram)):
