@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # 2 threads on a shared core run slower than 1
-    from sweeps.driver import sweep_name
+    from sweeps.sweep import sweep_name
     from sweeps.run import main as run_sweep_command
 
     print(f"demo: allocation sweep of the {FAMILY} family at {BUDGET_TEXT} FLOPs, rho {', '.join(map(str, RHOS))}, "

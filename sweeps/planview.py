@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from sweeps.driver import ALLOCATION, Sweep
+from sweeps.sweep import ALLOCATION, Sweep
 from sweeps.fit import json_safe
 from sweeps.runloop import _write_json
 

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sweeps.driver import ALLOCATION, MEMORY, build_sweep, plan_allocation, plan_memory
+from sweeps.driver import build_sweep, plan_allocation, plan_memory
+from sweeps.sweep import ALLOCATION, MEMORY
 from sweeps.planview import describe_plan, write_plan
 from sweeps.runloop import SweepLocked, check_plan_unchanged, run_sweeps
 from sweeps.summary import overlay_allocation_sweeps, summarize

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from rundir import files
 from rundir.config import config_changes, read_run_config, write_run_config
@@ -26,10 +26,8 @@ from rundir.outcome import last_step, read_outcome, supersede_outcome
 from sweeps.launchers import ForeignHandle, Handle, LaunchRequest, Launcher
 from sweeps.progress import Progress, fmt_duration, table
 from sweeps.runconfig import hydra_block
+from sweeps.sweep import Sweep, SweepRun
 from sweeps.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, TERMINAL, RunRecord, write_results
-
-if TYPE_CHECKING:
-    from sweeps.driver import Sweep, SweepRun
 
 SWEEP_LOCK = ".sweep.lock"
 
@@ -38,16 +36,16 @@ class _Queue:
     """The runs of several sweeps (the budgets of one command) driven as one queue: a free launcher slot
     or Slurm submission goes to the next run of any budget, not after the previous budget finished."""
 
-    def __init__(self, parts: Sequence["Sweep"]):
+    def __init__(self, parts: Sequence[Sweep]):
         self.parts = list(parts)
         self.owner = {r.name: s for s in self.parts for r in s.runs}
         self.name = "+".join(s.name for s in self.parts)
         self.runs = [r for s in self.parts for r in s.runs]
 
-    def record(self, run: "SweepRun") -> RunRecord:
+    def record(self, run: SweepRun) -> RunRecord:
         return self.owner[run.name].record(run)
 
-    def label(self, run: "SweepRun") -> str:
+    def label(self, run: SweepRun) -> str:
         return self.owner[run.name].label(run)
 
 

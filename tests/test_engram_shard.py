@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from memory.sharded import RowLayout, reshard_rows
-from train.distributed import free_port
+from core.ports import free_port
 
 SIZES = [[101, 103, 107], [109, 113, 127]]  # [order][head] rows: 660 in all, heads of unequal size
 

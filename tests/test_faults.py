@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from fault_rows import readme_section, row, table
 from trainer_utils import REPO, env
 from train import checkpoint as ckpt
-from train.distributed import free_port
+from core.ports import free_port
 from train.resume import changes, trajectory_settings
 from rundir.locks import LOCK_NAME, process_start, stamp_lock_owner, try_lock
 from train.schema import ConfigError, check

@@ -34,13 +34,9 @@ LAYERS = {
     "benchmarks": 4,  # scripts over everything
 }
 
-# TEMPORARY, known edges being removed by the rest of issue 15; delete each entry when its import is
-# gone (test_allow_list_names_only_imports_that_exist fails on a stale one). Any other such import fails.
-ALLOWED = {
-    # a module cycle: runloop types its arguments with driver's Sweep / SweepRun (a TYPE_CHECKING import)
-    # while driver imports runloop; the split of sweeps/ by what it does moves those types below both.
-    ("sweeps.runloop", "sweeps.driver"),
-}
+# Known edges allowed for a while (none today): an entry must name an import that exists
+# (test_allow_list_names_only_imports_that_exist fails on a stale one). Any other such import fails.
+ALLOWED: frozenset = frozenset()
 
 
 @dataclass(frozen=True)

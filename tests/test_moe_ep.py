@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from models.moe import MoEConfig, MoEFFN, build_moe_ffn
 from models.moe.parallel import ExpertShard, local_order
-from train.distributed import free_port
+from core.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = dict(n_routed_experts=8, n_shared_experts=1, top_k=3, expert_hidden=24, n_dense_layers=0)

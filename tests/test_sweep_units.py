@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sweep_contract_trainer import ContractSpec
-from sweeps.driver import budget_tag, build_sweep, rho_tag, sweep_name
+from sweeps.driver import build_sweep
+from sweeps.sweep import budget_tag, rho_tag, sweep_name
 from sweeps.planview import describe_plan
 from sweeps.runloop import log_tail_reason
 from sweeps.summary import overlay_allocation_sweeps

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from core.ports import free_port
 from rundir.locks import parent_pid
 
 if not torch.cuda.is_available():  # before anything imports deepspeed: no "Setting accelerator to CPU"
@@ -81,16 +82,6 @@ def die_with_launcher() -> None:
         grandparent = parent_pid(parent)
         if grandparent > 1:
             _watch_grandparent(parent, grandparent)
-
-
-def free_port() -> int:
-    """A port the OS reports free now (two single-process runs on one machine once collided on a
-    pid-derived port: EADDRINUSE at start-up)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def setup(timeout_s: float = 1800.0) -> DistInfo:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from train.schema import engram_tables
+from train.schema import parallel_of
 
 
 def fp32_grad_accumulation(cfg: DictConfig) -> bool:
@@ -31,7 +31,7 @@ def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
         "train_batch_size": int(t.global_batch_size),
         "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": 0.0 if engram_tables(cfg) == "sharded" else float(t.grad_clip or 0.0),
+        "gradient_clipping": 0.0 if parallel_of(cfg).engram_tables == "sharded" else float(t.grad_clip or 0.0),
         "zero_optimization": {"stage": int(t.zero_stage)},
         "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True,

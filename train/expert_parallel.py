@@ -42,12 +42,6 @@ class ExpertLayout:
     group_name: str
 
 
-def ep_size(cfg) -> int:
-    """``parallel.expert`` of a run config (1 where the section is absent)."""
-    parallel = cfg.get("parallel") if hasattr(cfg, "get") else None
-    return int(parallel.get("expert", 1)) if parallel else 1
-
-
 def check_expert_parallel(size: int, world_size: int, n_routed: Optional[int], precision: str = "fp32",
                           zero_stage: int = 0) -> None:
     """One-line errors for an EP size that cannot shard this run. bf16 at ZeRO 0 is refused: DeepSpeed

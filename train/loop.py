@@ -29,11 +29,11 @@ from train import checkpoint as ckpt
 from train.data import Prefetcher
 from train.distributed import maybe_inject_fault
 from train.evaluate import evaluate
-from train.expert_parallel import ep_size, expert_group, grad_norm
+from train.expert_parallel import expert_group, grad_norm
 from train.hardware import peak_flops
 from train.optim import set_lr
 from train.schedule import lr_factor
-from train.schema import engram_tables
+from train.schema import parallel_of
 from train.tracking import Progress
 
 log = logging.getLogger("train")
@@ -64,8 +64,8 @@ class Loop:
 
     def checkpoint_meta(self, step: int) -> dict:
         return {**self.p.fingerprints, "settings": self.p.run_state["settings"], "step": step,
-                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage, engram_tables(self.cfg),
-                                      ep_size(self.cfg)),
+                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage, parallel_of(self.cfg).engram_tables,
+                                      parallel_of(self.cfg).expert),
                 "wandb_run_id": self.tracker.run_id, "tokens": self.p.batches.tokens_through(step)}
 
     def save(self, step: int) -> None:

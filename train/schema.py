@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig
 from core.config_utils import ConfigError, load
 from models.config import ModelConfig
 
-__all__ = ["Config", "ConfigError", "SCHEMA_NAME", "check", "engram_tables", "register"]
+__all__ = ["Config", "ConfigError", "SCHEMA_NAME", "check", "parallel_of", "register"]
 
 SCHEMA_NAME = "config_schema"  # the first entry of conf/config.yaml's defaults list
 
@@ -227,8 +227,13 @@ def check(cfg: DictConfig) -> Config:
     return load(Config, cfg)
 
 
-def engram_tables(cfg: Any) -> str:
-    """``parallel.engram_tables`` of a config (typed or composed; replicated where a config has no parallel
-    section, e.g. one written before the section existed)."""
-    parallel = getattr(cfg, "parallel", None)
-    return str(getattr(parallel, "engram_tables", None) or "replicated")
+def parallel_of(cfg: Any) -> ParallelConfig:
+    """The typed ``parallel`` section of a config, typed or composed (the defaults where a config has no
+    parallel section, e.g. one written before the section existed). One reader for the expert-parallel
+    size and the table layout, so neither repeats a default."""
+    section = getattr(cfg, "parallel", None)
+    if section is None:
+        return ParallelConfig()
+    if isinstance(section, ParallelConfig):
+        return section
+    return load(ParallelConfig, section, "parallel")

@@ -23,13 +23,13 @@ from train.data import TrainBatches, eval_windows, run_length
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.distributed import DistInfo, barrier, broadcast_object
 from train.expert_checkpoint import engine_hooks
-from train.expert_parallel import (check_expert_parallel, ep_size, expert_memory_lines, routed_experts,
+from train.expert_parallel import (check_expert_parallel, expert_memory_lines, routed_experts,
                                    setup_expert_parallel)
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import DATA_DIR, changes, describe, trajectory_settings
 from rundir.files import CHECKPOINTS, FAILED, FINAL, RUN_STATE, atomic_write_json, fingerprint, read_json_object
 from rundir.locks import LOCK_FD_ENV, LOCK_NAME, try_lock
-from train.schema import ConfigError, Config, check, engram_tables
+from train.schema import ConfigError, Config, check, parallel_of
 from train.shards import ShardedTables, load_hooks
 from train.loop import Diverged, Loop
 from train.tracking import Tracker
@@ -252,7 +252,7 @@ def prepare(cfg: DictConfig, dist: DistInfo) -> Optional[Prepared]:
     train_split, val_split = (open_split(data_dir, s, verify=False, manifest=manifest) for s in ("train", "val"))
     mcfg = resolve_model_config(cfg, data_dir, train_split.vocab_size, manifest)
     try:
-        check_expert_parallel(ep_size(cfg), dist.world_size, routed_experts(mcfg.moe), t.precision, int(t.zero_stage))
+        check_expert_parallel(parallel_of(cfg).expert, dist.world_size, routed_experts(mcfg.moe), t.precision, int(t.zero_stage))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     fingerprints = {"model_fingerprint": mcfg.fingerprint(),
@@ -293,7 +293,8 @@ def _loaded_check(cfg: DictConfig, p: Prepared, dist: DistInfo):
 
 
 def _layout(cfg: DictConfig, dist: DistInfo) -> dict:
-    return ckpt.layout(dist.world_size, cfg.train.zero_stage, engram_tables(cfg), ep_size(cfg))
+    par = parallel_of(cfg)
+    return ckpt.layout(dist.world_size, cfg.train.zero_stage, par.engram_tables, par.expert)
 
 
 def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
@@ -304,13 +305,13 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     t0 = time.perf_counter()
     model = build_model(p.mcfg)
     counts = model.model_counts(t.seq_len)
-    ep_layout = setup_expert_parallel(model, ep_size(cfg), dist.world_size)  # before the optimizer
+    ep_layout = setup_expert_parallel(model, parallel_of(cfg).expert, dist.world_size)  # before the optimizer
     tables = (ShardedTables(model, p.config.optim, dist.rank, dist.world_size, dist.device)
-              if engram_tables(cfg) == "sharded" and p.mcfg.engram is not None else None)
+              if parallel_of(cfg).engram_tables == "sharded" and p.mcfg.engram is not None else None)
     compile_blocks(model, t.compile, dist.device)
     optimizer = build_optimizer(model, p.config.optim)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
-    optim_lines += expert_memory_lines(model, optimizer, optim_mem, ep_size(cfg), dist.world_size, int(t.zero_stage))
+    optim_lines += expert_memory_lines(model, optimizer, optim_mem, parallel_of(cfg).expert, dist.world_size, int(t.zero_stage))
     if tables is not None:
         optim_lines, optim_mem = optim_lines + tables.describe(), tables.memory(optim_mem)
     import deepspeed
