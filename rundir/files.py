@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import secrets
 import string
 from pathlib import Path
@@ -37,9 +38,10 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write all-or-nothing: a temp file (unique per process), fsync, rename over ``path``, fsync the dir."""
+    """Write all-or-nothing: a temp file (unique per host and process: nodes of one job share the run
+    directory and may share pids), fsync, rename over ``path``, fsync the dir."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from rundir.files import LAUNCH_RECORD, atomic_write_json
+from rundir.files import LAUNCH_RECORD, atomic_write_json, atomic_write_text
 from rundir.locks import is_locked
 from sweeps.launchers import (REPO, RUNNERS, TRAIN_SCRIPT, Handle, LaunchRequest, Launcher, Outcome, _die_with_parent,
                               spawn_locked, terminate_group, thread_env, trainer_command)
@@ -49,9 +49,10 @@ class NodeTask:
         run_dir = Path(self.run_dir)
         hostfile = None
         if self.runner == "deepspeed" and nnodes > 1:
+            # Every node writes the same text atomically: a node never reads a half-written file, and no node
+            # waits for node 0 (the run directory is on the shared filesystem the sweep already needs).
             hostfile = run_dir / "hostfile"
-            if node == 0:
-                hostfile.write_text("".join(f"{h} slots={self.procs_per_node}\n" for h in job.hostnames))
+            atomic_write_text(hostfile, "".join(f"{h} slots={self.procs_per_node}\n" for h in job.hostnames))
         runner = self.runner
         if runner == "python" and (self.procs_per_node > 1 or nnodes > 1):
             runner = "torchrun"

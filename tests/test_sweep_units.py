@@ -343,3 +343,25 @@ def test_trainer_reads_the_run_config_even_beside_hydras_record_of_an_earlier_la
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"run_dir: {run.run_dir}" in out.stdout and "max_steps: 6" in out.stdout
+
+
+def test_readme_multi_node_example_is_what_the_launchers_run():
+    """The README's hand-run multi-node commands carry the launcher flags trainer_command builds (the Slurm
+    launcher's path), so the example cannot drift from what the sweep runs."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("Several nodes by hand"):]
+    block = block[block.index("```bash"):block.index("```", block.index("```bash") + 7)]
+    commands = [shlex.split(c) for c in re.sub(r"\\\n\s*", "", block).splitlines() if c.startswith(("deepspeed", "torchrun"))]
+    ds = {a for a in commands[0][1:commands[0].index("train/main.py")]}
+    want = trainer_command(Path("r"), runner="deepspeed", nproc=8, nnodes=2, node_rank=0, master_addr="gpu-node-01",
+                           master_port=29500, hostfile=Path("hostfile"), deepspeed_bin="deepspeed")
+    assert ds == set(want[1:want.index("train/main.py")])
+    tr = {a for a in commands[1][1:commands[1].index("train/main.py")]}
+    want = trainer_command(Path("r"), runner="torchrun", nproc=8, nnodes=2, node_rank=0, master_addr="gpu-node-01",
+                           master_port=29500, python="py")
+    assert tr == set(want[3:want.index("train/main.py")])
+    hosts = block[block.index("<<'HOSTS'") + 9:block.index("HOSTS\n", block.index("<<'HOSTS'") + 9)].split()
+    assert hosts == ["gpu-node-01", "slots=8", "gpu-node-02", "slots=8"]
