@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.accounting import Counts, ModelCounts, linear_counts
+from core.distributed import all_reduce_sum
 from core.param_groups import tag
 from models.attention import Attention
 from models.block import Block
@@ -138,10 +139,20 @@ class Transformer(nn.Module):
                            core.flops_per_token + head.flops_per_token, core.causal_skipped_flops)
 
     # ---- hooks the trainer calls ------------------------------------------------------------
+    @torch.no_grad()
     def on_optimizer_step(self) -> None:
-        """Forward the post-step hook to submodules that define one (e.g. MoE bias balancing)."""
-        for m in self.modules():
-            if m is not self and hasattr(m, "on_optimizer_step"):
+        """Forward the post-step hook to submodules that define one. MoE layers' token counts travel in
+        one all-reduce for all layers (one collective per step, not one per layer), then each layer
+        updates its bias from its slice."""
+        subs = [m for m in self.modules() if m is not self]
+        moe = [m for m in subs if hasattr(m, "take_step_load")]
+        if moe:
+            loads = [m.take_step_load() for m in moe]  # [E_l] each
+            total = all_reduce_sum(torch.cat(loads))
+            for m, load in zip(moe, total.split([t.numel() for t in loads])):
+                m.apply_step_load(load)
+        for m in subs:
+            if hasattr(m, "on_optimizer_step") and not hasattr(m, "take_step_load"):
                 m.on_optimizer_step()
 
     def metrics(self) -> dict[str, float]:

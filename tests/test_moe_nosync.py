@@ -51,3 +51,36 @@ def test_a_step_that_routed_nothing_leaves_the_bias_bit_for_bit():
     moe.on_optimizer_step()  # no training forward since the last step
     assert torch.equal(moe.router.expert_bias, before)
     assert moe.metrics() == {}
+
+
+def test_model_step_sends_every_layers_load_in_one_all_reduce(monkeypatch):
+    """One collective per optimizer step for all MoE layers (not one per layer), with the same bias
+    updates as each layer reducing its own counts."""
+    import copy
+
+    import models.moe.layer as moe_layer
+    import models.transformer as transformer
+    from models.config import ModelConfig
+    from models.transformer import Transformer
+
+    moe = MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=16, n_dense_layers=1,
+                    balance="aux_free", bias_update_rate=1e-2)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, max_seq_len=16, moe=moe))
+    layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    assert len(layers) == 3
+    idx = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    model(idx[:, :-1], idx[:, 1:]).loss.backward()
+    per_layer = copy.deepcopy(model)
+    calls = []
+    real = transformer.all_reduce_sum
+    monkeypatch.setattr(transformer, "all_reduce_sum", lambda t: calls.append(t.numel()) or real(t))
+    monkeypatch.setattr(moe_layer, "all_reduce_sum", lambda t: calls.append(-1) or real(t))
+    with no_host_sync():
+        model.on_optimizer_step()
+    assert calls == [3 * 8]  # one fused all-reduce of [3 layers x 8 experts], none per layer
+    for m in (m for m in per_layer.modules() if isinstance(m, MoEFFN)):
+        m.on_optimizer_step()
+    for a, b in zip(layers, (m for m in per_layer.modules() if isinstance(m, MoEFFN))):
+        assert torch.equal(a.router.expert_bias, b.router.expert_bias)
+        assert not torch.equal(a.router.expert_bias, torch.zeros_like(a.router.expert_bias))

@@ -101,19 +101,32 @@ class MoEFFN(nn.Module):
         """Consume this step's token counts: all-reduce, update the bias, keep the load for metrics.
 
         Every rank must call it after every optimizer step (it is a collective when
-        torch.distributed is initialised, even on a rank that routed no token). Nothing here reads
-        a value back to the host: the all-reduce is queued on the device and the bias update is a
-        no-op where no token was routed (a device-side select, not a Python branch), so a GPU step
-        never waits on it. The load statistics are computed from the last step's counts only when
-        :meth:`metrics` is called (once per log interval).
-        """
+        torch.distributed is initialised, even on a rank that routed no token). A model of several MoE
+        layers calls :meth:`take_step_load` / :meth:`apply_step_load` instead, with one all-reduce for all
+        of them (:meth:`models.transformer.Transformer.on_optimizer_step`)."""
+        self.apply_step_load(all_reduce_sum(self.take_step_load()))
+
+    @torch.no_grad()
+    def take_step_load(self) -> torch.Tensor:
+        """This rank's tokens per routed expert since the last step ([E] fp32, zeros where none was
+        routed), and reset: what the caller sums over ranks before :meth:`apply_step_load`."""
         bias = self.router.expert_bias
         if self._step_load is None:
             load = torch.zeros(self.cfg.n_routed_experts, dtype=torch.float32, device=bias.device)
         else:
             load = self._step_load.to(device=bias.device, dtype=torch.float32)
         self._step_load = None
-        all_reduce_sum(load)
+        return load
+
+    @torch.no_grad()
+    def apply_step_load(self, load: torch.Tensor) -> None:
+        """Update the bias from the global load ([E], summed over ranks) and keep it for metrics.
+
+        Nothing here reads a value back to the host: the bias update is a no-op where no token was
+        routed (a device-side select, not a Python branch), so a GPU step never waits on it. The load
+        statistics are computed from the last step's counts only when :meth:`metrics` is called (once
+        per log interval)."""
+        bias = self.router.expert_bias
         routed = load.sum() > 0  # a 0-d device tensor: selects below, never a Python branch
         if self.cfg.uses_bias:
             updated = update_expert_bias_(bias.clone(), load, self.cfg.bias_update_rate)
