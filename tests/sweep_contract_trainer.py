@@ -81,7 +81,7 @@ def main() -> int:
         return 0
     rho, seed = float(args["sweep.rho"]), int(args.get("train.seed", 0))
     steps = int(args.get("train.max_steps", 6))
-    step_s = float(args.get("contract.step_s", 0.05))
+    step_s = float(args.get("contract.step_s", os.environ.get("CONTRACT_STEP_S", 0.05)))  # env: whole studies
     every = int(args.get("contract.ckpt_every", 2))
     ckpt = run_dir / CHECKPOINTS
     latest = ckpt / LATEST

@@ -99,6 +99,7 @@ def test_study_runs_logs_reports_and_rerun_trains_nothing(tmp_path, contract_lau
     readme.write_text(f"# project\n\n{BEGIN}\nPLACEHOLDER-TEXT\n{END}\n\nrest\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("CONTRACT_STEP_S", "0")  # planned cpu runs have ~100s of steps: no need to wait on them
     assert study.run_study(folder, parallel=2, threads=1, dry_run=False) == 0
     log = json.loads((folder / study.LOG_FILE).read_text())
     assert log[-1]["runs_trained"] == {"cpu-3e12": 10, "cpu-6e12": 10, "cpu-3e12-memory": 4}, log[-1]
