@@ -44,8 +44,10 @@ train: data
 test: install
 	WANDB_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# tests/unit: one process, no training loop, no second rank; the slow ones (many solver calls, the
+# calibration simulations) are left to `make test`. Under 2 minutes on 2 cores.
 test-fast: install
-	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	WANDB_MODE=disabled $(PY) -m pytest -q tests/unit -m "not slow" $(PYTEST_ARGS)
 
 # CPU ratios, each measured side by side in one run (benchmarks/README.md records them with dates).
 bench: data

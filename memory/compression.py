@@ -8,7 +8,7 @@ instead; a token whose normalised text is empty keys on its decoded text. Canoni
 numbered in order of first appearance by tokenizer id, exactly as the public reference does
 (deepseek-ai/Engram, engram_demo_v1.py): on the DeepSeek vocabulary the map equals the reference
 rule id for id over all 129,280 ids (129,280 -> 99,092 canonical ids, 23.35% reduction), checked
-by tests/test_engram_compression.py in every default test run.
+by tests/unit/test_engram_compression.py in every default test run.
 
 Building the map costs one decode and one normalisation per vocabulary entry (about 0.5 s for a
 128k vocabulary); the result is cached on disk, keyed by a hash of the tokenizer.json content.

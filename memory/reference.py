@@ -1,7 +1,7 @@
 """The public reference's hashing procedure (deepseek-ai/Engram, engram_demo_v1.py), in host numpy
 int64, written independently of :mod:`memory.hashing` and :mod:`memory.primes`.
 
-It is the oracle the torch hasher is held to bit for bit (tests/test_engram_hashing.py, always on: a
+It is the oracle the torch hasher is held to bit for bit (tests/unit/test_engram_hashing.py, always on: a
 port that drifts, e.g. to int32, must fail) and the baseline the hashing benchmark times
 (benchmarks/bench_engram.py). One copy, so the test and the benchmark cannot drift apart.
 """

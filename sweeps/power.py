@@ -9,7 +9,7 @@ c depends on the number of rho values, the noise dof and the level only (equally
 seeds; a fit uses its own draws' c). With one seed the noise comes from a quadratic's residuals (n_rho - 3
 dof): c and the t quantile then dominate, which is why one seed rarely detects anything. The verdict also
 needs an F test and a rho* interval inside the range: simulated quadratic U-curves with gain = mde get
-"U" in the share printed by tests/test_fit_power.py.
+"U" in the share printed by tests/unit/test_fit_power.py.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ quadratic, and any low-order polynomial fitted by least squares, is pulled by th
 Huber quadratic this replaces misplaced rho* by up to 0.08 on such curves over the default grid
 1.0..0.2); a local quadratic through the three best points by up to 0.05. The interpolating spline of
 the means has no shape to be wrong about: on noise-free lopsided curves with optima in [0.6, 0.9] it
-puts rho* within 0.03 of the truth (tests/test_fit_shape.py), and it reproduces any cubic exactly.
+puts rho* within 0.03 of the truth (tests/unit/test_fit_shape.py), and it reproduces any cubic exactly.
 The price is that it spends one parameter per rho, so the noise needs other degrees of freedom:
 
 Noise. From the residuals of the means-plus-seeds model (pure error, (n_rho - 1)(n_seeds - 1) dof in a
@@ -32,8 +32,8 @@ shapes (cubics, parabolas), so their gap measures how far the shape between knot
 (noise-free, over 300 lopsided truths on 5 / 9 rho, the gap is >= the spline's error in 74% / 92% of them
 and short of it by <= 0.008 / 0.001; 0 on a parabola); averaging over the draws keeps noise from making it
 small by chance. With it those designs cover 90.3% and 95.0%, all the designs of
-tests/test_fit_calibration.py cover 90.3-99.7% at nominal 90% and 95.3-100% at 95%, the interval is
-~0.03-0.05 wider everywhere, and the power of "U" at gain = mde is unchanged (tests/test_fit_power.py);
+tests/unit/test_fit_calibration.py cover 90.3-99.7% at nominal 90% and 95.3-100% at 95%, the interval is
+~0.03-0.05 wider everywhere, and the power of "U" at gain = mde is unchanged (tests/unit/test_fit_power.py);
 more rho values, not more seeds, shrink the term. Where the gap falls short of the error (a quarter of
 lopsided truths on 5 rho), coverage still falls as seeds grow without bound.
 
@@ -43,7 +43,7 @@ nominal 90% with 5 rho x 2 seeds). Its interval now comes from a simultaneous ba
 mu, so the draws give the exact level-quantile c of ``max_r |D_draw - D_hat| / se``, every D(r) lies in
 ``D_hat +- c se`` with probability >= level, and then g lies in [max (D_hat - c se), max (D_hat + c se)].
 Coverage >= level by construction, for any dof and seed effect (conservative: measured 96-100% at
-nominal 90% and 95%, tests/test_fit_calibration.py). The lower end is >= 0 (D(ref) = 0) and is > 0 only
+nominal 90% and 95%, tests/unit/test_fit_calibration.py). The lower end is >= 0 (D(ref) = 0) and is > 0 only
 when some rho beats rho_ref significantly. It treats the spline through the true means as the curve;
 between knots the spline of a lopsided truth misstates its gain by <= 2e-4 nats on 5-9 rho in [0.2, 1].
 
@@ -55,7 +55,7 @@ q-quantile of ``max_r (D_hat - D) / se`` (from the same draws), point = ``max_r 
 probability >= q every D(r) >= D_hat(r) - k se(r), so the true gain is >= the point in >= 75% of sweeps
 for every truth, design and seed count (measured 85-94%); it is 0 in >= 75% of sweeps without an effect;
 and k <= c, so it lies inside the interval (clipped into it when ``level`` < q). Measured over 200-300
-sweeps per design (tests/test_fit_calibration.py): under a flat truth its mean is +0.06 .. +0.18 noise sd
+sweeps per design (tests/unit/test_fit_calibration.py): under a flat truth its mean is +0.06 .. +0.18 noise sd
 (5-9 rho x 1-5 seeds; +0.12 .. +0.14 with one seed); on the quadratic and lopsided truths (gains of 0.4-4
 noise sd) it reads low by 0.22 .. 1.41 noise sd: conservative, the price of not reporting noise as gain;
 the deficit is about k se, so it shrinks with the noise. The alternatives, measured on the same

@@ -7,36 +7,40 @@ outcome it asserts. ``python tests/fault_rows.py`` rewrites the README table bet
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 BEGIN, END = "<!-- fault-table:begin (python tests/fault_rows.py) -->", "<!-- fault-table:end -->"
-MODULES = ("test_faults", "test_faults_train", "test_sweep_driver")
+MODULES = ("test_faults", "test_faults_train", "test_sweep_driver", "test_sweep_refusals")
+DIRS = (Path(__file__).parent, Path(__file__).parent / "unit", Path(__file__).parent / "integration")
 ROWS: list[tuple[str, str, str]] = []  # (when, outcome, test)
 
 
 def row(when: str, outcome: str):
     def mark(fn):
-        ROWS.append((when, outcome, f"{fn.__module__}.py::{fn.__name__}"))
+        path = Path(inspect.getsourcefile(fn)).resolve().relative_to(REPO).as_posix()  # tests/<unit|integration>/...
+        ROWS.append((when, outcome, f"{path}::{fn.__name__}"))
         return fn
     return mark
 
 
 def table() -> str:
     """The markdown table of every registered row, in suite order (importing the modules registers them)."""
-    if str(Path(__file__).parent) not in sys.path:
-        sys.path.insert(0, str(Path(__file__).parent))
+    for d in DIRS:
+        if str(d) not in sys.path:
+            sys.path.insert(0, str(d))
     for name in MODULES:
         importlib.import_module(name)
     seen, lines = set(), ["| when | what happens | checked by |", "|---|---|---|"]
     order = {name: i for i, name in enumerate(MODULES)}  # suite order, whatever order pytest imported them in
-    rows = sorted(enumerate(ROWS), key=lambda ir: (order.get(ir[1][2].split(".py::")[0], len(order)), ir[0]))
+    rows = sorted(enumerate(ROWS), key=lambda ir: (order.get(Path(ir[1][2].split("::")[0]).stem, len(order)), ir[0]))
     for _, (when, outcome, test) in rows:
         if (when, test) not in seen:
             seen.add((when, test))
-            lines.append(f"| {when} | {outcome} | `tests/{test}` |")
+            lines.append(f"| {when} | {outcome} | `{test}` |")
     return "\n".join(lines)
 
 

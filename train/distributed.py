@@ -132,7 +132,7 @@ def broadcast_object(obj, src: int = 0):
     return obj
 
 
-FAULT_ENV = "ISOFLOP_FAULT"  # fault injection for tests/test_faults*: "<rank>:<step>" raises there
+FAULT_ENV = "ISOFLOP_FAULT"  # fault injection for tests/integration/test_faults*: "<rank>:<step>" raises there
 
 
 class InjectedFault(RuntimeError):

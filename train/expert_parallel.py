@@ -13,7 +13,7 @@ weights over the right ranks:
 * gradient scale: DeepSpeed sums an expert gradient over the expert-data-parallel group and divides
   by the full data-parallel size W (engine ``_reduce_expert_gradients``, ZeRO's ``average_tensor``).
   An EP rank's gradient already sums its EP group's N ranks (the all-to-all backward), so the result
-  is the sum over all W ranks / W: exactly the EP = 1 gradient (tests/test_moe_ep_train.py);
+  is the sum over all W ranks / W: exactly the EP = 1 gradient (tests/integration/test_moe_ep_train.py);
 * the engine looks for ``deepspeed.moe.layer.MoE`` modules to switch this on: one parameter-free
   marker of that class is attached to the model.
 

@@ -1,0 +1,81 @@
+"""The training step issues no host sync between log steps: the loss, the divergence flag and the
+gradient norm stay on the device, and are read once per log interval (issue: training speed).
+
+The real trainer runs in this process with every Tensor -> host conversion patched to raise inside
+``Loop.one_step`` (batch copy, forward and backward through the engine, loss and divergence
+bookkeeping, gradient norm, balancing hooks) on a dense + Engram model. Two things are outside what a
+CPU test can judge and run unguarded: the engine's optimizer step (torch's Adam keeps its step
+counters on the host, so the ``.item()`` it calls on them reads no device), and MoE layers, whose CPU
+path needs its group sizes on the host by construction (their dispatch and balancing are covered by
+tests/unit/test_moe_nosync.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from sync_guard import allow_sync, no_host_sync
+from trainer_utils import REPO, TINY_MODEL, TINY_TRAIN
+from train import loop as loop_mod
+
+ENGRAM = ["memory=engram_tiny", "model.engram.layer_ids=[1]", "model.engram.embed_dim_per_ngram=32",
+          "model.engram.heads_per_ngram=2", "model.engram.table_sizes=[1000,1000]", "model.engram.tokenizer=data"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _train_in_process(cfg_overrides, monkeypatch, dist):
+    from train.trainer import train
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=cfg_overrides)
+    guarded = {"steps": 0}
+    one_step = loop_mod.Loop.one_step
+
+    def step_without_sync(self, step, data):
+        with no_host_sync():
+            out = one_step(self, step, data)
+        guarded["steps"] += 1
+        return out
+
+    def optimizer_step(self, *a, **k):
+        with allow_sync():
+            return engine_step(self, *a, **k)
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    engine_step = DeepSpeedEngine.step
+    monkeypatch.setattr(DeepSpeedEngine, "step", optimizer_step)
+    monkeypatch.setattr(loop_mod.Loop, "one_step", step_without_sync)
+    assert train(cfg, dist) == 0
+    return guarded["steps"]
+
+
+def test_training_steps_never_read_the_device(tiny_data, tmp_path, monkeypatch, inprocess_dist):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    steps = _train_in_process([f"data.dir={tiny_data}", f"run_dir={run_dir}", *TINY_MODEL, *TINY_TRAIN, *ENGRAM,
+                               "train.max_steps=8", "train.log_interval=4", "train.eval_interval=100",
+                               "train.ckpt_interval=100"], monkeypatch, inprocess_dist)
+    assert steps == 8
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in recs if "train/loss" in r]
+    assert [r["step"] for r in logged] == [4, 8]  # read back once per interval
+    for r in logged:  # the gradient norm is real in fp32 ZeRO-0 (DeepSpeed reports none there)
+        assert math.isfinite(r["train/grad_norm"]) and r["train/grad_norm"] > 0, r
+
+
+def test_divergence_is_caught_at_the_next_read_and_names_its_step(tiny_data, tmp_path, monkeypatch, inprocess_dist):
+    from train.loop import Diverged
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(Diverged, match=r"at step 1 \(limit train.max_loss=0.5\)"):
+        _train_in_process([f"data.dir={tiny_data}", f"run_dir={run_dir}", *TINY_MODEL, *TINY_TRAIN,
+                           "train.max_steps=8", "train.log_interval=4", "train.max_loss=0.5",
+                           "train.eval_interval=100", "train.ckpt_interval=2"], monkeypatch, inprocess_dist)
+    assert not (run_dir / "checkpoints" / "latest.json").exists()  # the diverged state was never saved
+    assert json.loads((run_dir / "failed.json").read_text())["status"] == "diverged"
