@@ -201,3 +201,40 @@ def test_bad_calls_raise():
         m1(torch.randn(1, 4, 32), _ids(1, 5))
     with pytest.raises(ValueError, match="hash ids per token"):
         m1(torch.randn(1, 4, 32), _ids(1, 4)[..., :5])
+
+
+def test_indexer_hashes_on_the_current_stream_off_gpu():
+    """On CPU the indexer returns plain ids (no stream objects): the side stream is a CUDA-only overlap."""
+    model = build_model(ModelConfig(**TINY, engram=EngramConfig(**ENGRAM)))
+    ids = model.memory_indexer(torch.randint(0, 512, (2, 16)))
+    assert type(ids) is dict and set(ids) == {1} and ids[1].shape[:2] == (2, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_side_stream_hashing_gives_the_same_model_outputs_and_gradients():
+    """Hashing on a side stream (overlapping the embedding and the blocks before the first Engram layer)
+    changes nothing: the same hash ids and logits bit for bit as hashing on the main stream, and the same
+    gradients (to the roundoff of CUDA's atomic scatter-adds in the table and embedding backward)."""
+    from memory.indexer import PendingIds
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**TINY, engram=EngramConfig(**dict(ENGRAM, layer_ids=[0, 2])))).cuda()
+    idx = torch.randint(0, 512, (4, 64), device="cuda")
+    pending = model.memory_indexer(idx)
+    assert isinstance(pending, PendingIds) and set(pending) == {0, 2}
+    model.memory_indexer.overlap = False
+    plain = model.memory_indexer(idx)
+    assert all(torch.equal(pending[k], plain[k]) for k in (0, 2))
+    runs = []
+    for overlap in (False, True, True):
+        model.memory_indexer.overlap = overlap
+        model.zero_grad(set_to_none=True)
+        out = model(idx[:, :-1], idx[:, 1:], return_logits=True)
+        out.loss.backward()
+        runs.append((out.logits.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    model.memory_indexer.overlap = True
+    for logits, grads in runs[1:]:
+        assert torch.equal(logits, runs[0][0])
+        assert len(grads) == len(runs[0][1])
+        for a, b in zip(grads, runs[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
