@@ -72,3 +72,18 @@ def test_model_reports_both_numbers_and_the_budget_keeps_the_full_one():
     assert ModelCounts(1, 1, 0, 0, 10.0).flops_per_token_causal == 10.0  # no attention: one number
 
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_attention_runs_on_the_cuda_flash_kernel_in_bf16(n_kv_heads):
+    """Training attention is SDPA's flash kernel on a GPU (bf16, causal, grouped KV heads): allowed only that
+    backend, it runs (a refused backend raises "No available kernel") and agrees with the math backend."""
+    attn = _attention(4, n_kv_heads, head_dim=64, d_model=256, seq=512).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        y = attn(x)
+        y.float().square().mean().backward()
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = attn(x)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
