@@ -146,32 +146,56 @@ def _check_stats(stats, val_fraction: float, source: dict) -> None:
 def _build(out: Path, source, corpus: Corpus, tokenizer_kind: str, vocab_size: int,
            min_frequency: int, shard_tokens: int, log: Callable[[str], None]) -> dict:
     """Tokenizer, shards and tokenizer.json in ``out``; returns the manifest without params."""
-    val_fraction, seed = corpus.val_fraction, corpus.seed
     described = source.describe()
-    source_kind = described["kind"]
+    t0 = time.perf_counter()
+    spec, first_pass = _tokenizer(out, corpus, tokenizer_kind, vocab_size, min_frequency, described, log)
+    t_tok, t0 = time.perf_counter() - t0, time.perf_counter()
+    writers, shards = _encode(out, corpus, spec, shard_tokens, first_pass, described)
+    t_enc = time.perf_counter() - t0
+    stats, tok_path = corpus.stats, out / TOKENIZER_NAME
+    return {  # the manifest, written last by the caller
+        "version": MANIFEST_VERSION,
+        "source": source.describe(),
+        "tokenizer": {"kind": spec.kind, "file": TOKENIZER_NAME, "vocab_size": spec.vocab_size,
+                      "eod_id": spec.eod_id, "eod_token": spec.eod_token,
+                      "sha256": _sha256(tok_path), "id": tokenizer_id(spec.tokenizer)},
+        "dtype": dtype_for_vocab(spec.vocab_size).name,
+        "byte_order": "little",
+        "splits": {s: {"n_docs": stats.docs[s], "n_tokens": writers[s].n_tokens,
+                       "n_bytes": stats.bytes[s], "shards": shards[s]} for s in SPLITS},
+        "dedup": {"method": "sha256 of the UTF-8 text; first occurrence kept",
+                  "n_read": stats.n_read, "n_empty": stats.n_empty,
+                  "n_duplicates": stats.n_duplicates, "n_kept": stats.n_kept},
+        "timings_s": {"tokenizer": round(t_tok, 3), "encode_and_write": round(t_enc, 3)},
+    }
 
-    # ---- tokenizer ---------------------------------------------------------------------------
-    t_tok = time.perf_counter()
+
+def _tokenizer(out: Path, corpus: Corpus, tokenizer_kind: str, vocab_size: int, min_frequency: int,
+               described: dict, log: Callable[[str], None]):
+    """Train (BPE, on the train split) or load the tokenizer and write tokenizer.json. Returns the spec and,
+    for BPE, the corpus statistics of that first pass (checked before anything is written)."""
     train_texts = (text for split, text, _ in corpus.documents() if split == "train")
     spec = build_tokenizer(tokenizer_kind, train_texts if tokenizer_kind == "bpe" else None,
                            vocab_size=vocab_size, min_frequency=min_frequency)
-    t_tok = time.perf_counter() - t_tok
     first_pass = corpus.stats.as_dict() if tokenizer_kind == "bpe" else None
     if first_pass:  # the corpus is known already: fail before writing anything
-        _check_stats(corpus.stats, val_fraction, described)
+        _check_stats(corpus.stats, corpus.val_fraction, described)
     if tokenizer_kind == "bpe" and spec.vocab_size < vocab_size:
         log(f"note: the corpus supports only {spec.vocab_size} of the {vocab_size} requested "
             f"BPE ids (min_frequency={min_frequency})")
-    dtype = dtype_for_vocab(spec.vocab_size)
     tok_path = out / TOKENIZER_NAME
     if spec.origin is not None:
         shutil.copyfile(spec.origin, tok_path.with_name(TOKENIZER_NAME + ".tmp"))
         tok_path.with_name(TOKENIZER_NAME + ".tmp").replace(tok_path)
     else:
         write_atomic(tok_path, spec.tokenizer.to_str(pretty=True).encode("utf-8"))
+    return spec, first_pass
 
-    # ---- encode ------------------------------------------------------------------------------
-    t_enc = time.perf_counter()
+
+def _encode(out: Path, corpus: Corpus, spec, shard_tokens: int, first_pass: Optional[dict], described: dict):
+    """Encode every document into the train shards (stream order) and the val shards (hash order).
+    Returns the split writers and their shard records."""
+    dtype = dtype_for_vocab(spec.vocab_size)
     train_writer = ShardWriter(out, "train", dtype, shard_tokens)
     val_docs: list[tuple[bytes, np.ndarray]] = []  # (text digest, tokens)
     batch: dict[str, list] = {s: [] for s in SPLITS}
@@ -195,36 +219,16 @@ def _build(out: Path, source, corpus: Corpus, tokenizer_kind: str, vocab_size: i
     for split in SPLITS:
         if batch[split]:
             flush(split)
-    stats = corpus.stats
-    _check_stats(stats, val_fraction, described)
-    if first_pass and first_pass != stats.as_dict():
-        raise ValueError(f"source {source_kind} changed between the tokenizer pass and the "
-                         f"encoding pass ({first_pass} vs {stats.as_dict()})")
+    _check_stats(corpus.stats, corpus.val_fraction, described)
+    if first_pass and first_pass != corpus.stats.as_dict():
+        raise ValueError(f"source {described['kind']} changed between the tokenizer pass and the "
+                         f"encoding pass ({first_pass} vs {corpus.stats.as_dict()})")
     val_writer = ShardWriter(out, "val", dtype, shard_tokens)
-    val_docs.sort(key=lambda kd: _val_order_key(kd[0], seed))
+    val_docs.sort(key=lambda kd: _val_order_key(kd[0], corpus.seed))
     for _, piece in val_docs:
         val_writer.add(piece)
     writers = {"train": train_writer, "val": val_writer}
-    shards = {s: w.close() for s, w in writers.items()}
-    t_enc = time.perf_counter() - t_enc
-
-    # ---- manifest (last) ---------------------------------------------------------------------
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "source": source.describe(),
-        "tokenizer": {"kind": spec.kind, "file": TOKENIZER_NAME, "vocab_size": spec.vocab_size,
-                      "eod_id": spec.eod_id, "eod_token": spec.eod_token,
-                      "sha256": _sha256(tok_path), "id": tokenizer_id(spec.tokenizer)},
-        "dtype": dtype.name,
-        "byte_order": "little",
-        "splits": {s: {"n_docs": stats.docs[s], "n_tokens": writers[s].n_tokens,
-                       "n_bytes": stats.bytes[s], "shards": shards[s]} for s in SPLITS},
-        "dedup": {"method": "sha256 of the UTF-8 text; first occurrence kept",
-                  "n_read": stats.n_read, "n_empty": stats.n_empty,
-                  "n_duplicates": stats.n_duplicates, "n_kept": stats.n_kept},
-        "timings_s": {"tokenizer": round(t_tok, 3), "encode_and_write": round(t_enc, 3)},
-    }
-    return manifest
+    return writers, {s: w.close() for s, w in writers.items()}
 
 
 def _val_order_key(digest: bytes, seed: int) -> bytes:

@@ -3,7 +3,7 @@ line) and its plan record, ``plan.json`` (split from :mod:`sweeps.driver`)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 from sweeps.sweep import ALLOCATION, Sweep
 from sweeps.fit import json_safe
@@ -24,9 +24,10 @@ def _power_report(sweep: Sweep, noise: Optional[float]) -> list[str]:
     return power_lines(earlier[0], f"earlier sweeps' ({earlier[1]} dof)", n_rho, n_seeds)
 
 
-def describe_plan(sweep: Sweep, noise: Optional[float] = None) -> str:
-    """The dry-run view: every run's shape, cost and state, the command of the first one and, for an
-    allocation sweep, the smallest gain it could detect (noise sd ``noise``, else from earlier sweeps)."""
+def describe_plan(sweep: Sweep, noise: Optional[float] = None, command: Optional[Sequence[str]] = None) -> str:
+    """The dry-run view: every run's shape, cost and state, the command of the first one (``command``: as the
+    chosen launcher would start it; default a one-process run) and, for an allocation sweep, the smallest
+    gain it could detect (noise sd ``noise``, else from earlier sweeps)."""
     import shlex
     import sys
 
@@ -59,7 +60,7 @@ def describe_plan(sweep: Sweep, noise: Optional[float] = None) -> str:
                      f"(the family's assumptions)")
     first = sweep.runs[0]
     lines.append(f"command of {first.run_dir.name} (its config.yaml is written at launch):\n  "
-                 f"{shlex.join([sys.executable, TRAIN_SCRIPT, *trainer_args(first.run_dir)])}")
+                 f"{shlex.join(command or [sys.executable, TRAIN_SCRIPT, *trainer_args(first.run_dir)])}")
     if sweep.mode == ALLOCATION:
         lines += _power_report(sweep, noise)
     return "\n".join(lines)

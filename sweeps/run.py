@@ -113,6 +113,15 @@ def make_launcher(args: argparse.Namespace, out_dir: Path):
                             slurm=dict(args.slurm_params) or None)
 
 
+def _first_command(args: argparse.Namespace, run_dir: Path) -> Optional[list[str]]:
+    """The command a local launcher would start for ``run_dir`` (torchrun / deepspeed for several processes
+    per run); None for a Slurm launcher, whose command is built inside each job from its node list."""
+    if args.launcher not in ("local", "gpus"):
+        return None
+    launcher = make_launcher(args, Path(args.out).resolve())
+    return launcher.command(run_dir, launcher.slots[0])[0]
+
+
 def _fit_line(summary: dict) -> str:
     fit = summary.get("fit")
     if not fit:
@@ -205,7 +214,7 @@ def _main(args: argparse.Namespace) -> int:
     sweeps = [_plan(args, family, budget, seeds) for budget in args.budget]  # every budget, before any run
     if args.dry_run:
         for sweep in sweeps:
-            print(describe_plan(sweep, noise=args.noise))
+            print(describe_plan(sweep, noise=args.noise, command=_first_command(args, sweep.runs[0].run_dir)))
         return 0
     for sweep in sweeps:
         check_plan_unchanged(sweep)

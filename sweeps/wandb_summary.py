@@ -52,52 +52,68 @@ def log_summary(sweep_dir: Path, group: str, records: Sequence[RunRecord], fit: 
     digest = content_digest(records, fit)
     if state.get("digest") == digest:
         return None
-    import wandb
-
     run_id = state.get("run_id") or new_run_id()
-    silent = os.environ.get("WANDB_SILENT")
-    os.environ["WANDB_SILENT"] = "true"  # the driver prints where the run went and how to sync it
+    run = _init_run(sweep_dir, group, run_id, config, project=project, entity=entity, mode=mode)
     try:
-        run = wandb.init(project=project, entity=entity, group=group, name=f"{group}-summary", id=run_id,
-                         resume="allow", job_type="sweep-summary", mode=mode, dir=str(sweep_dir), config=config,
-                         settings=wandb.Settings(quiet=True, console="off"))
-    finally:
-        if silent is None:
-            os.environ.pop("WANDB_SILENT", None)
-        else:
-            os.environ["WANDB_SILENT"] = silent
-    try:
-        rows = [[getattr(r, c) for c in TABLE_COLUMNS] for r in records]
-        results = wandb.Table(columns=list(TABLE_COLUMNS), data=rows)
-        payload = {"results": results}
-        x_name = (curve or {}).get("x_name", "rho")
-        done = [[getattr(r, x_name), r.val_loss] for r in records
-                if r.status == "completed" and r.val_loss is not None and getattr(r, x_name) is not None]
-        if done:
-            pts = wandb.Table(columns=[x_name, "val_loss"], data=done)
-            payload["runs_scatter"] = wandb.plot.scatter(pts, x_name, "val_loss", title=f"{group}: runs")
-        if curve:
-            fitted = wandb.Table(columns=[x_name, "fitted_loss", "ci_low", "ci_high"],
-                                 data=[list(v) for v in zip(curve["x"], curve["loss"],
-                                                            curve.get("lo") or [None] * len(curve["x"]),
-                                                            curve.get("hi") or [None] * len(curve["x"]))])
-            payload["fitted_curve"] = fitted
-            payload["u_curve"] = wandb.plot.line(fitted, x_name, "fitted_loss", title=f"{group}: fitted loss")
-        for img in images:
-            payload[f"figures/{Path(img).stem}"] = wandb.Image(str(img))
-        run.log(payload)
-        if fit and "verdict" in fit:
-            from sweeps.fit import verdict_line
-
-            run.summary["verdict"] = fit["verdict"]
-            run.summary["headline"] = verdict_line(fit)
-        for key, value in (fit or {}).items():
-            if isinstance(value, (list, tuple)) and len(value) == 2:
-                run.summary[f"{key}_low"], run.summary[f"{key}_high"] = value
-            elif isinstance(value, (int, float, str, bool)) or value is None:
-                run.summary[key] = value
+        run.log(_payload(group, records, curve, images))
+        _write_summary(run, fit)
         location = str(Path(run.dir).parent)
     finally:
         run.finish()
     atomic_write_json(state_path, {"run_id": run_id, "digest": digest, "location": location})
     return location
+
+
+def _init_run(sweep_dir: Path, group: str, run_id: str, config: dict, *, project: str, entity: Optional[str],
+              mode: str):
+    import wandb
+
+    silent = os.environ.get("WANDB_SILENT")
+    os.environ["WANDB_SILENT"] = "true"  # the driver prints where the run went and how to sync it
+    try:
+        return wandb.init(project=project, entity=entity, group=group, name=f"{group}-summary", id=run_id,
+                          resume="allow", job_type="sweep-summary", mode=mode, dir=str(sweep_dir), config=config,
+                          settings=wandb.Settings(quiet=True, console="off"))
+    finally:
+        if silent is None:
+            os.environ.pop("WANDB_SILENT", None)
+        else:
+            os.environ["WANDB_SILENT"] = silent
+
+
+def _payload(group: str, records: Sequence[RunRecord], curve: Optional[dict], images: Sequence[Path]) -> dict:
+    """The results table, the runs' scatter, the fitted curve with its band, and the figures."""
+    import wandb
+
+    rows = [[getattr(r, c) for c in TABLE_COLUMNS] for r in records]
+    payload = {"results": wandb.Table(columns=list(TABLE_COLUMNS), data=rows)}
+    x_name = (curve or {}).get("x_name", "rho")
+    done = [[getattr(r, x_name), r.val_loss] for r in records
+            if r.status == "completed" and r.val_loss is not None and getattr(r, x_name) is not None]
+    if done:
+        pts = wandb.Table(columns=[x_name, "val_loss"], data=done)
+        payload["runs_scatter"] = wandb.plot.scatter(pts, x_name, "val_loss", title=f"{group}: runs")
+    if curve:
+        n = len(curve["x"])
+        fitted = wandb.Table(columns=[x_name, "fitted_loss", "ci_low", "ci_high"],
+                             data=[list(v) for v in zip(curve["x"], curve["loss"], curve.get("lo") or [None] * n,
+                                                        curve.get("hi") or [None] * n)])
+        payload["fitted_curve"] = fitted
+        payload["u_curve"] = wandb.plot.line(fitted, x_name, "fitted_loss", title=f"{group}: fitted loss")
+    for img in images:
+        payload[f"figures/{Path(img).stem}"] = wandb.Image(str(img))
+    return payload
+
+
+def _write_summary(run, fit: Optional[dict]) -> None:
+    """The verdict, its headline line, and every fit value ([lo, hi] pairs as _low / _high)."""
+    if fit and "verdict" in fit:
+        from sweeps.fit import verdict_line
+
+        run.summary["verdict"] = fit["verdict"]
+        run.summary["headline"] = verdict_line(fit)
+    for key, value in (fit or {}).items():
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            run.summary[f"{key}_low"], run.summary[f"{key}_high"] = value
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            run.summary[key] = value

@@ -3,7 +3,7 @@
 ``optim.kind=adamw``: one torch AdamW over the declared groups (each with its lr multiplier and
 weight decay). ``optim.kind=muon`` (conf/optim/muon.yaml, the paper family's default): groups with
 ``muon: true`` (backbone matrices, experts, Engram projections) get Muon, every other group AdamW
-(the Engram tables at 5x lr and no weight decay: Adam); see train/muon.py for the update, the lr
+(the Engram tables at 5x lr and no weight decay: Adam); see train/muon_optimizer.py for the update, the lr
 mapping and the DeepSpeed ZeRO path. ``optim.table_update=lazy`` leaves Engram table entries that no
 token looked up this step untouched (weights and Adam moments); ``dense`` (default) moves them all.
 """
@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from core.param_groups import GROUPS, grouped_parameters, owner_path
-from train.muon import MuonAdamW, matrix_shape, muon_shape_factor, zero_lr_scale
+from train.muon import matrix_shape, muon_shape_factor, zero_lr_scale
 from train.schema import OptimConfig
 
 TABLE_GROUP = "engram_tables"
@@ -96,7 +96,7 @@ def _named(label: str, ep: dict) -> dict:
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """torch AdamW (kind=adamw, dense tables) or :class:`MuonAdamW` (Muon and/or lazy tables).
+    """torch AdamW (kind=adamw, dense tables) or :class:`train.muon_optimizer.MuonAdamW` (Muon and/or lazy tables).
 
     A declared group missing from ``optim.groups`` is an error (a new module's parameters are
     never silently mis-optimised), as is an undeclared parameter (core.param_groups). What the
@@ -106,6 +106,8 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
     groups = param_groups(model, optim)
     if not any(g["use_muon"] or g["lazy"] for g in groups):
         return torch.optim.AdamW(groups, lr=optim.lr, betas=groups[0]["betas"], eps=groups[0]["eps"])
+    from train.muon_optimizer import MuonAdamW  # only here: its DeepSpeed base imports torch's compiler stack
+
     return MuonAdamW(groups)
 
 

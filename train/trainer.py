@@ -26,7 +26,7 @@ from train.expert_checkpoint import engine_hooks
 from train.expert_parallel import (check_expert_parallel, expert_memory_lines, routed_experts,
                                    setup_expert_parallel)
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
-from train.resume import DATA_DIR, changes, describe, trajectory_settings
+from train.resume import check_finished, trajectory_settings, vet_settings
 from rundir.files import CHECKPOINTS, FAILED, FINAL, RUN_STATE, atomic_write_json, fingerprint, read_json_object
 from rundir.locks import LOCK_FD_ENV, LOCK_NAME, try_lock
 from train.schema import ConfigError, Config, check, parallel_of
@@ -138,43 +138,10 @@ def _read_json(path: Path) -> dict:
     return obj or {}
 
 
-def _check_finished(cfg: DictConfig, run_dir: Path, run_state: dict) -> None:
-    """A finished run is a result: relaunching it is a no-op only under the settings it finished with."""
-    if cfg.train.resume == "never":
-        raise ConfigError(f"run_dir {run_dir} already holds a finished run (train.resume=never)")
-    saved = run_state.get("settings")
-    diff = changes(saved, trajectory_settings(cfg)) if saved is not None else []
-    if diff:
-        raise ConfigError(f"run_dir {run_dir} holds a finished run trained with other settings ({describe(diff)}); "
-                          f"use a new run_dir")
-
-
-def _vet_settings(cfg: DictConfig, meta: dict, p: Prepared, where: Path) -> list[str]:
-    """The trajectory changes from a checkpoint's ``meta`` to this launch; raises unless they may be resumed
-    across. A model change never can (the weights do not fit); others need train.allow_config_change=true."""
-    saved = meta.get("settings")
-    if saved is None:  # written before settings were recorded: the fingerprints still guard it
-        if not cfg.train.allow_config_change:
-            ckpt.check_compatible(meta, p.fingerprints, where)
-        return []
-    diff = changes(saved, p.run_state["settings"], ignore=(DATA_DIR,))
-    stream = meta.get("stream_fingerprint")
-    if stream and stream != p.fingerprints["stream_fingerprint"]:
-        diff.append(f"data content ({DATA_DIR}): stream {stream} -> {p.fingerprints['stream_fingerprint']}")
-    model = [d for d in diff if d.startswith("model.")]
-    if model:
-        raise ConfigError(f"checkpoint in {where} was written with a different model config ({describe(model)}); "
-                          f"use a new run_dir or restore the original config")
-    if diff and not cfg.train.allow_config_change:
-        raise ConfigError(f"checkpoint in {where} was trained with other settings ({describe(diff)}); "
-                          f"restore them, use a new run_dir, or set train.allow_config_change=true")
-    return diff
-
-
 def _check_resume(cfg: DictConfig, p: Prepared, latest: dict, dist: DistInfo) -> None:
     """Layout and trajectory settings of the committed checkpoint against this launch's."""
     ckpt.check_layout(latest.get("layout"), _layout(cfg, dist), p.ckpt_dir)
-    diff = _vet_settings(cfg, latest, p, p.ckpt_dir)
+    diff = vet_settings(cfg, latest, p.fingerprints, p.run_state["settings"], p.ckpt_dir)
     if diff:
         log.warning("resuming at step %s under changed settings (train.allow_config_change=true): %s",
                     latest.get("step"), "; ".join(diff))
@@ -206,7 +173,7 @@ def _read_start(cfg: DictConfig, run_dir: Path, ckpt_dir: Path) -> dict:
     t0 = time.perf_counter()
     start = {"run_state": _read_json(run_dir / RUN_STATE), "final": None}
     if (run_dir / FINAL).exists():
-        _check_finished(cfg, run_dir, start["run_state"])
+        check_finished(cfg, run_dir, start["run_state"])
         start["final"] = _read_json(run_dir / FINAL)
         return start
     latest = ckpt.read_latest(ckpt_dir)
@@ -288,7 +255,7 @@ def _loaded_check(cfg: DictConfig, p: Prepared, dist: DistInfo):
     """Vets the meta of the checkpoint actually loaded (an older one, after a fallback, has its own)."""
     def check(meta: dict, where: Path) -> None:
         ckpt.check_layout(meta.get("layout"), _layout(cfg, dist), where)
-        _vet_settings(cfg, meta, p, where)
+        vet_settings(cfg, meta, p.fingerprints, p.run_state["settings"], where)
     return check
 
 
@@ -330,6 +297,25 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
         start_step = int(meta["step"])
         log.info("resumed from %s at step %d", p.ckpt_dir / ckpt.tag_for(start_step), start_step)
 
+    tracker = _start_tracking(cfg, dist, p, meta, start_step, counts, optim_lines, optim_mem)
+    loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts, tables)
+    loop.experts = experts
+    loop.on_first_step = lambda seconds: _log_startup(p.startup, seconds, dist)
+    try:
+        step = loop.run(start_step)
+        return _finish(cfg, dist, p, loop, step, started, optim_mem)
+    except Diverged as e:
+        loop.progress.close()
+        if dist.is_main:
+            atomic_write_json(p.run_dir / FAILED, {"status": "diverged", "reason": str(e), "step": loop.step})
+        tracker.finish(1)
+        raise
+
+
+def _start_tracking(cfg: DictConfig, dist: DistInfo, p: Prepared, meta: dict, start_step: int, counts,
+                    optim_lines: list, optim_mem: dict) -> Tracker:
+    """W&B (the checkpoint's run id on resume), run.json, and the start-up lines on rank 0."""
+    t = cfg.train
     wandb_id = meta.get("wandb_run_id") or p.run_state.get("wandb_run_id")
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     config_dict["counts"] = {"total_params": counts.total_params, "active_params": counts.active_params,
@@ -349,18 +335,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
         log.warning("bf16 gradients of the %d micro-steps accumulate in bf16 at train.zero_stage=%d (DeepSpeed 0.19 "
                     "accumulates in fp32 only at ZeRO 2, or ZeRO 1 without Muon); they are reduced in fp32",
                     p.batches.accum_steps, t.zero_stage)
-    loop = Loop(cfg, dist, p, engine, model, optimizer, tracker, counts, tables)
-    loop.experts = experts
-    loop.on_first_step = lambda seconds: _log_startup(p.startup, seconds, dist)
-    try:
-        step = loop.run(start_step)
-        return _finish(cfg, dist, p, loop, step, started, optim_mem)
-    except Diverged as e:
-        loop.progress.close()
-        if dist.is_main:
-            atomic_write_json(p.run_dir / FAILED, {"status": "diverged", "reason": str(e), "step": loop.step})
-        tracker.finish(1)
-        raise
+    return tracker
 
 
 def _log_startup(times: dict, first_step_s: float, dist: DistInfo) -> None:

@@ -365,3 +365,13 @@ def test_readme_multi_node_example_is_what_the_launchers_run():
     assert tr == set(want[3:want.index("train/main.py")])
     hosts = block[block.index("<<'HOSTS'") + 9:block.index("HOSTS\n", block.index("<<'HOSTS'") + 9)].split()
     assert hosts == ["gpu-node-01", "slots=8", "gpu-node-02", "slots=8"]
+
+
+def test_dry_run_prints_the_launchers_command_for_several_processes_per_run(tmp_path, capsys):
+    from sweeps.run import main
+
+    assert main(["--budget", "6e12", "--family", "cpu", "--rho", "1", "--procs-per-run", "2", "--dry-run",
+                 "--set", "parallel.engram_tables=sharded", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "-m torch.distributed.run --nproc_per_node=2 --standalone train/main.py --config-dir" in out
+    assert not (tmp_path / "cpu-6e12").exists()
