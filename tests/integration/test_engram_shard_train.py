@@ -39,7 +39,7 @@ def _tables(run_dir: Path, step: int = 20) -> torch.Tensor:
     return out
 
 
-def _assert_same_run(a: Path, b: Path, steps=range(1, 21), table_atol: float = 1e-5) -> None:
+def _assert_same_run(a: Path, b: Path, steps=range(1, 21), table_atol: float = 1e-5, moved: float = 1e-3) -> None:
     """Same losses (1e-5), validation loss and final tables. Another world size sums the gradients in another
     order; Adam turns those roundoff differences into up to ~1e-3 on a few rows (``table_atol``); a row that
     landed on the wrong rank would be off by O(1) (the table starts N(0, 1))."""
@@ -51,7 +51,7 @@ def _assert_same_run(a: Path, b: Path, steps=range(1, 21), table_atol: float = 1
     ta, tb = _tables(a), _tables(b)
     assert not torch.isnan(ta).any() and not torch.isnan(tb).any()
     torch.testing.assert_close(ta, tb, rtol=0, atol=table_atol)
-    assert (ta - tb).abs().gt(1e-5).float().mean() < 1e-3
+    assert (ta - tb).abs().gt(1e-5).float().mean() < moved  # the share of entries off by more than 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -105,27 +105,21 @@ def test_replicated_checkpoint_does_not_resume_sharded(two_rank_runs, tiny_data)
     assert "written with engram_tables=replicated; this launch has sharded" in p.stderr
 
 
-def _worst(a: Path, b: Path) -> float:
-    la, lb = losses(a), losses(b)
-    return max(abs(la[s] - lb[s]) for s in range(1, 21))
+def test_four_ranks_sharded_matches_replicated(tiny_data, tmp_path):
+    """4 ranks: the same 20-step trajectory within 1e-5 and the same tables, at optim.lr=3e-4.
 
-
-def test_four_ranks_sharded_matches_replicated(two_rank_runs, tiny_data, tmp_path):
-    """At 4 ranks gloo's all-reduce adds the replicated gradients in a per-chunk order the owners cannot repeat,
-    and over 20 steps Adam grows that roundoff: the replicated run itself moves by 3.9e-4 when only its world
-    size (its order of sums) changes from 2 to 4 (measured on this corpus; 3.7e-5 on the 8k one). So: the first
-    steps agree to 1e-6 (measured 2.4e-7), the trajectory within 5e-3 (measured 1.4e-3), the tables row for row."""
-    root, _ = two_rank_runs
-    run_train(tiny_data, tmp_path / "replicated", *RUN, nproc=4)
-    run_train(tiny_data, tmp_path / "sharded", *RUN, SHARDED, nproc=4)
+    At 4 ranks gloo's all-reduce adds the replicated gradients in a per-chunk order the owners cannot repeat
+    (2 ranks: a + b either way). At the default lr (3e-3) on this tiny corpus, training amplifies that
+    roundoff: the runs agree to 3.6e-7 for 6 steps, then separate (3e-5 at step 8, 1.4e-3 at step 20), as
+    the replicated run itself does between 2 and 4 ranks (3.9e-4). At lr 3e-4 the amplification stays
+    below the check (measured: max 5.0e-6 over 20 steps, 2026-11-30), so the test can hold 1e-5."""
+    slow_lr = ["optim.lr=3e-4"]
+    run_train(tiny_data, tmp_path / "replicated", *RUN, *slow_lr, nproc=4)
+    run_train(tiny_data, tmp_path / "sharded", *RUN, *slow_lr, SHARDED, nproc=4)
     la, lb = losses(tmp_path / "replicated"), losses(tmp_path / "sharded")
-    early = max(abs(la[s] - lb[s]) for s in range(1, 5))
-    got = _worst(tmp_path / "replicated", tmp_path / "sharded")
-    spread = _worst(root / "replicated", tmp_path / "replicated")  # replicated: 2 vs 4 ranks
-    print(f"4 ranks: sharded vs replicated {got:.3g} (steps 1-4: {early:.3g}); replicated 2 vs 4 ranks {spread:.3g}")
-    assert early < 1e-6 and got < 5e-3, (early, got, spread)
-    diff = (_tables(tmp_path / "replicated") - _tables(tmp_path / "sharded")).abs()  # measured: max 0.055
-    assert diff.max() < 0.2 and diff.mean(1).max() < 0.1  # a row on the wrong rank: ~1.1 per element (N(0, 1))
+    print(f"4 ranks, lr 3e-4: losses differ by at most {max(abs(la[s] - lb[s]) for s in range(1, 21)):.3g}")
+    # losses within 1e-5; tables: max 1.2e-3 apart on 0.12% of the entries (measured)
+    _assert_same_run(tmp_path / "replicated", tmp_path / "sharded", table_atol=5e-3, moved=5e-3)
 
 
 def test_bf16_zero1_sharded_trains_like_replicated(tiny_data, tmp_path):
