@@ -100,8 +100,9 @@ class Loop:
             self.engine.backward(out.loss if weight == 1 else out.loss * weight)
             last = micro == b.accum_steps - 1
             if last and self.tables is not None:  # the engine does not see the shards: clip both here
-                params = self.model.parameters() if self._own_grad_norm else ()  # else: the shards' norm alone
-                self._grad_norm = self.tables.clip_(params, float(self.t.grad_clip or 0.0))
+                params = list(self.model.parameters()) if self._own_grad_norm else []  # else: the shards' alone
+                engine_norm = grad_norm(params, expert_group(self.model)) if params else None  # EP-exact
+                self._grad_norm = self.tables.clip_(params, engine_norm, float(self.t.grad_clip or 0.0))
             elif last and self._own_grad_norm and self.is_log_step(step + 1):
                 # averaged, before clipping
                 self._grad_norm = grad_norm(self.model.parameters(), expert_group(self.model))

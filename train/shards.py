@@ -58,20 +58,21 @@ class ShardedTables:
             dist.all_reduce(sq)
         return sq
 
-    def clip_(self, engine_params, max_norm: float) -> torch.Tensor:
-        """At the accumulation boundary: completes the shards' gradients (:meth:`TableShard.flush`), takes the
-        global norm of ``engine_params``' (already averaged, replicated) gradients and the shards', and if
+    def clip_(self, engine_params, engine_norm: Optional[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """At the accumulation boundary: completes the shards' gradients (:meth:`TableShard.flush`), joins the
+        shards' norm to ``engine_norm`` (the global norm of ``engine_params``' already reduced gradients, expert-
+        parallel shards summed over their group: train.expert_parallel.grad_norm; None: not counted), and if
         ``max_norm`` > 0 scales every gradient by min(1, max_norm / (norm + 1e-6)), as DeepSpeed's ZeRO-0 fp32
         clip does. Returns the norm before clipping (a device tensor, no host read)."""
         for s in self.shards.values():  # the accumulation boundary: the owners' row sums
             s.flush()
-        grads = [p.grad for p in engine_params if p.grad is not None]
         sq = self.grad_sq_norm()
-        if grads:
-            sq = sq + torch.stack([g.detach().float().norm() for g in grads]).pow(2).sum()
+        if engine_norm is not None:
+            sq = sq + engine_norm.to(sq.device, torch.float32) ** 2
         norm = sq.sqrt()
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            grads = [p.grad for p in engine_params if p.grad is not None]
             for g in grads + [p.grad for p in self.params if p.grad is not None]:
                 g.mul_(coef.to(g.dtype))
         return norm
