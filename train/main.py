@@ -79,11 +79,14 @@ def _compose_and_validate(config_dir: Optional[Path], config_name: str, argv: li
     from train.schema import ConfigError, check
 
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    init = (initialize(config_path=None, version_base="1.3") if config_dir is None
+            else initialize_config_dir(config_dir=str(config_dir), version_base="1.3"))
     try:
-        init = (initialize(config_path=None, version_base="1.3") if config_dir is None
-                else initialize_config_dir(config_dir=str(config_dir), version_base="1.3"))
         with init:
-            cfg = compose(config_name, overrides=overrides)
+            try:
+                cfg = compose(config_name, overrides=overrides)
+            except AssertionError as e:  # OmegaConf asserts when an override reaches into a null section
+                raise ConfigError(_null_section(compose, config_name, overrides) or f"overrides: {e}") from None
         check(cfg)
         return cfg
     except ConfigError as e:
@@ -93,6 +96,23 @@ def _compose_and_validate(config_dir: Optional[Path], config_name: str, argv: li
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         _fail("; ".join(lines[:2]) or type(e).__name__)
         raise SystemExit(2) from None
+
+
+def _null_section(compose, config_name: str, overrides: list[str]) -> Optional[str]:
+    """``model.moe is null in this config: +model.moe.top_k=2 has nothing to set ...`` for the first dotted
+    override under a section the config (composed with the group choices alone) leaves null."""
+    groups = [o for o in overrides if "." not in o.split("=", 1)[0]]
+    base = compose(config_name, overrides=groups)
+    for o in overrides:
+        *parents, _ = o.split("=", 1)[0].lstrip("+~").split(".")
+        node = base
+        for i, part in enumerate(parents):
+            node = node.get(part) if hasattr(node, "get") else None
+            if node is None:
+                section = ".".join(parents[:i + 1])
+                return (f"{section} is null in this config: {o} has nothing to set (pick a config where "
+                        f"{section} is a section, e.g. a config group such as model=moe or memory=engram_tiny)")
+    return None
 
 
 def _wait_for_own_rank0(run_dir: Path, timeout_s: float = 300.0) -> None:

@@ -130,6 +130,7 @@ def test_config_modules_import_without_torch():
     (["model=moe", "model.moe.top_kk=2"], "model.moe.top_kk"),
     (["model=moe", "+model.moe.top_kk=2"], "unknown config key model.moe.top_kk; did you mean model.moe.top_k?"),
     (["memory=engram_tiny", "model.engram.table_sizes=[5]"], "engram.table_sizes needs one base size per order"),
+    (["+model.moe.top_k=2"], "model.moe is null in this config: +model.moe.top_k=2 has nothing to set"),  # dense
 ])
 def test_trainer_refuses_a_bad_model_section_in_one_line(tmp_path, overrides, message):
     from trainer_utils import env
