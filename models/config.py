@@ -4,12 +4,11 @@ re-exported by models.moe and memory), as torchtitan keeps its MoEArgs inside th
 is built per run and handed to every layer: nothing re-parses a section per layer."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
 from core.config_utils import load
+from core.fingerprint import fingerprint
 from core.engram_config import EngramConfig
 from core.moe_config import MoEConfig
 
@@ -77,5 +76,4 @@ class ModelConfig:
 
     def fingerprint(self) -> str:
         """Stable hash of the architecture: a checkpoint only loads into the same fingerprint."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return fingerprint(self.to_dict(), sort_keys=True, default=str)

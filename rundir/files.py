@@ -1,7 +1,6 @@
 """The run directory's file names and the writers every side uses. No torch import: cheap to use."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -9,6 +8,7 @@ import secrets
 import string
 from pathlib import Path
 from typing import Any, Optional
+
 
 FINAL = "final.json"  # written once a run completed: its final validation loss, tokens, FLOPs
 FINAL_DIVERGED = "final.diverged.json"  # a diverged run's final.json, set aside when it is retried
@@ -66,13 +66,6 @@ def read_json_object(path: Path) -> tuple[Optional[dict], Optional[str]]:
     if not isinstance(obj, dict):
         return None, f"unreadable {Path(path).name}: not a JSON object"
     return obj, None
-
-
-def fingerprint(obj: Any, **dump_kwargs) -> str:
-    """16 hex digits of the sha256 of ``obj`` as JSON: the one fingerprint of configs, data streams and
-    result tables (``dump_kwargs`` to json.dumps, e.g. ``sort_keys=True``). Changing how it is computed
-    changes every recorded fingerprint: checkpoints would refuse to resume."""
-    return hashlib.sha256(json.dumps(obj, **dump_kwargs).encode()).hexdigest()[:16]
 
 
 def new_run_id() -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sweeps.results import RunRecord
-from rundir.files import atomic_write_json, fingerprint, new_run_id
+from core.fingerprint import fingerprint
+from rundir.files import atomic_write_json, new_run_id
 
 STATE_FILE = "wandb_summary.json"
 TABLE_COLUMNS = ("run_name", "rho", "seed", "slots", "status", "val_loss", "total_params", "active_params",

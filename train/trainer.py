@@ -27,7 +27,8 @@ from train.expert_parallel import (check_expert_parallel, expert_memory_lines, r
                                    setup_expert_parallel)
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import check_finished, trajectory_settings, vet_settings
-from rundir.files import CHECKPOINTS, FAILED, FINAL, RUN_STATE, atomic_write_json, fingerprint, read_json_object
+from core.fingerprint import fingerprint
+from rundir.files import CHECKPOINTS, FAILED, FINAL, RUN_STATE, atomic_write_json, read_json_object
 from rundir.locks import LOCK_FD_ENV, LOCK_NAME, try_lock
 from train.schema import ConfigError, Config, check, parallel_of
 from train.shards import ShardedTables, load_hooks
