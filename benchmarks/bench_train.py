@@ -106,10 +106,12 @@ def framework_tokens_per_s(cfg, dist) -> float:
     from train.trainer import train
 
     train(cfg, dist)
-    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    from rundir.files import METRICS
+
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / METRICS).read_text().splitlines()]
     windows = [r for r in records if "train/tokens_per_s" in r]
     if not windows or windows[-1]["step"] != cfg.train.max_steps:
-        raise RuntimeError(f"no timed window at the last step in {cfg.run_dir}/metrics.jsonl")
+        raise RuntimeError(f"no timed window at the last step in {cfg.run_dir}/{METRICS}")
     return float(windows[-1]["train/tokens_per_s"])
 
 
@@ -231,11 +233,14 @@ def report(results: list[CaseResult], peak: float, peak_how: str, device: torch.
 
 
 def main(argv=None) -> int:
+    from sweeps.plan import flat, numbers_arg
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", action="append", default=[], help="a conf/experiment name (repeatable)")
     p.add_argument("--family", help="plan a family's rho=1 and rho=0.75 runs at --budget instead")
     p.add_argument("--budget", type=float)
-    p.add_argument("--rhos", default="1.0,0.75", help="with --family: the rho values (first is the baseline)")
+    p.add_argument("--rho", type=numbers_arg, nargs="+", default=[[1.0, 0.75]],
+                   help="with --family: the rho values, space- or comma-separated (first is the baseline)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if visible")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (after as many warm-up steps)")
     p.add_argument("--repeats", type=int, default=1, help="alternate framework / bare this often, keep each best")
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
     from train.distributed import setup, teardown
 
     dist = setup()
-    cases = (plan_cases(args.family, args.budget, [float(r) for r in args.rhos.split(",")]) if args.family
+    cases = (plan_cases(args.family, args.budget, flat(args.rho)) if args.family
              else [(name, [f"+experiment={name}"], None) for name in args.experiment])
     if args.compile_too:
         cases = [c for label, ov, rc in cases

@@ -55,6 +55,11 @@ def atomic_write_json(path: Path, obj: Any, **dump_kwargs) -> None:
     atomic_write_text(path, json.dumps(obj, **{"indent": 2, "sort_keys": True, **dump_kwargs}))
 
 
+def write_record(path: Path, obj: Any) -> None:
+    """A sweep's JSON record (plan.json, summary.json): atomic, non-JSON values as strings, NaN refused."""
+    atomic_write_json(path, obj, default=str, allow_nan=False)
+
+
 def read_json_object(path: Path) -> tuple[Optional[dict], Optional[str]]:
     """(content, None), (None, None) if absent, or (None, why) if unreadable (e.g. truncated by a crash)."""
     try:

@@ -7,7 +7,7 @@ this package (fits, plots, results) do not pull in torch.
 """
 from __future__ import annotations
 
-import importlib
+from core.lazy import lazy_exports
 
 _EXPORTS = {
     "Family": "sweeps.families", "load_family": "sweeps.families", "available_families": "sweeps.families",
@@ -19,7 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'sweeps' has no attribute {name!r}")
+__getattr__ = lazy_exports("sweeps", _EXPORTS)

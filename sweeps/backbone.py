@@ -40,7 +40,7 @@ class Measured:
         return self.counts.train_flops_per_token
 
 
-def _for_counting(model: Mapping[str, Any]) -> dict:
+def for_counting(model: Mapping[str, Any]) -> dict:
     """The config with Engram on identity compression: table sizes and counts do not depend on the
     tokenizer, and counting must not load one."""
     model = dict(model)
@@ -51,7 +51,7 @@ def _for_counting(model: Mapping[str, Any]) -> dict:
 
 def measure(model: Mapping[str, Any], seq_len: int) -> Measured:
     """Build the model of ``model`` on the meta device (assembly.build_model) and read its counts."""
-    cfg = ModelConfig.from_dict(_for_counting(model))
+    cfg = ModelConfig.from_dict(for_counting(model))
     with torch.device("meta"):
         net = build_model(cfg)
     tables = sum(int(blk.memory.table_params) for blk in net.layers if blk.memory is not None)

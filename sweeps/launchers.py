@@ -39,7 +39,7 @@ RUNNERS = ("python", "torchrun", "deepspeed")
 # --------------------------------------------------------------------------------------------------
 # Run-directory lock
 # --------------------------------------------------------------------------------------------------
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: deliver SIGTERM to this child when the thread that spawned it dies (Linux only)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -107,7 +107,7 @@ def spawn_locked(cmd: Sequence[str], run_dir: Path, log_path: Path, env: dict[st
             log.flush()
             return subprocess.Popen(list(cmd), cwd=cwd, env={**os.environ, **env, LOCK_FD_ENV: str(fd)}, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(fd,),
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    start_new_session=True, preexec_fn=die_with_parent)
     finally:
         os.close(fd)  # the child holds its own copy of the locked descriptor
 

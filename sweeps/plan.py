@@ -52,9 +52,9 @@ def numbers_arg(text: str) -> list[float]:
 
 
 def add_rho_argument(parser) -> None:
-    """``--rho`` (alias ``--rhos``), space- or comma-separated, default :data:`DEFAULT_RHOS`: the same option
+    """``--rho``, space- or comma-separated, default :data:`DEFAULT_RHOS`: the same option
     in sweeps.plan and sweeps.run. Read the values back with :func:`flat`."""
-    parser.add_argument("--rho", "--rhos", dest="rho", type=numbers_arg, nargs="+", default=[list(DEFAULT_RHOS)],
+    parser.add_argument("--rho", dest="rho", type=numbers_arg, nargs="+", default=[list(DEFAULT_RHOS)],
                         help=f"expert shares of the sparse parameters, space- or comma-separated "
                              f"(default {','.join(map(str, DEFAULT_RHOS))})")
 

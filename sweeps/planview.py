@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from sweeps.sweep import ALLOCATION, Sweep
 from sweeps.fit import json_safe
-from sweeps.runloop import _write_json
+from rundir.files import write_record
 
 
 def _power_report(sweep: Sweep, noise: Optional[float]) -> list[str]:
@@ -68,7 +68,7 @@ def describe_plan(sweep: Sweep, noise: Optional[float] = None, command: Optional
 
 def write_plan(sweep: Sweep) -> None:
     sweep.dir.mkdir(parents=True, exist_ok=True)
-    _write_json(sweep.dir / "plan.json", json_safe({
+    write_record(sweep.dir / "plan.json", json_safe({
         "sweep": sweep.name, "mode": sweep.mode, "family": sweep.family, "budget": sweep.budget,
         "warnings": sweep.warnings,
         "runs": [{"name": r.name, "run_dir": str(r.run_dir), "rho": r.rho, "seed": r.seed, "slots": r.slots,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from models import ModelConfig
-from sweeps.backbone import _for_counting
+from sweeps.backbone import for_counting
 from sweeps.families import Hardware
 from sweeps.runspec import RunSpec
 
@@ -60,7 +60,7 @@ def activation_bytes_per_token(model: Mapping[str, Any], precision: str) -> floa
     Engram layers add (N - 1) embed_dim_per_ngram + 4 d per token where they sit. An estimate.
     """
     b = 2 if precision == "bf16" else 4
-    cfg = ModelConfig.from_dict(_for_counting(model))
+    cfg = ModelConfig.from_dict(for_counting(model))
     d, q = cfg.d_model, cfg.n_heads * cfg.head_dim
     kv = cfg.n_kv_heads * cfg.head_dim
     moe = cfg.moe

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from rundir import files
 from rundir.config import config_changes, read_run_config, write_run_config
@@ -72,10 +72,6 @@ class _SweepLock:
         os.close(self.fd)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    files.atomic_write_json(path, obj, default=str, allow_nan=False)
-
-
 def log_tail_reason(log_path: Path, max_chars: int = 400) -> str:
     """The most telling line near the end of a run's log: an ``error:`` line, else a Python exception,
     else the last line."""
@@ -97,7 +93,7 @@ def log_tail_reason(log_path: Path, max_chars: int = 400) -> str:
 
 def _record_failure(run: SweepRun, reason: str) -> None:
     """failed.json for a run whose trainer died without writing one (killed, crashed in C, timed out)."""
-    _write_json(run.run_dir / files.FAILED, {"status": FAILED, "reason": reason, "step": last_step(run.run_dir),
+    files.write_record(run.run_dir / files.FAILED, {"status": FAILED, "reason": reason, "step": last_step(run.run_dir),
                                           "source": "sweep driver"})
 
 
@@ -105,7 +101,7 @@ def _mark_launch(run: SweepRun) -> int:
     marker = run.run_dir / files.LAUNCH_MARKER
     state = json.loads(marker.read_text()) if marker.exists() else {}
     attempts = int(state.get("attempts", 0)) + 1
-    _write_json(marker, {"attempts": attempts, "name": run.name, "last_launch": time.time(),
+    files.write_record(marker, {"attempts": attempts, "name": run.name, "last_launch": time.time(),
                          "config": files.RUN_CONFIG})
     return attempts
 

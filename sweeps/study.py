@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from rundir.files import FINAL
 from sweeps.study_config import LOG_FILE, STUDY_FILE, Study, load_study  # noqa: F401  (the study's API)
 
 def _g(v: float) -> str:
@@ -52,7 +53,7 @@ def _git(*args: str) -> str:
 
 def completed_runs(folder: Path) -> dict[str, int]:
     """Finished runs per sweep folder (a run directory with a final.json)."""
-    return {d.name: sum(1 for _ in d.glob("*/final.json")) for d in sorted(Path(folder).iterdir())
+    return {d.name: sum(1 for _ in d.glob(f"*/{FINAL}")) for d in sorted(Path(folder).iterdir())
             if d.is_dir() and (d / "plan.json").exists()}
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 from rundir.files import LAUNCH_RECORD, atomic_write_json, atomic_write_text
 from rundir.locks import is_locked
-from sweeps.launchers import (REPO, RUNNERS, TRAIN_SCRIPT, Handle, LaunchRequest, Launcher, Outcome, _die_with_parent,
+from sweeps.launchers import (REPO, RUNNERS, TRAIN_SCRIPT, Handle, LaunchRequest, Launcher, Outcome, die_with_parent,
                               spawn_locked, terminate_group, thread_env, trainer_command)
 
 
@@ -68,7 +68,7 @@ class NodeTask:
         else:
             with open(log_path, "a") as log:
                 proc = subprocess.Popen(cmd, cwd=self.cwd, env={**os.environ, **env}, stdout=log,
-                                        stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                        stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         try:
             return proc.wait()
         except BaseException:  # the job is being cancelled or pre-empted: take the trainer down with it

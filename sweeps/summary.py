@@ -11,7 +11,7 @@ from sweeps.ablation import ablation_summary
 from sweeps.sweep import ALLOCATION, MEMORY, Sweep, budget_tag
 from sweeps.fit import json_safe
 from sweeps.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, RunRecord, write_results
-from sweeps.runloop import _write_json
+from rundir.files import write_record
 
 
 def _fit_inputs(records: Sequence[RunRecord], x_name: str) -> tuple[list, list, list, list[dict]]:
@@ -102,7 +102,7 @@ def summarize(sweep: Sweep, records: Sequence[RunRecord], *, n_boot: int = 4000,
     if wandb_dir:
         summary["wandb_summary_dir"] = wandb_dir
     summary["ablation"] = ablation_summary(records, level=level, emit=emit)  # control arm (sweeps/ablation.py)
-    _write_json(sweep.dir / "summary.json", json_safe(summary))
+    write_record(sweep.dir / "summary.json", json_safe(summary))
     return summary
 
 
@@ -138,5 +138,5 @@ def overlay_allocation_sweeps(out: Path, path: Optional[Path] = None) -> Optiona
         trend["families"] = sorted({c[1] for c in curves})
         if len(trend["points"]) >= 2:
             trend["figure"] = plot_trend(trend, Path(out) / "trend.png").name
-        _write_json(Path(out) / "summary.json", json_safe({"trend": trend, "u_curves": figure.name}))
+        write_record(Path(out) / "summary.json", json_safe({"trend": trend, "u_curves": figure.name}))
     return figure

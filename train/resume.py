@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rundir.config import flatten
 from train.checkpoint import check_compatible
 from train.schema import ConfigError
 
@@ -24,21 +25,12 @@ NOT_TRAJECTORY = {"eval_interval", "eval_tokens", "ckpt_interval", "keep_checkpo
 DATA_DIR = "data.dir"  # compared for finished runs; resumes compare the data's content fingerprint instead
 
 
-def _flatten(prefix: str, node: Any, out: dict) -> None:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _flatten(f"{prefix}.{k}", v, out)
-    else:
-        out[prefix] = node
-
-
 def trajectory_settings(cfg: DictConfig) -> dict[str, Any]:
     """``{"optim.lr": 0.003, "model.d_model": 128, "train.seed": 1234, ...}`` (JSON-serialisable)."""
-    out: dict[str, Any] = {}
-    for section in ("model", "optim"):
-        _flatten(section, OmegaConf.to_container(cfg[section], resolve=True), out)
     train = OmegaConf.to_container(cfg.train, resolve=True)
-    _flatten("train", {k: v for k, v in train.items() if k not in NOT_TRAJECTORY}, out)
+    out = flatten({"model": OmegaConf.to_container(cfg.model, resolve=True),
+                   "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+                   "train": {k: v for k, v in train.items() if k not in NOT_TRAJECTORY}})
     out[DATA_DIR] = str(cfg.data.dir)
     return out
 

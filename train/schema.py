@@ -23,10 +23,10 @@ from omegaconf import MISSING, DictConfig
 
 from core.config_utils import ConfigError, load
 from models.config import ModelConfig
+from rundir.config import SCHEMA_NAME  # the first entry of conf/config.yaml's defaults list
 
 __all__ = ["Config", "ConfigError", "SCHEMA_NAME", "check", "parallel_of", "register"]
 
-SCHEMA_NAME = "config_schema"  # the first entry of conf/config.yaml's defaults list
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("fp32", "bf16")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from rundir.files import METRICS, new_run_id
+from rundir.files import METRICS, atomic_write_text, new_run_id
 
 log = logging.getLogger("train")
 
@@ -65,9 +65,7 @@ class Tracker:
         if not self.metrics_path.exists():
             return
         keep = [ln for ln, rec in read_metrics(self.metrics_path) if rec.get("step", 0) <= step]
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.metrics_path)
+        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.is_main:

@@ -62,10 +62,10 @@ def test_ablated_model_trains_a_step(planned):
     """The one-row model builds and back-propagates into its table, gate and projections."""
     from assembly import build_model
     from models import ModelConfig
-    from sweeps.backbone import _for_counting
+    from sweeps.backbone import for_counting
 
     torch.manual_seed(0)
-    net = build_model(ModelConfig.from_dict(_for_counting(planned["cpu-C3e12-rho0.8-ablate"].spec.model)))
+    net = build_model(ModelConfig.from_dict(for_counting(planned["cpu-C3e12-rho0.8-ablate"].spec.model)))
     ids = torch.randint(0, 8192, (2, 32))
     out = net(ids, targets=torch.roll(ids, -1, 1))
     out.loss.backward()

@@ -14,6 +14,7 @@ from moe_utils import make_layer
 
 REPO = Path(__file__).resolve().parents[2]
 torch.set_num_threads(1)
+pytestmark = pytest.mark.slow  # two processes each
 
 
 def _dist_worker(rank: int, world: int, init_file: str, q):
