@@ -71,7 +71,7 @@ def compose(overrides: list[str], config_dir: Path = CONF):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from train.schema import register
+    from rundir.schema import register
 
     register()  # conf/config.yaml starts from the schema in Hydra's ConfigStore
     GlobalHydra.instance().clear()
@@ -120,7 +120,7 @@ def _bare_setup(cfg, device: torch.device):
     from data_prep.reader import open_split
     from train.data import TrainBatches
     from train.optim import build_optimizer
-    from train.schema import check
+    from rundir.schema import check
     from train.trainer import resolve_model_config
 
     t = cfg.train

@@ -1,6 +1,6 @@
 """The one way a mapping becomes a config dataclass: an OmegaConf structured merge.
 
-Every config of the project (the trainer's tree in train/schema.py, whose ``model`` section is
+Every config of the project (the trainer's tree in rundir/schema.py, whose ``model`` section is
 :class:`models.config.ModelConfig` with its typed ``moe`` and ``engram`` sections, and the sweep
 families) is a dataclass. A YAML file, a Hydra composition or a plain dict is merged onto the
 dataclass's structured config, which refuses an unknown key or a value of the wrong type (naming

@@ -1,4 +1,4 @@
-"""Model configuration: the ``model`` section of the config tree (train/schema.py), with the typed
+"""Model configuration: the ``model`` section of the config tree (rundir/schema.py), with the typed
 ``moe`` and ``engram`` sections (pure data kept in core: :mod:`core.moe_config`, :mod:`core.engram_config`;
 re-exported by models.moe and memory), as torchtitan keeps its MoEArgs inside the model args. One object
 is built per run and handed to every layer: nothing re-parses a section per layer."""

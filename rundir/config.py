@@ -19,7 +19,7 @@ import yaml
 
 from rundir.files import HYDRA_CONFIG, RUN_CONFIG, atomic_write_text
 
-SCHEMA_NAME = "config_schema"  # the trainer's schema in Hydra's ConfigStore (train/schema.py registers it)
+SCHEMA_NAME = "config_schema"  # the trainer's schema in Hydra's ConfigStore (rundir/schema.py registers it)
 CONFIG_NAME = Path(RUN_CONFIG).stem
 DEFINING = ("model", "train", "optim", "data")  # sections that decide what a run computes
 NOT_DEFINING = ("train.progress",)  # how a run reports itself, inside those sections

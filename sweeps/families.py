@@ -11,7 +11,8 @@ A family is a :class:`Family` dataclass tree loaded like every config of the pro
 types in one line; values checked in ``__post_init__``). Its ``model``, ``moe`` and ``engram``
 sections (family-wide and per rung) are partial :class:`ModelConfig` / :class:`MoEConfig` /
 :class:`EngramConfig` mappings, checked against those dataclasses' keys and types; ``train`` and
-``optim`` are partial trainer sections, checked when a run's config is loaded.
+``optim`` are partial :class:`rundir.schema.TrainConfig` / :class:`rundir.schema.OptimConfig` sections,
+checked the same way when the family loads (a typo fails ``make plan``, not the first launch).
 
 A rung has optional sub-mappings ``model``, ``moe``, ``engram`` and ``train`` that
 are merged over the family-level ones. Where a rung gives no ``model.ffn_hidden``, the dense
@@ -33,6 +34,7 @@ from core.config_utils import ConfigError, check_keys, load
 from memory.config import EngramConfig
 from models.config import ModelConfig
 from models.moe.config import MoEConfig
+from rundir.schema import OptimConfig, TrainConfig
 
 FAMILY_DIR = Path(__file__).resolve().parents[1] / "conf" / "family"
 
@@ -55,8 +57,10 @@ def _reject(where: str, mapping: Mapping, keys: tuple[str, ...]) -> None:
 
 
 def _check_sections(where: str, model: Mapping, moe: Mapping, engram: Mapping, train: Mapping) -> None:
-    """Partial backbone sections: keys and types of their dataclasses, minus what the solver owns."""
+    """Partial backbone sections: keys and types of their dataclasses (the trainer's schema for ``train``),
+    minus what the solver owns."""
     check_keys(ModelConfig, model, f"{where}model")
+    check_keys(TrainConfig, train, f"{where}train")
     check_keys(MoEConfig, moe, f"{where}moe")
     check_keys(EngramConfig, engram, f"{where}engram")
     _reject(f"{where}model", model, _SOLVED_MODEL_KEYS)
@@ -181,6 +185,7 @@ class Family:
         if self.sparsity <= 1:
             raise ValueError(f"sparsity (P_tot / P_act) must exceed 1, got {self.sparsity}")
         _check_sections("", self.model, self.moe, self.engram, self.train)
+        check_keys(OptimConfig, self.optim, "optim")
         missing = [k for k in ("top_k", "n_shared_experts") if k not in self.moe]
         if missing:
             raise ValueError(f"moe.{missing[0]} is required")

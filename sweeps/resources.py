@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from core.config_utils import load
 from models import ModelConfig
+from rundir.schema import TrainConfig
 from sweeps.backbone import for_counting
 from sweeps.families import Hardware
 from sweeps.runspec import RunSpec
@@ -88,12 +90,8 @@ def estimate_resources(spec: RunSpec, hardware: Hardware, ep_size: int = 1) -> R
     n_gpus / ep_size), everything else (Engram tables included) is replicated. Embedding and head
     count in full. Activations: :func:`activation_bytes_per_token` x micro_batch_size x seq_len.
     """
-    precision = str(spec.train.get("precision", "fp32"))
-    if precision not in _BYTES:
-        raise ValueError(f"train.precision must be one of {sorted(_BYTES)}, got {precision!r}")
-    zero = int(spec.train.get("zero_stage", 0))
-    if zero not in (0, 1, 2):
-        raise ValueError(f"train.zero_stage must be 0, 1 or 2 for the estimate, got {zero}")
+    train = load(TrainConfig, spec.train, "train")  # the trainer's defaults and value checks, not copies
+    precision, zero = train.precision, int(train.zero_stage)
     gpus = hardware.n_gpus
     if gpus % ep_size:
         raise ValueError(f"expert-parallel size {ep_size} does not divide hardware.n_gpus={gpus}")
@@ -102,7 +100,7 @@ def estimate_resources(spec: RunSpec, hardware: Hardware, ep_size: int = 1) -> R
     rep = _state_bytes(replicated, gpus, zero, precision)
     exp = _state_bytes(spec.routed_expert_params / ep_size, gpus // ep_size, zero, precision)
     tab = _state_bytes(spec.engram_params, gpus, zero, precision)
-    micro = int(spec.train.get("micro_batch_size", 1))
+    micro = int(train.micro_batch_size)
     act = activation_bytes_per_token(spec.model, precision) * micro * spec.seq_len
     weights, grads, optim = (rep[i] + exp[i] for i in range(3))
     device_seconds = spec.train_flops / (hardware.mfu * hardware.peak_tflops * 1e12)

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from train.schema import register  # noqa: E402  conf/config.yaml starts from the schema in Hydra's ConfigStore
+from rundir.schema import register  # noqa: E402  conf/config.yaml starts from the schema in Hydra's ConfigStore
 
 register()
 

@@ -101,7 +101,8 @@ def main() -> int:
         if step % every == 0 and step < steps:
             ckpt.mkdir(exist_ok=True)
             atomic_write_json(latest, {"step": step, "tag": f"step_{step:08d}"})
-    val = contract_memory_loss(float(args["sweep.slots"]), seed) if "sweep.slots" in args else contract_loss(rho, seed)
+    slots = args.get("sweep.slots")  # None (allocation sweeps) or the memory sweep's Engram rows
+    val = contract_memory_loss(float(slots), seed) if slots is not None else contract_loss(rho, seed)
     val += float(args.get("contract.loss_offset", 0.0))  # e.g. a control arm's known effect (test_ablation.py)
     spent = float(args.get("sweep.budget", 6e9 * steps))  # an honest run spends its sweep's budget exactly
     atomic_write_json(run_dir / FINAL, {

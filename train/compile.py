@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from train.schema import COMPILE_MODES
+from rundir.schema import COMPILE_MODES
 
 log = logging.getLogger(__name__)
 

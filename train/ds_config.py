@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from train.schema import parallel_of
+from rundir.schema import parallel_of
 
 
 def fp32_grad_accumulation(cfg: DictConfig) -> bool:
@@ -26,7 +26,7 @@ def deepspeed_config(cfg: DictConfig, accum: int) -> dict:
     honoured at ZeRO 0, 1 and 2) and accumulated over micro-steps in fp32 where DeepSpeed can
     (:func:`fp32_grad_accumulation`): a bf16 sum of many micro-batch gradients keeps 8 mantissa bits.
     With sharded Engram tables the trainer clips (train/shards.py): the engine sees no table gradient."""
-    t = cfg.train  # values checked by train.schema.check
+    t = cfg.train  # values checked by rundir.schema.check
     out = {
         "train_batch_size": int(t.global_batch_size),
         "train_micro_batch_size_per_gpu": int(t.micro_batch_size),

@@ -33,7 +33,7 @@ from train.expert_parallel import expert_group, grad_norm
 from train.hardware import peak_flops
 from train.optim import set_lr
 from train.schedule import lr_factor
-from train.schema import parallel_of
+from rundir.schema import parallel_of
 from train.tracking import Progress
 
 log = logging.getLogger("train")

@@ -68,7 +68,7 @@ def _config_source(argv: list[str]) -> tuple[Optional[Path], str, list[str]]:
 
 
 def _compose_and_validate(config_dir: Optional[Path], config_name: str, argv: list[str]):
-    """Compose the config as Hydra will and check it against train/schema.py, before torch is imported,
+    """Compose the config as Hydra will and check it against rundir/schema.py, before torch is imported,
     so a typo'd key or a bad value costs a second, not a checkpoint (and fails in one line)."""
     if any(a.startswith("-") for a in argv):  # Hydra's own flags (--cfg, --multirun): leave it to Hydra
         return
@@ -76,7 +76,7 @@ def _compose_and_validate(config_dir: Optional[Path], config_name: str, argv: li
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from train.schema import ConfigError, check
+    from rundir.schema import ConfigError, check
 
     overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     init = (initialize(config_path=None, version_base="1.3") if config_dir is None
@@ -195,7 +195,7 @@ def _exit_now(code: int) -> None:
 def main() -> int:
     _check_group_choices(sys.argv[1:])
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    from train.schema import register
+    from rundir.schema import register
 
     register()
     config_dir, config_name, args = _config_source(sys.argv[1:])
@@ -216,7 +216,7 @@ def main() -> int:
         from train.distributed import setup, teardown
         from train.trainer import Diverged, RunLocked, train
 
-        from train.schema import ConfigError
+        from rundir.schema import ConfigError
 
         dist = setup(float(cfg.train.dist_timeout_s))
         try:

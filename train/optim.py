@@ -16,7 +16,7 @@ import torch
 
 from core.param_groups import GROUPS, grouped_parameters, owner_path
 from train.muon import matrix_shape, muon_shape_factor, zero_lr_scale
-from train.schema import OptimConfig
+from rundir.schema import OptimConfig
 
 TABLE_GROUP = "engram_tables"
 _STATE_FLOATS = {"muon": 1, "adamw": 2}  # fp32 state tensors per parameter: momentum | exp_avg, exp_avg_sq
@@ -24,7 +24,7 @@ _STATE_FLOATS = {"muon": 1, "adamw": 2}  # fp32 state tensors per parameter: mom
 
 def _check_groups(optim: OptimConfig) -> None:
     """Group names are the model side's (core/param_groups.py): keys, types and values were checked by
-    the schema (train/schema.py)."""
+    the schema (rundir/schema.py)."""
     unknown = sorted(set(optim.groups) - set(GROUPS))
     if unknown:
         raise ValueError(f"optim.groups has entries for undeclared groups {unknown} (declared: {sorted(GROUPS)})")
@@ -100,7 +100,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
 
     A declared group missing from ``optim.groups`` is an error (a new module's parameters are
     never silently mis-optimised), as is an undeclared parameter (core.param_groups). What the
-    Muon path supports under each precision / ZeRO stage is checked with the config (train/schema.py).
+    Muon path supports under each precision / ZeRO stage is checked with the config (rundir/schema.py).
     """
     _check_groups(optim)
     groups = param_groups(model, optim)

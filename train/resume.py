@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rundir.config import flatten
 from train.checkpoint import check_compatible
-from train.schema import ConfigError
+from rundir.schema import ConfigError
 
 # train.* keys that do not change the sequence of parameters a run goes through
 NOT_TRAJECTORY = {"eval_interval", "eval_tokens", "ckpt_interval", "keep_checkpoints", "log_interval", "resume",

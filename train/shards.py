@@ -24,7 +24,7 @@ from memory.layers import MultiHeadTable
 from memory.sharded import RowLayout, TableShard, reshard_rows
 from train import checkpoint as ckpt
 from train.optim import TABLE_GROUP, build_optimizer, describe_optimizer
-from train.schema import OptimConfig
+from rundir.schema import OptimConfig
 
 log = logging.getLogger("train")
 SHARD_DIR = "engram_tables"

@@ -30,7 +30,7 @@ from train.resume import check_finished, trajectory_settings, vet_settings
 from core.fingerprint import fingerprint
 from rundir.files import CHECKPOINTS, FAILED, FINAL, RUN_STATE, atomic_write_json, read_json_object
 from rundir.locks import LOCK_FD_ENV, LOCK_NAME, try_lock
-from train.schema import ConfigError, Config, check, parallel_of
+from rundir.schema import ConfigError, Config, check, parallel_of
 from train.shards import ShardedTables, load_hooks
 from train.loop import Diverged, Loop
 from train.tracking import Tracker
@@ -92,9 +92,7 @@ def step_schedule(cfg: DictConfig) -> tuple[int, int]:
     t = cfg.train
     if t.train_tokens:
         return run_length(float(t.train_tokens), int(t.seq_len), int(t.global_batch_size), int(t.micro_batch_size))
-    if t.max_steps <= 0:
-        raise ValueError(f"train.max_steps must be positive, got {t.max_steps}")
-    return int(t.max_steps), int(t.global_batch_size)
+    return int(t.max_steps), int(t.global_batch_size)  # positive: rundir.schema checked it
 
 
 def total_steps(cfg: DictConfig) -> int:
@@ -104,7 +102,7 @@ def total_steps(cfg: DictConfig) -> int:
 @dataclass
 class Prepared:
     """Everything checked before any compute: data, model config, resume point, step count."""
-    config: Config  # the typed tree (train/schema.py); the model section's tokenizer resolved in mcfg
+    config: Config  # the typed tree (rundir/schema.py); the model section's tokenizer resolved in mcfg
     run_dir: Path
     ckpt_dir: Path
     train_split: Any

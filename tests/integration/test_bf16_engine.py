@@ -14,7 +14,7 @@ from assembly import build_model
 from trainer_utils import REPO, TINY_MODEL
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.optim import build_optimizer
-from train.schema import check
+from rundir.schema import check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ACCUM = 2

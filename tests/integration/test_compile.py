@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from train.compile import compile_blocks, resolve_compile
-from train.schema import ConfigError
+from rundir.schema import ConfigError
 
 
 def test_auto_compiles_on_cuda_only_and_bad_modes_are_named():
@@ -19,7 +19,7 @@ def test_auto_compiles_on_cuda_only_and_bad_modes_are_named():
 
 def test_schema_refuses_an_unknown_compile_mode():
     from core.config_utils import load
-    from train.schema import Config
+    from rundir.schema import Config
 
     assert load(Config, {"model": {}, "train": {"compile": "blocks"}}).train.compile == "blocks"
     with pytest.raises(ConfigError, match="train.compile='fast' is not one of off, blocks, auto"):

@@ -128,7 +128,7 @@ def test_layout_rules_for_table_modes():
 
 def test_sharded_tables_with_clipping_need_fp32_zero0():
     from core.config_utils import load
-    from train.schema import Config, ConfigError
+    from rundir.schema import Config, ConfigError
 
     def check(parallel: dict, **train) -> Config:
         return load(Config, {"model": {}, "parallel": parallel, "train": train})

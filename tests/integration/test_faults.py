@@ -26,7 +26,7 @@ from train import checkpoint as ckpt
 from core.ports import free_port
 from train.resume import changes, trajectory_settings
 from rundir.locks import LOCK_NAME, process_start, stamp_lock_owner, try_lock
-from train.schema import ConfigError, check
+from rundir.schema import ConfigError, check
 from train.tracking import Progress, Tracker
 
 

@@ -25,7 +25,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from train.distributed import DistInfo
-    from train.schema import ConfigError
+    from rundir.schema import ConfigError
     from train.trainer import _on_main
 
     import torch

@@ -297,7 +297,7 @@ def test_run_config_is_what_the_trainer_composes(cpu, paper, tmp_path):
 
     from rundir.config import write_run_config
     from sweeps.runconfig import hydra_block, resolve_run_config
-    from train.schema import check
+    from rundir.schema import check
     from train.trainer import step_schedule
 
     runs = solve_plan(cpu, 1e13, [1.0, 0.4]).runs + solve_plan(paper, 2e20, [0.8]).runs

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 # package -> rank: imports go to a strictly lower rank only.
 LAYERS = {
     "core": 0,  # accounting, parameter-group tags, config helpers, collectives
-    "rundir": 1,  # the run-directory contract: file names, atomic writers, locks, run ids, outcomes
+    "rundir": 2,  # the run-directory contract: file names, writers, locks, run ids, outcomes, the config schema
     "data_prep": 1,  # corpus -> token shards, tokenizers
     "memory": 1,  # Engram: compression, hashing, tables
     "models": 1,  # backbone: attention, dense FFN, MoE, residual streams (memory handed in)

@@ -14,12 +14,12 @@ from models import ModelConfig, Transformer
 from core.config_utils import load
 from memory.config import EngramConfig
 from train.optim import build_optimizer as _build_optimizer, describe_optimizer, optimizer_memory, set_lr
-from train.schema import Config, ConfigError, OptimConfig
+from rundir.schema import Config, ConfigError, OptimConfig
 
 torch.set_num_threads(1)
 
 def build_optimizer(model: nn.Module, optim: dict) -> torch.optim.Optimizer:
-    """The optimizer of an ``optim:`` mapping, loaded as the trainer loads it (train/schema.py)."""
+    """The optimizer of an ``optim:`` mapping, loaded as the trainer loads it (rundir/schema.py)."""
     return _build_optimizer(model, load(OptimConfig, optim, "optim"))
 
 
@@ -161,7 +161,7 @@ def test_bad_optim_config_is_refused(change, message):
 
 
 def test_muon_refuses_what_deepspeed_would_get_wrong():
-    """Checked with the config (train/schema.py's Config), before any model is built."""
+    """Checked with the config (rundir/schema.py's Config), before any model is built."""
     def config(**train):
         return load(Config, {"model": {}, "optim": toy_cfg("muon"), "train": train})
 

@@ -21,7 +21,7 @@ from memory.config import EngramConfig
 from models import ModelConfig, Transformer
 from models.moe.config import MoEConfig
 from train.optim import build_optimizer, describe_optimizer
-from train.schema import OptimConfig
+from rundir.schema import OptimConfig
 
 REPO = Path(__file__).resolve().parents[2]
 torch.set_num_threads(1)

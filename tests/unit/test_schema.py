@@ -1,4 +1,4 @@
-"""The one typed config tree (train/schema.py with models/config.py's model section): unknown keys and
+"""The one typed config tree (rundir/schema.py with models/config.py's model section): unknown keys and
 wrong types refused at every level in one line, defaults from the dataclasses, a YAML round trip, and
 the model built from the one typed section (no re-parsing per layer)."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from core.config_utils import ConfigError, load
 from memory.config import EngramConfig
 from models.config import ModelConfig
 from models.moe.config import MoEConfig
-from train.schema import Config, check
+from rundir.schema import Config, check
 
 REPO = Path(__file__).resolve().parents[2]
 ENGRAM = {"layer_ids": [1], "heads_per_ngram": 2, "embed_dim_per_ngram": 16, "table_sizes": [31, 37]}
@@ -121,7 +121,7 @@ def test_every_moe_layer_shares_the_one_typed_section():
 
 def test_config_modules_import_without_torch():
     """The trainer refuses a bad config before torch is imported (README's fault table)."""
-    code = ("import sys, train.schema, sweeps.families; "
+    code = ("import sys, rundir.schema, sweeps.families; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 

@@ -43,7 +43,7 @@ def test_build_sweep_lays_out_runs_and_passes_sweep_identity_to_the_trainer(tmp_
     assert cfg["logging"]["wandb"] == {**cfg["logging"]["wandb"], "group": "fam-1e13", "name": "fam-1e13-rho0.80-seed1",
                                        "mode": "offline"}
     assert cfg["sweep"] == {"name": "fam-1e13", "mode": "allocation", "family": "fam", "budget": 1e13, "rho": 0.8,
-                            "seed": 1}
+                            "seed": 1, "slots": None}  # the schema's typed sweep section
     assert cfg["train"]["max_steps"] == 6 and cfg["train"]["eval_tokens"] == 4096  # the plan's, then --set
     assert cfg["optim"]["groups"]["matrix"]["weight_decay"] == cfg["optim"]["weight_decay"]  # resolved, no ${...}
     assert cfg["model"]["d_model"] > 0 and "hydra" not in cfg and "defaults" not in cfg
@@ -321,7 +321,7 @@ def test_one_rho_option_and_one_default_grid_for_plan_and_run():
 
 def test_run_config_names_the_trainers_schema():
     from rundir.config import SCHEMA_NAME
-    from train import schema
+    from rundir import schema
 
     assert SCHEMA_NAME == schema.SCHEMA_NAME  # config.yaml's defaults list starts from the trainer's schema
 

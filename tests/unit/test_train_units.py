@@ -10,7 +10,7 @@ from core.param_groups import tag
 from models import ModelConfig, Transformer
 from train.data import TrainBatches
 from train.optim import build_optimizer
-from train.schema import OptimConfig
+from rundir.schema import OptimConfig
 from train.schedule import lr_factor
 
 

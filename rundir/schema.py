@@ -183,6 +183,20 @@ class LoggingConfig:
 
 
 @dataclass
+class SweepMeta:
+    """Where a sweep's run belongs (written by sweeps.driver into the run's config.yaml; recorded, never read
+    by the trainer): empty for a run launched by hand."""
+
+    name: Optional[str] = None
+    mode: Optional[str] = None  # allocation | memory
+    family: Optional[str] = None
+    budget: Optional[float] = None  # training FLOPs of the sweep
+    rho: Optional[float] = None
+    seed: Optional[int] = None
+    slots: Optional[int] = None  # memory sweeps: Engram rows
+
+
+@dataclass
 class Config:
     experiment_name: str = "default"
     run_name: str = "default"
@@ -193,7 +207,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    sweep: Dict[str, Any] = field(default_factory=dict)
+    sweep: SweepMeta = field(default_factory=SweepMeta)
 
     def __post_init__(self):
         """Checks across sections (each section checked its own values already)."""
