@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from sweeps.ablation import ablation_summary
+from sweeps.ablation_fit import ablation_summary
 from sweeps.sweep import ALLOCATION, MEMORY, Sweep, budget_tag
 from sweeps.fit import json_safe
 from sweeps.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, RunRecord, write_results

@@ -12,7 +12,7 @@ import torch
 from memory.config import EngramConfig
 from memory.hashing import NgramHasher
 from memory.primes import assign_table_primes
-from sweeps.ablation import ablation_summary
+from sweeps.ablation_fit import ablation_summary
 from sweeps.driver import build_sweep, plan_allocation
 from sweeps.summary import overlay_allocation_sweeps, summarize
 from sweeps.launchers import LocalLauncher

@@ -182,6 +182,32 @@ def test_allow_list_names_only_imports_that_exist():
     assert ALLOWED <= edges, f"allow-list entries with no import left: {sorted(ALLOWED - edges)}"
 
 
+# ---- inside sweeps/: planning, then execution, then analysis, then the commands ---------------------------
+SWEEPS_GROUPS = {  # a module imports modules of its own group and of the groups before it, never after
+    "planning": ("families", "autofamily", "backbone", "solver", "runspec", "resources", "memory_points", "budget",
+                 "ablation", "experiments", "runconfig"),  # a family and a budget -> resolved run configs
+    "execution": ("results", "sweep", "driver", "runloop", "launchers", "submitit_launcher", "progress",
+                  "preflight"),  # run directories, launchers, the run loop, the results table
+    "analysis": ("fitutil", "fit", "ucurve", "powerlaw", "power", "trend", "plots", "ablation_fit", "summary",
+                 "wandb_summary", "planview"),  # fits with intervals, plots, summaries, the dry-run view
+    "commands": ("run", "plan", "study", "study_config", "study_report", "demo"),  # the CLIs
+}
+
+
+def test_every_sweeps_module_has_a_group():
+    found = {p.stem for p in (REPO / "sweeps").glob("*.py")} - {"__init__"}
+    grouped = [m for ms in SWEEPS_GROUPS.values() for m in ms]
+    assert len(grouped) == len(set(grouped)), "a module listed in two groups"
+    assert found == set(grouped), (f"ungrouped: {sorted(found - set(grouped))}; "
+                                   f"listed but absent: {sorted(set(grouped) - found)}")
+
+
+def test_sweeps_groups_point_down_only():
+    rank = {f"sweeps.{m}": i for i, ms in enumerate(SWEEPS_GROUPS.values()) for m in ms}
+    bad = [i.where() for i in project_imports() if i.src in rank and i.dst in rank and rank[i.dst] > rank[i.src]]
+    assert not bad, "sweeps/ imports against planning -> execution -> analysis -> commands:\n" + "\n".join(bad)
+
+
 # ---- the checker itself, on a small tree ------------------------------------------------------------
 def _tree(root: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
