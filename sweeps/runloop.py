@@ -220,7 +220,8 @@ class _Driver:
         if was_resumed:
             self.resumed.add(name)
         try:
-            write_run_config(run.run_dir, run.config, hydra_block())  # what the trainer reads, whole
+            if not is_locked(run.run_dir):  # a live trainer owns the directory (and read its file): leave both
+                write_run_config(run.run_dir, run.config, hydra_block())  # what the trainer reads, whole
             handle = self.launcher.launch(LaunchRequest(run.name, run.run_dir, run.run_dir / files.RUN_LOG))
         except (OSError, RuntimeError, ValueError) as e:  # e.g. sbatch refused the job
             _record_failure(run, f"launch failed: {type(e).__name__}: {e}")

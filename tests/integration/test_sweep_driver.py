@@ -186,6 +186,7 @@ def test_run_held_by_another_process_is_waited_for_not_launched_twice(tmp_path):
     assert [r.status for r in records] == ["completed"] * 3
     assert len(starts(held.run_dir)) == 1  # only the other process's start
     assert any("already running" in ln for ln in lines)
+    assert read_run_config(held.run_dir)["contract"] == {"step_s": 0.3}  # the live trainer's file left alone
 
 
 def test_timed_out_run_is_recorded_and_resumable(tmp_path):
