@@ -3,11 +3,11 @@ gradient norm stay on the device, and are read once per log interval (issue: tra
 
 The real trainer runs in this process with every Tensor -> host conversion patched to raise inside
 ``Loop.one_step`` (batch copy, forward and backward through the engine, loss and divergence
-bookkeeping, gradient norm, balancing hooks) on a dense + Engram model. Two things are outside what a
-CPU test can judge and run unguarded: the engine's optimizer step (torch's Adam keeps its step
-counters on the host, so the ``.item()`` it calls on them reads no device), and MoE layers, whose CPU
-path needs its group sizes on the host by construction (their dispatch and balancing are covered by
-tests/unit/test_moe_nosync.py).
+bookkeeping, gradient norm, balancing hooks) on a dense + Engram model, and on an MoE + Engram model
+whose experts run ``torch._grouped_mm`` (group offsets on the device, the GPU path). Outside what a CPU
+test can judge, and run unguarded: the engine's optimizer step (torch's Adam keeps its step counters on
+the host, so the ``.item()`` it calls on them reads no device); MoE's ``batched`` CPU path, which slices
+by group sizes on the host by construction (its dispatch and balancing: tests/unit/test_moe_nosync.py).
 """
 from __future__ import annotations
 
@@ -79,3 +79,19 @@ def test_divergence_is_caught_at_the_next_read_and_names_its_step(tiny_data, tmp
                            "train.eval_interval=100", "train.ckpt_interval=2"], monkeypatch, inprocess_dist)
     assert not (run_dir / "checkpoints" / "latest.json").exists()  # the diverged state was never saved
     assert json.loads((run_dir / "failed.json").read_text())["status"] == "diverged"
+
+
+def test_moe_training_steps_on_the_grouped_mm_path_never_read_the_device(tiny_data, tmp_path, monkeypatch,
+                                                                          inprocess_dist):
+    """An MoE + Engram model whose experts run torch._grouped_mm (group offsets on the device, as on a GPU):
+    the guarded steps read nothing back either; the load statistics arrive at the log steps."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    moe = ["model=moe", "model.moe.n_routed_experts=8", "model.moe.expert_hidden=32", "model.moe.impl=grouped_mm"]
+    steps = _train_in_process([f"data.dir={tiny_data}", f"run_dir={run_dir}", *TINY_MODEL, *TINY_TRAIN, *ENGRAM,
+                               *moe, "train.max_steps=4", "train.log_interval=2", "train.eval_interval=100",
+                               "train.ckpt_interval=100"], monkeypatch, inprocess_dist)
+    assert steps == 4
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    loads = [r for r in logged if any(k.endswith("load_max_over_mean") for k in r)]
+    assert [r["step"] for r in loads] == [2, 4]
