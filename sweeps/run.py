@@ -160,9 +160,17 @@ def _plan(args: argparse.Namespace, family: str, budget: float, seeds: list[int]
         specs, warnings = plan_allocation(args.family, budget, args.rho, data_dir=args.data_dir,
                                           ep_size=args.ep_size, round_experts_to_ep=args.round_experts_to_ep,
                                           ablate_memory=args.ablate_memory)
-    return build_sweep(specs, out=args.out, family=family, budget=budget, seeds=seeds, mode=args.mode,
-                       settings=args.settings, wandb_mode=args.wandb_mode,
-                       wandb_project=args.wandb_project, warnings=warnings)
+    sweep = build_sweep(specs, out=args.out, family=family, budget=budget, seeds=seeds, mode=args.mode,
+                        settings=args.settings, wandb_mode=args.wandb_mode,
+                        wandb_project=args.wandb_project, warnings=warnings)
+    from rundir.schema import check  # the trainer's schema: a bad --set (+train.max_stepz=3) fails here, not at launch
+
+    for run in sweep.runs:
+        try:
+            check(run.config)
+        except ValueError as e:
+            raise ValueError(f"{run.run_dir.name}: {e}") from None
+    return sweep
 
 
 def _check_machine(args: argparse.Namespace, sweeps) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,6 +52,21 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "train/loss" in rec:
             out[rec["step"]] = rec["train/loss"]
     return out
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    """The logged gradient norm of every logged step (before clipping). Adam barely feels a wrong clip
+    coefficient (it rescales the update), so tests compare the norm the trainer clipped on itself."""
+    return [json.loads(ln)["train/grad_norm"] for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+            if "train/grad_norm" in ln]
+
+
+def assert_real_grad_norms(run_dir: Path) -> list[float]:
+    """Every logged step carries a finite, positive gradient norm (DeepSpeed reports 0.0 where it computed
+    none: the trainer must fill it in every mode)."""
+    norms = grad_norms(run_dir)
+    assert norms and all(math.isfinite(n) and n > 0 for n in norms), norms
+    return norms
 
 
 def final(run_dir: Path) -> dict:

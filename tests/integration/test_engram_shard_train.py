@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memory.sharded import RowLayout, reshard_rows
-from trainer_utils import final, losses, run_train
+from trainer_utils import assert_real_grad_norms, final, losses, run_train
 from train.checkpoint import safe_load
 
 pytestmark = pytest.mark.slow
@@ -135,5 +135,6 @@ def test_bf16_zero1_sharded_trains_like_replicated(tiny_data, tmp_path):
     worst = max(abs(la[s] - lb[s]) for s in la)
     print(f"bf16 ZeRO-1, 2 ranks: sharded vs replicated losses differ by at most {worst:.3g}")
     assert worst < 0.05 and la[12] < la[1] - 0.3 and lb[12] < lb[1] - 0.3, (la, lb)
+    assert_real_grad_norms(tmp_path / "sharded")  # the shards' norm joined to the engine's
     held = safe_load(str(tmp_path / "sharded/checkpoints/step_00000010/engram_tables/rank0.pt"))["tables"][TABLE]
     assert held["weight"].dtype == torch.float32 and held["exp_avg"].dtype == torch.float32

@@ -13,7 +13,7 @@ import torch
 from train import checkpoint as ckpt
 from train.expert_checkpoint import LAYOUT_FILE, saved_layout
 from train.expert_parallel import check_expert_parallel
-from trainer_utils import losses, run_train
+from trainer_utils import assert_real_grad_norms, grad_norms, losses, run_train
 
 MOE = ["model=moe", "model.moe.n_routed_experts=8", "model.moe.expert_hidden=32", "train.max_steps=20",
        "train.grad_clip=0.3", "train.ckpt_interval=10", "train.keep_checkpoints=0", "train.eval_interval=100"]
@@ -42,12 +42,6 @@ def gathered_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     files = [ckpt.safe_load(str(tag_dir / f)) for f in record["files"]]
     return {f"{k}.{s}": torch.cat([f["state"][k][s] for f in files]) for k in files[0]["state"]
             for s in ("exp_avg", "exp_avg_sq")}
-
-
-def grad_norms(run_dir: Path) -> list[float]:
-    """The logged gradient norm of every step: Adam barely feels a wrong clip coefficient (it rescales the
-    update), so the norm the trainer clipped on is compared itself."""
-    return [json.loads(ln)["train/grad_norm"] for ln in (run_dir / "metrics.jsonl").open() if "train/grad_norm" in ln]
 
 
 def assert_trajectory(ref: dict, got: dict, steps) -> None:
@@ -102,6 +96,8 @@ def test_zero_stages_partition_experts_over_their_data_parallel_group(tiny_data,
     zero = f"train.zero_stage={stage}"
     lz = run(tiny_data, tmp_path / "z", 2, 2, zero)
     assert_trajectory(ref_runs[1][1], lz, range(1, 21))
+    # DeepSpeed's own norm under ZeRO 1/2 (per-partition sums over the expert and data groups): the EP = 1 one
+    assert assert_real_grad_norms(tmp_path / "z") == pytest.approx(grad_norms(ref_runs[1][0]), rel=1e-4)
     if stage == 2:  # a ZeRO-2 checkpoint resumes at its own layout, exactly; another EP size is refused
         assert_trajectory(lz, run(tiny_data, rewound(tmp_path / "z", tmp_path / "again", 10), 2, 2, zero),
                           range(1, 21))

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer_utils import REPO, env, final, kill_after_checkpoint, losses, run_train, train_cmd
+from trainer_utils import (REPO, assert_real_grad_norms, env, final, kill_after_checkpoint, losses, run_train,
+                           train_cmd)
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +54,7 @@ def test_two_rank_zero2_loss_decreases(tiny_data, tmp_path):
     assert np.mean([ls[s] for s in range(1, 6)]) > np.mean([ls[s] for s in range(26, 31)]) + 0.5
     assert sorted(p.name for p in run_dir.glob("rank*.log")) == ["rank0.log", "rank1.log"]
     assert final(run_dir)["steps"] == 30
+    assert_real_grad_norms(run_dir)  # fp32 ZeRO 2: DeepSpeed's norm
 
 
 @pytest.mark.parametrize("length", ["train.max_steps=24", f"train.train_tokens={(23 * 8 + 3) * 64}"],
@@ -147,3 +149,4 @@ def test_bf16_zero1_trains(tiny_data, tmp_path):
     ls = losses(run_dir)
     assert np.mean([ls[s] for s in range(1, 6)]) > np.mean([ls[s] for s in range(26, 31)]) + 0.5
     assert math.isfinite(final(run_dir)["val_loss"])
+    assert_real_grad_norms(run_dir)  # bf16 ZeRO 1

@@ -80,3 +80,9 @@ def test_preflight_refuses_only_what_this_machine_cannot_run():
         check_fits(plan(1e-6, 40.0), cpu, "hint")
     check_fits(plan(100.0, 40.0), Machine(8, 80.0, "8 GPUs"), "hint")
 
+
+
+def test_set_of_an_unknown_trainer_key_is_refused_before_anything_is_written(tmp_path):
+    code, err = _cli(tmp_path, "--budget", "6e12", "--family", "cpu", "--rho", "1", "--set", "+train.max_stepz=3")
+    assert code == 2 and "unknown config key train.max_stepz; did you mean train.max_steps?" in err
+    assert not (tmp_path / "out").exists()
