@@ -81,11 +81,11 @@ def compose(overrides: list[str], config_dir: Path = CONF):
 
 def plan_cases(family: str, budget: float, rhos: list[float]) -> list[tuple[str, list[str], Optional[dict]]]:
     """(label, overrides, run config) of the plan's runs: the config.yaml a sweep would write for each."""
-    from sweeps.budget import solve_plan
-    from sweeps.families import load_family
+    from sweeps.planning.budget import solve_plan
+    from sweeps.planning.families import load_family
 
     plan = solve_plan(load_family(family), budget, rhos)
-    from sweeps.runconfig import resolve_run_config
+    from sweeps.planning.runconfig import resolve_run_config
 
     return [(f"{family}-{budget:g}-rho{spec.rho:g}", [], resolve_run_config(spec.config(include_name=False)))
             for spec in plan.runs]
@@ -197,7 +197,7 @@ def run_case(label: str, overrides: list[str], steps: int, dist, peak: float, wo
         run_dir.mkdir(parents=True)  # Hydra's job creates it under train/main.py
         if run_config is not None:  # a planned run: its own config.yaml, as the sweep launches it
             from rundir.config import write_run_config
-            from sweeps.runconfig import hydra_block
+            from sweeps.planning.runconfig import hydra_block
 
             write_run_config(run_dir, run_config, hydra_block())
         cfg = compose([*overrides, *bench_overrides(run_dir, steps, dist.device)],

@@ -47,7 +47,8 @@ def rows_train_compiled(d) -> list[str]:
             f"{c['mfu']:.1%} | decides train.compile=auto |" for c in d["cases"]]
 
 
-OPTIONAL = ("bench_train_compiled.json",)  # the CPU variant of the check does not compile (tests/integration/test_compile.py does)
+# the CPU variant of the check does not compile (tests/integration/test_compile.py does)
+OPTIONAL = ("bench_train_compiled.json",)
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ class EngramConfig:
     embed_dim_per_ngram: memory dims per order, split evenly over its heads; the retrieved memory
         of one token has (max_ngram - 1) * embed_dim_per_ngram dims.
     table_sizes: base table size per order (primes are searched upward from each; a base of 1 gives
-        every head of that order a single row: the memory-ablation control, sweeps/ablation.py), or
+        every head of that order a single row: the memory-ablation control, sweeps/planning/ablation.py), or
     table_params: total table parameters over all Engram layers, solved into base sizes by
         :mod:`memory.sizing`. Exactly one of the two is set.
     seed: hash seed (layer l draws its multipliers from numpy's default_rng(seed + 10007 * l)).

@@ -58,7 +58,7 @@ def assign_table_primes(base_sizes: Sequence[int], n_heads: int,
 
     ``base_sizes[n - 2]`` is order n's base table size; primes are unique over the whole result.
     A base of 1 gives each head of that order one row (every n-gram hashes to it: no memory left, the
-    control arm of sweeps/ablation.py); those sizes are not primes and take no prime from the others.
+    control arm of sweeps/planning/ablation.py); those sizes are not primes and take no prime from the others.
     """
     if n_heads < 1:
         raise ValueError(f"n_heads must be >= 1, got {n_heads}")

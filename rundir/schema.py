@@ -184,7 +184,7 @@ class LoggingConfig:
 
 @dataclass
 class SweepMeta:
-    """Where a sweep's run belongs (written by sweeps.driver into the run's config.yaml; recorded, never read
+    """Where a sweep's run belongs (written by sweeps.execution.driver into the run's config.yaml; recorded, never read
     by the trainer): empty for a run launched by hand."""
 
     name: Optional[str] = None

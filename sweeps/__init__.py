@@ -1,11 +1,12 @@
 """Iso-FLOP allocation sweeps: families (conf/family/*.yaml), the budget solver, planning, fitting.
 
-Modules come in four groups, each importing only its own and the ones before it (tests/unit/test_layers.py):
-planning (families, solver, run specs, resolved run configs) -> execution (run directories, launchers, the
-run loop, the results table) -> analysis (fits with intervals, plots, summaries) -> commands (the CLIs).
+Three subpackages and the commands, each importing only its own and the ones before it
+(tests/unit/test_layers.py): ``sweeps.planning`` (families, solver, run specs, resolved run configs) ->
+``sweeps.execution`` (run directories, launchers, the run loop, the results table) -> ``sweeps.analysis``
+(fits with intervals, plots, summaries) -> the commands in ``sweeps/`` itself (run, plan, study, demo).
 
-The budget math lives in :mod:`sweeps.budget` (which assembles backbone, solver, runspec, resources
-and memory_points); :mod:`sweeps.families` loads family configs and
+The budget math lives in :mod:`sweeps.planning.budget` (which assembles backbone, solver, runspec, resources
+and memory_points); :mod:`sweeps.planning.families` loads family configs and
 ``python -m sweeps.plan`` prints a plan. Names below are imported lazily so that light modules of
 this package (fits, plots, results) do not pull in torch.
 """
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 from core.lazy import lazy_exports
 
+_FAMILIES, _BUDGET = "sweeps.planning.families", "sweeps.planning.budget"
 _EXPORTS = {
-    "Family": "sweeps.families", "load_family": "sweeps.families", "available_families": "sweeps.families",
-    "Plan": "sweeps.budget", "RunSpec": "sweeps.budget", "Resources": "sweeps.budget",
-    "solve_plan": "sweeps.budget", "solve_point": "sweeps.budget", "select_backbone": "sweeps.budget",
-    "experts_for_rho": "sweeps.budget", "estimate_resources": "sweeps.budget",
+    "Family": _FAMILIES, "load_family": _FAMILIES, "available_families": _FAMILIES,
+    "Plan": _BUDGET, "RunSpec": _BUDGET, "Resources": _BUDGET, "solve_plan": _BUDGET, "solve_point": _BUDGET,
+    "select_backbone": _BUDGET, "experts_for_rho": _BUDGET, "estimate_resources": _BUDGET,
 }
 
 __all__ = sorted(_EXPORTS)

@@ -39,7 +39,7 @@ def sweep_argv(out: Path, parallel: int, threads: int) -> list[str]:
 
 def report(sweep_dir: Path) -> list[str]:
     """What the demo found and where it is: paths, and what the noise it measured means for more seeds."""
-    from sweeps.power import power_lines
+    from sweeps.analysis.power import power_lines
 
     summary = json.loads((sweep_dir / "summary.json").read_text())
     fit = summary.get("fit") or {}
@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # 2 threads on a shared core run slower than 1
-    from sweeps.sweep import sweep_name
+    from sweeps.execution.sweep import sweep_name
     from sweeps.run import main as run_sweep_command
 
     print(f"demo: allocation sweep of the {FAMILY} family at {BUDGET_TEXT} FLOPs, rho {', '.join(map(str, RHOS))}, "

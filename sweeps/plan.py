@@ -167,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from sweeps.autofamily import resolve_family
-        from sweeps.budget import solve_plan
-        from sweeps.families import load_family
+        from sweeps.planning.autofamily import resolve_family
+        from sweeps.planning.budget import solve_plan
+        from sweeps.planning.families import load_family
 
         name, picked = resolve_family(args.family, [args.budget])
         if picked:
@@ -198,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def write_configs(runs, root: Path) -> None:
     """Each run's resolved trainer config in ``root/<run name>/config.yaml``, and the command that trains it."""
     from rundir.config import trainer_args, write_run_config
-    from sweeps.runconfig import TRAIN_SCRIPT, hydra_block, resolve_run_config
+    from sweeps.planning.runconfig import TRAIN_SCRIPT, hydra_block, resolve_run_config
 
     for run in runs:
         run_dir = (root / run.name).resolve()

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sweeps.driver import build_sweep, plan_allocation, plan_memory
-from sweeps.sweep import ALLOCATION, MEMORY
-from sweeps.planview import describe_plan, write_plan
-from sweeps.runloop import SweepLocked, check_plan_unchanged, run_sweeps
-from sweeps.summary import overlay_allocation_sweeps, summarize
+from sweeps.execution.driver import build_sweep, plan_allocation, plan_memory
+from sweeps.execution.sweep import ALLOCATION, MEMORY
+from sweeps.analysis.planview import describe_plan, write_plan
+from sweeps.execution.runloop import SweepLocked, check_plan_unchanged, run_sweeps
+from sweeps.analysis.summary import overlay_allocation_sweeps, summarize
 from sweeps.plan import add_rho_argument, flat, numbers_arg
 
 LAUNCHERS = ("local", "gpus", "submitit-local", "slurm")
@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
                    help="memory mode: Engram table rows in total, e.g. 1e4 1e5 1e6")
     g.add_argument("--ablate-memory", action="store_true",
                    help="allocation: add a control run per rho < 1 with each Engram table collapsed to one row "
-                        "(same model compute; sweeps/ablation.py) and report full minus ablated")
+                        "(same model compute; sweeps/planning/ablation.py) and report full minus ablated")
     g.add_argument("--seeds", type=int, default=1, help="seeds per point (seeds 0..N-1 + --seed-offset)")
     g.add_argument("--seed-offset", type=int, default=0)
     g.add_argument("--data-dir", help="token shards for every run (default: the family's data_dir)")
@@ -96,8 +96,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def make_launcher(args: argparse.Namespace, out_dir: Path):
-    from sweeps.launchers import LocalLauncher
-    from sweeps.submitit_launcher import SubmititLauncher
+    from sweeps.execution.launchers import LocalLauncher
+    from sweeps.execution.submitit_launcher import SubmititLauncher
 
     if args.launcher == "local":
         return LocalLauncher(None, args.procs_per_run, args.runner, args.parallel, args.threads)
@@ -130,7 +130,7 @@ def _fit_line(summary: dict) -> str:
         lo, hi = fit["beta_ci"]
         return (f"  loss = {fit['a']:.4f} + {fit['b']:.4f} (slots/{fit['s0']:.3g})^-{fit['c']:.3f};  "
                 f"log-linear slope {fit['beta']:+.4f} per decade [{_f(lo)}, {_f(hi)}]")
-    from sweeps.fit import verdict_line
+    from sweeps.analysis.fit import verdict_line
 
     return f"  {verdict_line(fit)}"
 
@@ -174,7 +174,7 @@ def _plan(args: argparse.Namespace, family: str, budget: float, seeds: list[int]
 
 
 def _check_machine(args: argparse.Namespace, sweeps) -> None:
-    from sweeps.preflight import check_fits, local_machine
+    from sweeps.execution.preflight import check_fits, local_machine
 
     devices = [d.strip() for d in (args.devices or "").split(",") if d.strip()]
     ranks = args.procs_per_run * (args.parallel if args.launcher == "local" else 1)
@@ -208,9 +208,9 @@ def _check_args(args: argparse.Namespace) -> None:
 def _main(args: argparse.Namespace) -> int:
     _check_args(args)
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
-    from sweeps.families import load_family
+    from sweeps.planning.families import load_family
 
-    from sweeps.autofamily import resolve_family
+    from sweeps.planning.autofamily import resolve_family
 
     args.family, picked = resolve_family(args.family, args.budget)
     if picked:

@@ -36,7 +36,7 @@ def run_length(train_tokens: float, seq_len: int, global_batch_size: int, micro_
 
     Rounded up to whole sequences, and the last step up to one sequence per micro-batch slot
     (``global_batch_size // micro_batch_size`` slots, whatever the world size); a plan that wants an
-    exact count passes a feasible one (:mod:`sweeps.solver` does), so no rounding happens.
+    exact count passes a feasible one (:mod:`sweeps.planning.solver` does), so no rounding happens.
     """
     if not (math.isfinite(train_tokens) and train_tokens > 0):
         raise ValueError(f"train.train_tokens must be a positive number of tokens, got {train_tokens}")

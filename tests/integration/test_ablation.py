@@ -1,4 +1,4 @@
-"""The memory-ablation control arm (sweeps/ablation.py): one-row tables, same compute, lower P_tot;
+"""The memory-ablation control arm (sweeps/planning/ablation.py): one-row tables, same compute, lower P_tot;
 kept out of the U-curve; full minus ablated reported with a paired-by-seed interval."""
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 from memory.config import EngramConfig
 from memory.hashing import NgramHasher
 from memory.primes import assign_table_primes
-from sweeps.ablation_fit import ablation_summary
-from sweeps.driver import build_sweep, plan_allocation
-from sweeps.summary import overlay_allocation_sweeps, summarize
-from sweeps.launchers import LocalLauncher
-from sweeps.results import ABLATED_REASON, COMPLETED, RunRecord
-from sweeps.runloop import run_sweep
+from sweeps.analysis.ablation_fit import ablation_summary
+from sweeps.execution.driver import build_sweep, plan_allocation
+from sweeps.analysis.summary import overlay_allocation_sweeps, summarize
+from sweeps.execution.launchers import LocalLauncher
+from sweeps.execution.results import ABLATED_REASON, COMPLETED, RunRecord
+from sweeps.execution.runloop import run_sweep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 from sweep_contract_trainer import ContractSpec, contract_loss  # noqa: E402
@@ -62,7 +62,7 @@ def test_ablated_model_trains_a_step(planned):
     """The one-row model builds and back-propagates into its table, gate and projections."""
     from assembly import build_model
     from models import ModelConfig
-    from sweeps.backbone import for_counting
+    from sweeps.planning.backbone import for_counting
 
     torch.manual_seed(0)
     net = build_model(ModelConfig.from_dict(for_counting(planned["cpu-C3e12-rho0.8-ablate"].spec.model)))

@@ -167,8 +167,8 @@ def test_expert_parallel_sizes_are_checked():
 
 
 def test_planned_ep_size_reaches_the_run_config():
-    from sweeps.budget import solve_plan
-    from sweeps.families import load_family
+    from sweeps.planning.budget import solve_plan
+    from sweeps.planning.families import load_family
 
     fam = load_family("cpu").with_hardware(n_gpus=4)
     for ep in (1, 4):

@@ -39,7 +39,7 @@ memory:
 @pytest.fixture()
 def contract_launcher(monkeypatch):
     """sweeps.run's launcher, pointed at the contract trainer instead of train/main.py."""
-    from sweeps.launchers import LocalLauncher
+    from sweeps.execution.launchers import LocalLauncher
 
     starts = []
 

@@ -14,14 +14,14 @@ import pytest
 
 from fault_rows import row
 from sweep_contract_trainer import RHO_STAR, ContractSpec, MemoryContractSpec, contract_loss, contract_memory_loss
-from sweeps.driver import build_sweep
-from sweeps.runloop import run_sweep, run_sweeps
-from sweeps.summary import summarize
+from sweeps.execution.driver import build_sweep
+from sweeps.execution.runloop import run_sweep, run_sweeps
+from sweeps.analysis.summary import summarize
 from rundir.config import read_run_config, write_run_config
-from sweeps.launchers import Handle, LocalLauncher, spawn_locked, trainer_command
-from sweeps.submitit_launcher import SubmititLauncher
-from sweeps.runconfig import hydra_block
-from sweeps.results import read_results
+from sweeps.execution.launchers import Handle, LocalLauncher, spawn_locked, trainer_command
+from sweeps.execution.submitit_launcher import SubmititLauncher
+from sweeps.planning.runconfig import hydra_block
+from sweeps.execution.results import read_results
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "tests/sweep_contract_trainer.py"
@@ -104,9 +104,9 @@ DRIVER = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from sweep_contract_trainer import ContractSpec
-from sweeps.driver import build_sweep
-from sweeps.launchers import LocalLauncher
-from sweeps.runloop import run_sweep
+from sweeps.execution.driver import build_sweep
+from sweeps.execution.launchers import LocalLauncher
+from sweeps.execution.runloop import run_sweep
 sweep = build_sweep([ContractSpec(r, 12) for r in {rhos!r}], out={out!r}, family="contract", budget=1e9, seeds=[0],
                     settings=["+contract.step_s=0.1", "+contract.ckpt_every=3"], wandb_mode="disabled")
 run_sweep(sweep, LocalLauncher(script={script!r}, threads=1), poll_s=0.05)
@@ -156,7 +156,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path, sig):
     driver.send_signal(sig)
     driver.wait(timeout=30)
     # the orphaned trainer does not run on: it gets SIGTERM when the driver dies, which frees the run's lock
-    from sweeps.launchers import is_locked
+    from sweeps.execution.launchers import is_locked
 
     assert wait_for(lambda: not is_locked(third), timeout=20)
     assert not (third / "final.json").exists()
@@ -201,7 +201,7 @@ def test_timed_out_run_is_recorded_and_resumable(tmp_path):
 
 
 def test_second_driver_on_the_same_sweep_is_refused(tmp_path):
-    from sweeps.runloop import SweepLocked, _SweepLock
+    from sweeps.execution.runloop import SweepLocked, _SweepLock
 
     sweep = make_sweep(tmp_path, rhos=(1.0, 0.5, 0.2))
     lock = _SweepLock(sweep.dir)
@@ -325,7 +325,7 @@ class _FakeSlurmJob:
 def test_unknown_slurm_state_is_requeried_never_resubmitted(tmp_path, monkeypatch, states, attached):
     import submitit.slurm.slurm as slurm_mod
 
-    from sweeps import submitit_launcher
+    from sweeps.execution import submitit_launcher
 
     monkeypatch.setattr(slurm_mod, "SlurmJob", _FakeSlurmJob)
     monkeypatch.setattr(_FakeSlurmJob, "states", list(states))

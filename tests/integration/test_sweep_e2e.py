@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from rundir.config import read_run_config
 from rundir.locks import is_locked
-from sweeps.results import read_results
+from sweeps.execution.results import read_results
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

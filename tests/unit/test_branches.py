@@ -190,7 +190,7 @@ def test_counts_match_parameters_and_flop_counter(G):
 
 
 def test_branch_overhead_is_counted_by_the_budget_measure():
-    from sweeps.budget import measure
+    from sweeps.planning.budget import measure
 
     base = dict(TINY, moe=asdict(MOE), engram=asdict(ENGRAM))
     one, four = measure(base, 64), measure({**base, "n_branches": 4}, 64)

@@ -16,9 +16,9 @@ import torch
 from assembly import build_model
 from core.param_groups import group_of
 from models import ModelConfig
-from sweeps.budget import (Plan, estimate_resources, experts_for_rho, select_backbone, solve_backbone,
+from sweeps.planning.budget import (Plan, estimate_resources, experts_for_rho, select_backbone, solve_backbone,
                            solve_plan)
-from sweeps.families import Rung, family_from_dict, load_family
+from sweeps.planning.families import Rung, family_from_dict, load_family
 from sweeps.plan import main as plan_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -296,7 +296,7 @@ def test_run_config_is_what_the_trainer_composes(cpu, paper, tmp_path):
     from omegaconf import OmegaConf
 
     from rundir.config import write_run_config
-    from sweeps.runconfig import hydra_block, resolve_run_config
+    from sweeps.planning.runconfig import hydra_block, resolve_run_config
     from rundir.schema import check
     from train.trainer import step_schedule
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from sweeps.demo import BUDGET, FAMILY, RHOS, report, sweep_argv
-from sweeps.power import noise_dof
+from sweeps.analysis.power import noise_dof
 from sweeps.run import parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ def test_makefile_demo_runs_the_sweep_demo():
 
 
 def test_demo_is_moe_plus_engram_with_a_noise_dof_and_a_valid_plan():
-    from sweeps.driver import plan_allocation
+    from sweeps.execution.driver import plan_allocation
 
     args = parser().parse_args(sweep_argv(Path("out"), 2, 1))
     assert args.parallel == 2 and args.threads == 1 and args.wandb_mode == "offline" and args.seeds == 1

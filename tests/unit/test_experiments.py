@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 
 from assembly import build_model
 from models import ModelConfig
-from sweeps.budget import solve_plan
-from sweeps.experiments import CONF_EXPERIMENTS, SHIPPED, render
-from sweeps.families import load_family
+from sweeps.planning.budget import solve_plan
+from sweeps.planning.experiments import CONF_EXPERIMENTS, SHIPPED, render
+from sweeps.planning.families import load_family
 from train.trainer import total_steps
 
 
@@ -18,7 +18,7 @@ from train.trainer import total_steps
 def test_shipped_experiment_equals_solver_output(name):
     family, budget, rho = SHIPPED[name]
     assert (CONF_EXPERIMENTS / f"{name}.yaml").read_text() == render(family, budget, rho, name), (
-        f"conf/experiment/{name}.yaml is stale: regenerate it with python -m sweeps.experiments")
+        f"conf/experiment/{name}.yaml is stale: regenerate it with python -m sweeps.planning.experiments")
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

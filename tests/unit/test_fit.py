@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from sweeps.fit import fit_u_curve, main as fit_main, verdict_line
-from sweeps.power import mde_of, noise_dof, seeds_needed
+from sweeps.analysis.fit import fit_u_curve, main as fit_main, verdict_line
+from sweeps.analysis.power import mde_of, noise_dof, seeds_needed
 
 RHO_TRUE, CURV, FLOOR = 0.75, 0.3, 2.0
 GRID5 = np.linspace(0.2, 1.0, 5)
@@ -44,7 +44,7 @@ def test_monotone_needs_a_significant_slope():
     """Best at an end is "monotone" only when the gain band puts some rho significantly off rho_ref."""
     from dataclasses import replace
 
-    from sweeps.ucurve import verdict_of
+    from sweeps.analysis.ucurve import verdict_of
 
     rho, seed = design(GRID5, 3)
     f = fit_u_curve(rho, 2.5 + 0.2 * rho + 1e-3 * np.sin(7 * rho + seed), seed, n_boot=500)

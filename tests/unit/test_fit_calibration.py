@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import minimize_scalar
 
 from fit_sim import lopsided, one_blas_thread, quadratic, simulate  # noqa: F401  (autouse fixture)
-from sweeps.ucurve import fit_u_curve
+from sweeps.analysis.ucurve import fit_u_curve
 
 N_FLAT, N_COVER, DRAWS = 200, 300, 400  # N_COVER sweeps per level: binomial sd 1.7% at 90%
 
@@ -34,7 +34,7 @@ def test_flat_truth_gives_u_in_at_most_5_percent(n_rho, seeds):
            f"gain point outside its interval in {outside} of {N_FLAT}")
     print(msg)
     assert rate <= 0.05, msg
-    # measured +0.12 .. +0.14 with one seed, +0.06 .. +0.18 with 2+ (sweeps/ucurve.py)
+    # measured +0.12 .. +0.14 with one seed, +0.06 .. +0.18 with 2+ (sweeps/analysis/ucurve.py)
     assert abs(bias) <= (0.2 if seeds == 1 else 0.25) and outside == 0, msg
     assert "insufficient" not in verdicts
 
@@ -72,4 +72,4 @@ def test_intervals_cover_the_truth(shape, n_rho, seeds, noise, seed_sd):
         print(msg)
         assert r_rho >= floor and r_gain >= floor, msg
         assert r_below >= 0.72, msg  # nominal 75% (measured 85-94%); binomial sd 2.5% over 300 sweeps
-        assert -1.6 <= bias <= 0.25, msg  # conservative: measured -1.41 .. -0.22 noise sd (sweeps/ucurve.py)
+        assert -1.6 <= bias <= 0.25, msg  # conservative: measured -1.41 .. -0.22 noise sd (sweeps/analysis/ucurve.py)

@@ -1,4 +1,4 @@
-"""The gain point (a one-sided lower bound of the gain's band, sweeps.ucurve) lies inside its own interval
+"""The gain point (a one-sided lower bound of the gain's band, sweeps.analysis.ucurve) lies inside its own interval
 in every sweep: any level (also below the point's own 75%), flat, U-shaped and monotone truths, 1-3 seeds,
 failed runs. Each assertion prints how many of the simulated sweeps broke it."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sweeps.ucurve import fit_u_curve
+from sweeps.analysis.ucurve import fit_u_curve
 from fit_sim import lopsided, one_blas_thread, quadratic, simulate  # noqa: F401  (autouse)
 
 N_SWEEPS = 120

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sweeps.power import mde_of, noise_dof
-from sweeps.ucurve import fit_u_curve
+from sweeps.analysis.power import mde_of, noise_dof
+from sweeps.analysis.ucurve import fit_u_curve
 from fit_sim import one_blas_thread, simulate  # noqa: F401  (fixture used by autouse)
 
 N_SWEEPS = 150  # binomial sd 3.3% at 80%

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sweeps.fit import expanded_quantiles, fit_power_law
+from sweeps.analysis.fit import expanded_quantiles, fit_power_law
 
 
 def test_expanded_quantiles_widen_with_few_degrees_of_freedom():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from sweeps.ucurve import fit_u_curve
+from sweeps.analysis.ucurve import fit_u_curve
 
 DEFAULT_GRID = np.array([1.0, 0.8, 0.6, 0.4, 0.2])  # sweeps/run.py DEFAULT_RHOS
 
@@ -50,10 +50,10 @@ def test_quadratic_fit_would_have_been_biased():
 
 
 def test_shape_error_term_sizes_the_spline_error():
-    """The rho* interval's shape-error term (sweeps.ucurve): the gap between the spline's rho* and the vertex
+    """The rho* interval's shape-error term (sweeps.analysis.ucurve): the gap between the spline's rho* and the vertex
     of the parabola through the three best means covers the spline's own error on most lopsided truths and
     falls short by little; on a parabola it is 0."""
-    from sweeps.ucurve import _vertex
+    from sweeps.analysis.ucurve import _vertex
 
     rng = np.random.default_rng(0)
     levels = np.sort(DEFAULT_GRID)

@@ -10,10 +10,10 @@ from typing import Optional
 import pytest
 
 from sweep_contract_trainer import ContractSpec
-from sweeps.driver import build_sweep
-from sweeps.planview import describe_plan
-from sweeps.summary import overlay_allocation_sweeps, summarize
-from sweeps.results import RunRecord
+from sweeps.execution.driver import build_sweep
+from sweeps.analysis.planview import describe_plan
+from sweeps.analysis.summary import overlay_allocation_sweeps, summarize
+from sweeps.execution.results import RunRecord
 
 
 @dataclass

@@ -65,7 +65,7 @@ def test_model_reports_both_numbers_and_the_budget_keeps_the_full_one():
         model(idx)
     assert fc.get_total_flops() / idx.numel() == pytest.approx(mc.flops_per_token, rel=1e-9)
     # The budget's count: full attention (changing it would move every planned run's token count).
-    from sweeps.budget import measure
+    from sweeps.planning.budget import measure
 
     measured = measure(cfg.to_dict(), T)
     assert measured.forward_flops == mc.flops_per_token and measured.train_flops == mc.train_flops_per_token

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from sweeps.autofamily import family_for_budget
-from sweeps.budget import solve_plan
-from sweeps.families import load_family
+from sweeps.planning.autofamily import family_for_budget
+from sweeps.planning.budget import solve_plan
+from sweeps.planning.families import load_family
 
 
 @pytest.mark.parametrize("budget,rung", [(1e17, "g00"), (3e17, "g0"), (1e18, "g0")])
@@ -35,7 +35,7 @@ def test_budget_outside_every_family_names_each_refusal():
 
 
 def test_auto_family_names_its_pick_and_refuses_mixed_budgets():
-    from sweeps.autofamily import resolve_family
+    from sweeps.planning.autofamily import resolve_family
 
     assert resolve_family("cpu", [1e20]) == ("cpu", None)  # a named family is taken as given
     name, line = resolve_family("auto", [3e17, 1e18])

@@ -12,10 +12,10 @@ import torch
 
 from assembly import build_model
 from models import ModelConfig
-from sweeps.budget import solve_plan
-from sweeps.families import load_family
-from sweeps.results import FLOPS_EXCLUDE, SCHEMA, RunRecord, read_results, spec_json, write_results
-from sweeps.solver import sequences_for_budget
+from sweeps.planning.budget import solve_plan
+from sweeps.planning.families import load_family
+from sweeps.execution.results import FLOPS_EXCLUDE, SCHEMA, RunRecord, read_results, spec_json, write_results
+from sweeps.planning.solver import sequences_for_budget
 from train.data import TrainBatches, run_length
 
 CPU_RHOS = [1.0, 0.8, 0.6, 0.4, 0.2]

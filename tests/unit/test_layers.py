@@ -183,29 +183,26 @@ def test_allow_list_names_only_imports_that_exist():
 
 
 # ---- inside sweeps/: planning, then execution, then analysis, then the commands ---------------------------
-SWEEPS_GROUPS = {  # a module imports modules of its own group and of the groups before it, never after
-    "planning": ("families", "autofamily", "backbone", "solver", "runspec", "resources", "memory_points", "budget",
-                 "ablation", "experiments", "runconfig"),  # a family and a budget -> resolved run configs
-    "execution": ("results", "sweep", "driver", "runloop", "launchers", "submitit_launcher", "progress",
-                  "preflight"),  # run directories, launchers, the run loop, the results table
-    "analysis": ("fitutil", "fit", "ucurve", "powerlaw", "power", "trend", "plots", "ablation_fit", "summary",
-                 "wandb_summary", "planview"),  # fits with intervals, plots, summaries, the dry-run view
-    "commands": ("run", "plan", "study", "study_config", "study_report", "demo"),  # the CLIs
-}
+SWEEPS_GROUPS = ("planning", "execution", "analysis")  # subpackages, in order; the commands live in sweeps/ itself
 
 
-def test_every_sweeps_module_has_a_group():
-    found = {p.stem for p in (REPO / "sweeps").glob("*.py")} - {"__init__"}
-    grouped = [m for ms in SWEEPS_GROUPS.values() for m in ms]
-    assert len(grouped) == len(set(grouped)), "a module listed in two groups"
-    assert found == set(grouped), (f"ungrouped: {sorted(found - set(grouped))}; "
-                                   f"listed but absent: {sorted(set(grouped) - found)}")
+def _sweeps_rank(module: str) -> int:
+    parts = module.split(".")
+    if parts[0] != "sweeps":
+        return -1
+    return SWEEPS_GROUPS.index(parts[1]) if len(parts) > 2 and parts[1] in SWEEPS_GROUPS else len(SWEEPS_GROUPS)
 
 
-def test_sweeps_groups_point_down_only():
-    rank = {f"sweeps.{m}": i for i, ms in enumerate(SWEEPS_GROUPS.values()) for m in ms}
-    bad = [i.where() for i in project_imports() if i.src in rank and i.dst in rank and rank[i.dst] > rank[i.src]]
-    assert not bad, "sweeps/ imports against planning -> execution -> analysis -> commands:\n" + "\n".join(bad)
+def test_sweeps_subpackages_point_down_only():
+    """planning -> execution -> analysis -> commands (sweeps/*.py): a module imports its own group and the
+    ones before it, never one after."""
+    edges = [i for i in project_imports() if _sweeps_rank(i.src) >= 0 and _sweeps_rank(i.dst) >= 0]
+    bad = [i.where() for i in edges if _sweeps_rank(i.dst) > _sweeps_rank(i.src)]
+    assert len(edges) > 80 and not bad, "sweeps/ imports against planning -> execution -> analysis -> commands:\n" + \
+        "\n".join(bad)
+    loose = sorted(p.name for p in (REPO / "sweeps").glob("*.py"))
+    assert loose == ["__init__.py", "demo.py", "plan.py", "run.py", "study.py", "study_config.py", "study_report.py"], (
+        f"sweeps/ itself holds the commands only; put a new module in {', '.join(SWEEPS_GROUPS)}: {loose}")
 
 
 # ---- the checker itself, on a small tree ------------------------------------------------------------

@@ -15,7 +15,7 @@ from data_prep.reader import DataError, data_tokenizer_id, load_manifest
 from data_prep.tokenization import tokenizer_id
 from models.config import ModelConfig
 from models.moe.config import MoEConfig
-from sweeps.families import load_family
+from sweeps.planning.families import load_family
 from train.trainer import resolve_model_config
 
 def _quiet(_msg: str) -> None:
@@ -68,8 +68,8 @@ def test_paper_runs_train_with_the_whole_muon_recipe():
     Engram follows the backbone's branch count and it trains unclipped (the documented departure)."""
     from hydra import compose, initialize_config_dir
 
-    from sweeps.budget import solve_plan
-    from sweeps.runconfig import resolve_run_config
+    from sweeps.planning.budget import solve_plan
+    from sweeps.planning.runconfig import resolve_run_config
 
     run = solve_plan(load_family("paper"), 2e20, [0.8]).runs[0]
     planned = OmegaConf.create(resolve_run_config(run.config()))  # what its config.yaml holds

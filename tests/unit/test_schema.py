@@ -121,7 +121,7 @@ def test_every_moe_layer_shares_the_one_typed_section():
 
 def test_config_modules_import_without_torch():
     """The trainer refuses a bad config before torch is imported (README's fault table)."""
-    code = ("import sys, rundir.schema, sweeps.families; "
+    code = ("import sys, rundir.schema, sweeps.planning.families; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 

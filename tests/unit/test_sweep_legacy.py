@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.driver import build_sweep, plan_allocation
-from sweeps.runloop import check_plan_unchanged, run_sweeps
-from sweeps.launchers import Launcher
+from sweeps.execution.driver import build_sweep, plan_allocation
+from sweeps.execution.runloop import check_plan_unchanged, run_sweeps
+from sweeps.execution.launchers import Launcher
 
 LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_run_cpu-3e12_rho0.80-seed0"
 

@@ -31,7 +31,7 @@ def test_every_budget_is_validated_before_the_first_run(tmp_path):
 @row("`make sweep BUDGET=1e20 FAMILY=paper` on a machine without the plan's GPUs or memory",
      "refused in one line with the plan's GPU-hours and memory per rank and a Slurm command; `--force` overrides")
 def test_plan_that_does_not_fit_this_machine_is_refused_with_its_cost(tmp_path, monkeypatch):
-    from sweeps import preflight
+    from sweeps.execution import preflight
 
     monkeypatch.setattr(preflight, "_gpu_memory_gib", lambda: [])
     code, err = _cli(tmp_path, "--budget", "1e20", "--family", "paper", "--data-dir", str(tmp_path / "ds_corpus"))
@@ -65,7 +65,7 @@ def test_changed_plan_leaves_plan_json_alone(tmp_path, monkeypatch):
 def test_preflight_refuses_only_what_this_machine_cannot_run():
     from types import SimpleNamespace
 
-    from sweeps.preflight import Machine, check_fits
+    from sweeps.execution.preflight import Machine, check_fits
 
     def plan(gpu_hours, mem, peak=989.0):
         est = {"hardware": "H100", "peak_tflops": peak, "mfu": 0.3, "gpu_hours": gpu_hours, "mem_per_gpu_gib": mem}

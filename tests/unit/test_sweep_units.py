@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 
 from sweep_contract_trainer import ContractSpec
-from sweeps.driver import build_sweep
-from sweeps.sweep import budget_tag, rho_tag, sweep_name
-from sweeps.planview import describe_plan
-from sweeps.runloop import log_tail_reason
-from sweeps.summary import overlay_allocation_sweeps
-from sweeps.fit import fit_power_law, fit_u_curve
-from sweeps.launchers import LocalLauncher, trainer_command
-from sweeps.plots import CurveData, plot_memory_scaling, plot_u_curves
-from sweeps.progress import Progress, fmt_duration
+from sweeps.execution.driver import build_sweep
+from sweeps.execution.sweep import budget_tag, rho_tag, sweep_name
+from sweeps.analysis.planview import describe_plan
+from sweeps.execution.runloop import log_tail_reason
+from sweeps.analysis.summary import overlay_allocation_sweeps
+from sweeps.analysis.fit import fit_power_law, fit_u_curve
+from sweeps.execution.launchers import LocalLauncher, trainer_command
+from sweeps.analysis.plots import CurveData, plot_memory_scaling, plot_u_curves
+from sweeps.execution.progress import Progress, fmt_duration
 from rundir.outcome import read_outcome
-from sweeps.results import RunRecord, read_results, write_results
+from sweeps.execution.results import RunRecord, read_results, write_results
 
 
 # ---- names and run configs --------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_overlay_reads_every_allocation_summary(tmp_path):
 
 # ---- W&B summary run -------------------------------------------------------------------------------------
 def test_wandb_summary_run_is_logged_offline_once_per_content(tmp_path, monkeypatch):
-    from sweeps.wandb_summary import STATE_FILE, log_summary
+    from sweeps.analysis.wandb_summary import STATE_FILE, log_summary
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -286,7 +286,7 @@ def test_cli_dry_run_plans_the_paper_sweep_without_writing(tmp_path, capsys):
 
 
 def test_memory_plan_grows_only_the_tables_of_the_rho1_backbone():
-    from sweeps.driver import plan_allocation, plan_memory
+    from sweeps.execution.driver import plan_allocation, plan_memory
 
     specs, _ = plan_memory("paper", 2e20, [258_000, 1_000_000, 10_000_000])
     base, _ = plan_allocation("paper", 2e20, [1.0])
@@ -333,7 +333,7 @@ def test_trainer_reads_the_run_config_even_beside_hydras_record_of_an_earlier_la
     import sys
 
     from rundir.config import trainer_args, write_run_config
-    from sweeps.runconfig import REPO, TRAIN_SCRIPT, hydra_block
+    from sweeps.planning.runconfig import REPO, TRAIN_SCRIPT, hydra_block
 
     sweep = build_sweep([ContractSpec(0.8)], out=tmp_path, family="f", budget=1e13, seeds=[0])
     run = sweep.runs[0]

@@ -1,5 +1,5 @@
 """The planner's description of one run (:class:`RunSpec`) and the sections of the trainer's config it
-decides (:meth:`RunSpec.config`; sweeps/runconfig.py resolves them into the run's config.yaml)."""
+decides (:meth:`RunSpec.config`; sweeps/planning/runconfig.py resolves them into the run's config.yaml)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ class RunSpec:
     total_params_error: float  # total_params / total_params(rho = 1) - 1
     active_params_error: float = 0.0  # active_params / active_params(rho = 1) - 1 (Engram's dense parts)
     engram_dim_reduced_from: Optional[int] = None  # drift compensation (b), if it was needed
-    memory_ablated: bool = False  # control arm: tables of one row, P_tot lower, FLOPs kept (sweeps/ablation.py)
+    memory_ablated: bool = False  # control arm: tables of one row, P_tot lower, FLOPs kept (sweeps/planning/ablation.py)
     expert_parallel: int = 1  # the plan's --ep-size: the trainer's parallel.expert (routed experts a multiple of it)
 
     @property
@@ -100,7 +100,7 @@ class RunSpec:
 
     def config(self, include_name: bool = True) -> dict:
         """The sections of the trainer's config this plan decides (model incl. moe/engram, train, optim,
-        data): :func:`sweeps.runconfig.resolve_run_config` completes them with the trainer's defaults.
+        data): :func:`sweeps.planning.runconfig.resolve_run_config` completes them with the trainer's defaults.
         ``optim.kind`` picks the trainer's whole recipe for that optimizer (conf/optim/<kind>.yaml)."""
         out: dict = {"experiment_name": self.name} if include_name else {}
         out["model"] = self.model

@@ -1,11 +1,11 @@
-"""Sweep fits, one import away: the allocation U-curve (verdict, rho*, gain, intervals: sweeps.ucurve),
-power (sweeps.power), the trend across budgets (sweeps.trend) and the infinite-memory power law
-(sweeps.powerlaw).
+"""Sweep fits, one import away: the allocation U-curve (verdict, rho*, gain, intervals: sweeps.analysis.ucurve),
+power (sweeps.analysis.power), the trend across budgets (sweeps.analysis.trend) and the infinite-memory power law
+(sweeps.analysis.powerlaw).
 
 Command line, for any table of results (CSV with columns ``rho``, ``seed``, ``val_loss`` and optionally
 ``budget``)::
 
-    python -m sweeps.fit --csv results.csv [--level 0.95] [--n-boot 4000] [--rho-ref 1.0]
+    python -m sweeps.analysis.fit --csv results.csv [--level 0.95] [--n-boot 4000] [--rho-ref 1.0]
 
 prints the ``fit`` JSON a sweep writes to its summary.json (one per budget, plus their trend, when the
 table has a ``budget`` column with several values), after one line per budget that states the verdict.
@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sweeps.fitutil import ci_text, json_safe
-from sweeps.powerlaw import PowerLawFit, expanded_quantiles, fit_power_law
-from sweeps.trend import fit_trend
-from sweeps.ucurve import UCurveFit, fit_u_curve
+from sweeps.analysis.fitutil import ci_text, json_safe
+from sweeps.analysis.powerlaw import PowerLawFit, expanded_quantiles, fit_power_law
+from sweeps.analysis.trend import fit_trend
+from sweeps.analysis.ucurve import UCurveFit, fit_u_curve
 
 __all__ = ["UCurveFit", "PowerLawFit", "fit_u_curve", "fit_power_law", "fit_trend", "json_safe",
            "expanded_quantiles", "verdict_line", "read_csv", "main"]
@@ -38,7 +38,7 @@ def verdict_line(fit: Optional[dict]) -> str:
         return head
     lvl = f"{100 * fit['level']:.0f}%"
     mde = fit.get("mde")
-    what = fit.get("gain_estimator") or "point"  # the gain point: a lower bound inside its interval (sweeps.ucurve)
+    what = fit.get("gain_estimator") or "point"  # a lower bound inside its interval (sweeps.analysis.ucurve)
     return (f"{head}; rho* = {fit['rho_star']:.3f} {ci_text(fit['rho_star_ci'], '.3f')}, gain over rho="
             f"{fit['rho_ref']:g} = {fit['gain_vs_moe']:+.4f} nats ({what}) {ci_text(fit['gain_vs_moe_ci'], '.4f')} "
             f"({lvl}); noise sd {fit['sigma']:.4f} ({fit['sigma_dof']} dof); detectable gain "
@@ -69,7 +69,7 @@ def read_csv(path: Path) -> dict[Optional[float], tuple[list[float], list[int], 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sweeps.fit", description="Fit an allocation sweep from a CSV.")
+    p = argparse.ArgumentParser(prog="python -m sweeps.analysis.fit", description="Fit an allocation sweep from a CSV.")
     p.add_argument("--csv", type=Path, required=True, help="columns rho, seed, val_loss (optional budget)")
     p.add_argument("--level", type=float, default=0.95)
     p.add_argument("--n-boot", type=int, default=4000, help="posterior draws")

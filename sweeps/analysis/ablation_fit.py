@@ -1,4 +1,4 @@
-"""The memory-ablation control arm's summary (the arm itself is planned in :mod:`sweeps.ablation`): each
+"""The memory-ablation control arm's summary (the arm itself is planned in :mod:`sweeps.planning.ablation`): each
 full-memory run against its one-row-table twin of the same seed, paired differences with a t interval,
 and the one-line verdict."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from scipy import stats
 
-from sweeps.results import ABLATED_REASON
+from sweeps.execution.results import ABLATED_REASON
 
 
 # ---- the summary: full vs ablated, paired by seed ------------------------------------------------

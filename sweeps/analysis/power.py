@@ -2,7 +2,7 @@
 
 The gain is a contrast between two sampled rho values (rho = 1 and the optimum); with a seed block
 its variance is sigma^2 (1/n_ref + 1/n_best), n = finished seeds at each. The verdict "U" needs the lower
-end of the gain's interval above zero, and that end comes from a simultaneous band over rho (sweeps.ucurve):
+end of the gain's interval above zero, and that end comes from a simultaneous band over rho (sweeps.analysis.ucurve):
 ``D_hat - c se`` with c the band's critical value, above the pointwise t quantile because the optimum is
 not known in advance. So a gain delta is detected with 80% power when ``delta >= (c + t_{0.8, dof}) se``.
 c depends on the number of rho values, the noise dof and the level only (equally spaced rho, balanced
@@ -23,12 +23,12 @@ from functools import lru_cache
 import numpy as np
 from scipy.special import stdtrit
 
-from sweeps.fitutil import spline_matrix
+from sweeps.analysis.fitutil import spline_matrix
 
 POWER = 0.8
 PAPER_GAIN = 0.014  # nats: the paper's gain at 6e20 FLOPs, about the seed noise at small scale
 MAX_SEEDS = 64
-GRID_POINTS = 321  # the fit's evaluation grid over the sampled range (sweeps.ucurve)
+GRID_POINTS = 321  # the fit's evaluation grid over the sampled range (sweeps.analysis.ucurve)
 BAND_STRIDE = 4  # the gain's simultaneous band uses every 4th grid point: D is smooth, its max barely moves
 CRIT_DRAWS = 20000
 
@@ -46,7 +46,7 @@ def band_crit(n_rho: int, dof: int, level: float = 0.95) -> float:
 
 
 def noise_dof(n_rho: int, n_seeds: int) -> int:
-    """Noise degrees of freedom of a complete design (see sweeps.ucurve: pure error from 2 seeds on,
+    """Noise degrees of freedom of a complete design (see sweeps.analysis.ucurve: pure error from 2 seeds on,
     else quadratic residuals)."""
     return (n_rho - 1) * (n_seeds - 1) if n_seeds >= 2 else n_rho - 3
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from rundir.outcome import launch_attempts, read_outcome
-from sweeps.results import RunRecord, spec_json
+from sweeps.execution.results import RunRecord, spec_json
 
 ALLOCATION, MEMORY = "allocation", "memory"
 

@@ -2,15 +2,15 @@
 
 Families are tried from the smallest scale up (cpu, gpu, paper, then any other in name order); the
 first whose budget range holds the budget wins. A family's range is the solver's (its rungs and its
-tokens-per-active-parameter rule, :func:`sweeps.budget.select_backbone`), so nothing here re-derives
+tokens-per-active-parameter rule, :func:`sweeps.planning.budget.select_backbone`), so nothing here re-derives
 budget math: a budget outside every range gets each family's own refusal in the message.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from sweeps.budget import select_backbone
-from sweeps.families import available_families, load_family
+from sweeps.planning.budget import select_backbone
+from sweeps.planning.families import available_families, load_family
 
 SCALE_ORDER = ("cpu", "gpu", "paper")
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = "train/main.py"
 
 # Keys the iso-FLOP plan solved: a change would move a run off its point (shapes, tokens per step, steps, data).

@@ -1,5 +1,5 @@
 """Ways to run one training run of a sweep: the launcher interface and local processes (Slurm jobs through
-submitit are :mod:`sweeps.submitit_launcher`).
+submitit are :mod:`sweeps.execution.submitit_launcher`).
 
 Every launcher runs the same trainer, ``train/main.py``, on the run's own resolved config (nothing else
 on its command line: ``--config-dir <run_dir> --config-name config``, :mod:`rundir.config`), as
@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 from core.ports import free_port
 from rundir.config import trainer_args
 from rundir.locks import LOCK_FD_ENV, LOCK_NAME, is_locked, try_lock
-from sweeps.runconfig import REPO, TRAIN_SCRIPT
+from sweeps.planning.runconfig import REPO, TRAIN_SCRIPT
 
 RUNNERS = ("python", "torchrun", "deepspeed")
 

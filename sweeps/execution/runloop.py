@@ -1,6 +1,6 @@
 """The sweep driver's run loop: launch what is missing from one queue, watch it, record every outcome.
 
-Split from :mod:`sweeps.driver` (which names and plans; :mod:`sweeps.summary` collects). Each launch
+Split from :mod:`sweeps.execution.driver` (which names and plans; :mod:`sweeps.analysis.summary` collects). Each launch
 first writes the run's resolved ``config.yaml``, the only thing the trainer is given; a run launched
 before is continued only if its recorded config equals the plan's (:func:`check_plan_unchanged`). The
 loop survives its own death (results rewritten after every finished run; a re-run re-attaches to live
@@ -23,11 +23,12 @@ from rundir import files
 from rundir.config import config_changes, read_run_config, write_run_config
 from rundir.locks import is_locked
 from rundir.outcome import last_step, read_outcome, supersede_outcome
-from sweeps.launchers import ForeignHandle, Handle, LaunchRequest, Launcher
-from sweeps.progress import Progress, fmt_duration, table
-from sweeps.runconfig import hydra_block
-from sweeps.sweep import Sweep, SweepRun
-from sweeps.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, TERMINAL, RunRecord, write_results
+from sweeps.execution.launchers import ForeignHandle, Handle, LaunchRequest, Launcher
+from sweeps.execution.progress import Progress, fmt_duration, table
+from sweeps.planning.runconfig import hydra_block
+from sweeps.execution.sweep import Sweep, SweepRun
+from sweeps.execution.results import (COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, TERMINAL, RunRecord,
+                                      write_results)
 
 SWEEP_LOCK = ".sweep.lock"
 

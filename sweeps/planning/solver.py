@@ -1,4 +1,4 @@
-"""Steps 3 and 4 of the budget solver (see :mod:`sweeps.budget`): the run of one rho at a budget:
+"""Steps 3 and 4 of the budget solver (see :mod:`sweeps.planning.budget`): the run of one rho at a budget:
 Engram tables sized from what the removed experts free, drift compensation, and the token solve."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 
 from memory.config import EngramConfig
 from memory.sizing import solve_table_sizes
-from sweeps.backbone import Backbone, Measured, _moe_model, _round_half_up, experts_for_rho, measure
-from sweeps.families import Family, Tolerances
-from sweeps.runspec import RunSpec
+from sweeps.planning.backbone import Backbone, Measured, _moe_model, _round_half_up, experts_for_rho, measure
+from sweeps.planning.families import Family, Tolerances
+from sweeps.planning.runspec import RunSpec
 
 
 # ---- steps 3 and 4: one rho ------------------------------------------------------------------------

@@ -21,15 +21,15 @@ Compute and parameters of an ablated run, against its full-memory twin:
   ``rho_effective`` is the twin's, so both arms sit at the same x.
 
 Ablated runs live in the allocation sweep's directory (``rho0.80-ablate-seed0``), are kept out of the
-U-curve fit (:mod:`sweeps.results` marks them excluded with the reason) and are compared with their
-twins in :func:`sweeps.ablation_fit.ablation_summary`, paired by seed.
+U-curve fit (:mod:`sweeps.execution.results` marks them excluded with the reason) and are compared with their
+twins in :func:`sweeps.analysis.ablation_fit.ablation_summary`, paired by seed.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Sequence
 
-from sweeps.runspec import RunSpec
+from sweeps.planning.runspec import RunSpec
 
 ABLATE_TAG = "ablate"  # run directory / name suffix of an ablated point
 
@@ -38,7 +38,7 @@ def ablated_run(spec: RunSpec, rho_one_total: int) -> RunSpec:
     """The memory ablation of the full Engram run ``spec`` (see the module docstring).
 
     ``rho_one_total``: P_tot of the sweep's rho = 1 model, for ``total_params_error``."""
-    from sweeps.backbone import measure  # builds models: not needed to summarise a sweep
+    from sweeps.planning.backbone import measure  # builds models: not needed to summarise a sweep
 
     engram = spec.model.get("engram")
     if not engram:

@@ -93,7 +93,7 @@ ISO_COLUMNS = ("rho_eff", "planned_flops", "flops_error", "excluded", "tokens_pe
                "tokens_per_total_param", "lookups_per_row", "active_params_error")
 FLOPS_EXCLUDE = 0.005  # |spent / budget - 1| above which an allocation point is left out of the fit
 ABLATED_REASON = ("memory-ablation control arm (tables of one row): compared with its full-memory twin "
-                  "(sweeps/ablation.py), not on the U-curve")
+                  "(sweeps/planning/ablation.py), not on the U-curve")
 
 
 def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:

@@ -1,5 +1,5 @@
 """Collecting a sweep: its results table, the fit, figures, ``summary.json`` and the W&B summary run, and
-the overlay of every allocation sweep under an output root (split from :mod:`sweeps.driver`, which plans
+the overlay of every allocation sweep under an output root (split from :mod:`sweeps.execution.driver`, which plans
 and names the runs)."""
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from sweeps.ablation_fit import ablation_summary
-from sweeps.sweep import ALLOCATION, MEMORY, Sweep, budget_tag
-from sweeps.fit import json_safe
-from sweeps.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, RunRecord, write_results
+from sweeps.analysis.ablation_fit import ablation_summary
+from sweeps.execution.sweep import ALLOCATION, MEMORY, Sweep, budget_tag
+from sweeps.analysis.fit import json_safe
+from sweeps.execution.results import (COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, RunRecord,
+                                      write_results)
 from rundir.files import write_record
 
 
@@ -53,9 +54,9 @@ def summarize(sweep: Sweep, records: Sequence[RunRecord], *, n_boot: int = 4000,
               wandb_entity: Optional[str] = None, emit: Callable[[str], None] = print) -> dict:
     """Fit what the completed runs allow and write results.parquet, summary.json, the figure and the W&B
     summary run into the sweep directory. Returns the summary."""
-    from sweeps.fit import fit_power_law, fit_u_curve, verdict_line
-    from sweeps.plots import CurveData, plot_memory_scaling, plot_u_curves
-    from sweeps.wandb_summary import log_summary
+    from sweeps.analysis.fit import fit_power_law, fit_u_curve, verdict_line
+    from sweeps.analysis.plots import CurveData, plot_memory_scaling, plot_u_curves
+    from sweeps.analysis.wandb_summary import log_summary
 
     write_results(records, sweep.dir / "results.parquet")
     x_name = "slots" if sweep.mode == MEMORY else "rho"
@@ -101,7 +102,7 @@ def summarize(sweep: Sweep, records: Sequence[RunRecord], *, n_boot: int = 4000,
         wandb_dir = json.loads(state.read_text()).get("location")
     if wandb_dir:
         summary["wandb_summary_dir"] = wandb_dir
-    summary["ablation"] = ablation_summary(records, level=level, emit=emit)  # control arm (sweeps/ablation.py)
+    summary["ablation"] = ablation_summary(records, level=level, emit=emit)  # control arm (sweeps/planning/ablation.py)
     write_record(sweep.dir / "summary.json", json_safe(summary))
     return summary
 
@@ -110,8 +111,8 @@ def overlay_allocation_sweeps(out: Path, path: Optional[Path] = None) -> Optiona
     """Every allocation sweep under ``out`` with a summary, in one figure (``<out>/u_curves.png``); with two
     or more budgets, also rho* and the gain against budget (``<out>/trend.png``) and their fitted trend in
     ``<out>/summary.json``."""
-    from sweeps.fit import UCurveFit, fit_trend
-    from sweeps.plots import CurveData, plot_trend, plot_u_curves
+    from sweeps.analysis.fit import UCurveFit, fit_trend
+    from sweeps.analysis.plots import CurveData, plot_trend, plot_u_curves
 
     curves = []
     for summary_path in sorted(Path(out).glob("*/summary.json"), key=lambda p: p.parent.name):

@@ -90,8 +90,8 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 from scipy.special import fdtrc
 
-from sweeps.fitutil import check_xy, effect_coding, json_safe, nan_list, ols, spline_matrix
-from sweeps.power import BAND_STRIDE, GRID_POINTS, mde_of  # GRID_POINTS: resolution 0.0025 over [0.2, 1]
+from sweeps.analysis.fitutil import check_xy, effect_coding, json_safe, nan_list, ols, spline_matrix
+from sweeps.analysis.power import BAND_STRIDE, GRID_POINTS, mde_of  # GRID_POINTS: resolution 0.0025 over [0.2, 1]
 
 
 BAND_POINTS = 41  # pointwise band of the curve written to summary.json
@@ -110,7 +110,7 @@ class UCurveFit:
     rho_star_ci: list[float]
     gain_vs_moe: float  # 75% lower bound of L(rho_ref) - min L (inside gain_vs_moe_ci; see the docstring)
     gain_vs_moe_ci: list[float]
-    mde: float  # smallest gain this design detects at 80% power (see sweeps.power)
+    mde: float  # smallest gain this design detects at 80% power (see sweeps.analysis.power)
     p_effect: float  # F test of "loss does not depend on rho"
     level: float
     rho_ref: float

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sweeps.results import RunRecord
+from sweeps.execution.results import RunRecord
 from core.fingerprint import fingerprint
 from rundir.files import atomic_write_json, new_run_id
 
@@ -109,7 +109,7 @@ def _payload(group: str, records: Sequence[RunRecord], curve: Optional[dict], im
 def _write_summary(run, fit: Optional[dict]) -> None:
     """The verdict, its headline line, and every fit value ([lo, hi] pairs as _low / _high)."""
     if fit and "verdict" in fit:
-        from sweeps.fit import verdict_line
+        from sweeps.analysis.fit import verdict_line
 
         run.summary["verdict"] = fit["verdict"]
         run.summary["headline"] = verdict_line(fit)

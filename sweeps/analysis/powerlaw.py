@@ -16,7 +16,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.stats import norm, t as student_t
 
-from sweeps.fitutil import check_xy, json_safe
+from sweeps.analysis.fitutil import check_xy, json_safe
 
 
 def expanded_quantiles(level: float, dof: int) -> list[float]:

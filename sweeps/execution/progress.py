@@ -12,7 +12,7 @@ import statistics
 import time
 from typing import Callable, Optional, Sequence
 
-from sweeps.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, RunRecord
+from sweeps.execution.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, PENDING, RUNNING, RunRecord
 
 
 def fmt_duration(seconds: Optional[float]) -> str:

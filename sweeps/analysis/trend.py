@@ -3,7 +3,7 @@
 Each budget contributes its point estimate and its interval; the interval's half-width over the normal
 quantile of its level is taken as the estimate's standard error (intervals are not symmetric, and the
 gain's is conservative, from a simultaneous band: the mean half-width is used, so the trend's intervals
-err wide). The gain's point is a 75% lower bound (sweeps.ucurve): it reads low by about a standard error,
+err wide). The gain's point is a 75% lower bound (sweeps.analysis.ucurve): it reads low by about a standard error,
 more at budgets with more noise, so the gain trend's level is conservative. The trend is a weighted
 least-squares line in log10(budget) with those standard errors known (inverse-variance weights, normal
 intervals): with two budgets it is the line through them, its slope interval carrying both points'
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import norm
 
-from sweeps.fitutil import json_safe, nan_list
+from sweeps.analysis.fitutil import json_safe, nan_list
 
 
 def _line(x: np.ndarray, y: np.ndarray, se: np.ndarray, level: float) -> dict:

@@ -1,18 +1,18 @@
 """The dry-run view of a sweep (every run's shape, cost and state, the first run's command, the power
-line) and its plan record, ``plan.json`` (split from :mod:`sweeps.driver`)."""
+line) and its plan record, ``plan.json`` (split from :mod:`sweeps.execution.driver`)."""
 from __future__ import annotations
 
 import math
 from typing import Optional, Sequence
 
-from sweeps.sweep import ALLOCATION, Sweep
-from sweeps.fit import json_safe
+from sweeps.execution.sweep import ALLOCATION, Sweep
+from sweeps.analysis.fit import json_safe
 from rundir.files import write_record
 
 
 def _power_report(sweep: Sweep, noise: Optional[float]) -> list[str]:
     """Dry-run power lines: from ``noise`` or from finished sweeps of the same family under the output root."""
-    from sweeps.power import noise_from_earlier, power_lines
+    from sweeps.analysis.power import noise_from_earlier, power_lines
 
     n_rho = len({round(r.rho, 9) for r in sweep.runs})
     n_seeds = len({r.seed for r in sweep.runs})
@@ -32,7 +32,7 @@ def describe_plan(sweep: Sweep, noise: Optional[float] = None, command: Optional
     import sys
 
     from rundir.config import trainer_args
-    from sweeps.runconfig import TRAIN_SCRIPT
+    from sweeps.planning.runconfig import TRAIN_SCRIPT
 
     lines = [f"sweep {sweep.name} ({sweep.mode}): {len(sweep.runs)} runs in {sweep.dir}"]
     lines += [f"warning: {w}" for w in sweep.warnings]

@@ -1,7 +1,7 @@
 """Slurm jobs (or submitit's local executor) as a sweep launcher: one submitit job per run.
 
 Node 0 of a job holds the run's lock and starts the trainer on the run's config.yaml under the chosen
-runner (:func:`sweeps.launchers.trainer_command`); a Slurm job keeps running when the driver exits and the
+runner (:func:`sweeps.execution.launchers.trainer_command`); a Slurm job keeps running when the driver exits and the
 next invocation re-attaches to it through ``<run_dir>/launcher.json`` instead of submitting again.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Optional
 
 from rundir.files import LAUNCH_RECORD, atomic_write_json, atomic_write_text
 from rundir.locks import is_locked
-from sweeps.launchers import (REPO, RUNNERS, TRAIN_SCRIPT, Handle, LaunchRequest, Launcher, Outcome, die_with_parent,
-                              spawn_locked, terminate_group, thread_env, trainer_command)
+from sweeps.execution.launchers import (REPO, RUNNERS, TRAIN_SCRIPT, Handle, LaunchRequest, Launcher, Outcome,
+                                        die_with_parent, spawn_locked, terminate_group, thread_env, trainer_command)
 
 
 @dataclass

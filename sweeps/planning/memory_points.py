@@ -6,10 +6,10 @@ from typing import Optional, Sequence
 
 from memory.config import EngramConfig
 from memory.sizing import solve_table_sizes
-from sweeps.backbone import measure, select_backbone
-from sweeps.families import Family
-from sweeps.runspec import RunSpec
-from sweeps.solver import solve_point
+from sweeps.planning.backbone import measure, select_backbone
+from sweeps.planning.families import Family
+from sweeps.planning.runspec import RunSpec
+from sweeps.planning.solver import solve_point
 
 
 # ---- "infinite memory" sweeps -------------------------------------------------------------------

@@ -16,8 +16,9 @@ when the trainer died without a word, by the driver with the tail of its log), `
 are never relaunched; failed ones only with ``retry_failed``. The results table is rewritten after
 every finished run, so nothing finished is lost when the driver itself dies.
 
-This module names and plans; :mod:`sweeps.runloop` launches and watches, :mod:`sweeps.summary` collects
-and fits, :mod:`sweeps.planview` shows a plan before anything runs.
+This module names and plans; :mod:`sweeps.execution.runloop` launches and watches,
+:mod:`sweeps.analysis.summary` collects and fits, :mod:`sweeps.analysis.planview` shows a plan before
+anything runs.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from sweeps.ablation import ablation_specs
-from sweeps.runconfig import refuse_planned, resolve_run_config
-from sweeps.sweep import ALLOCATION, MEMORY, Sweep, SweepRun, rho_tag, sweep_name
+from sweeps.planning.ablation import ablation_specs
+from sweeps.planning.runconfig import refuse_planned, resolve_run_config
+from sweeps.execution.sweep import ALLOCATION, MEMORY, Sweep, SweepRun, rho_tag, sweep_name
 
 
 def build_sweep(specs: Sequence[Any], *, out: Path, family: str, budget: float, seeds: Sequence[int],
@@ -51,7 +52,7 @@ def build_sweep(specs: Sequence[Any], *, out: Path, family: str, budget: float, 
             raise ValueError("a memory sweep needs specs with a slot count (.slots)")
         label = getattr(spec, "requested_slots", slots)
         point = f"slots{int(label)}" if mode == MEMORY else f"rho{rho_tag(float(spec.rho))}"
-        point += "-ablate" if getattr(spec, "memory_ablated", False) else ""  # sweeps/ablation.py
+        point += "-ablate" if getattr(spec, "memory_ablated", False) else ""  # sweeps/planning/ablation.py
         if point in seen:
             raise ValueError(f"two planned runs share the point {point}: give distinct values")
         seen.add(point)
@@ -77,7 +78,7 @@ def build_sweep(specs: Sequence[Any], *, out: Path, family: str, budget: float, 
 class _PlannedRun:
     """A budget-solver run spec as the driver launches it."""
 
-    spec: Any  # sweeps.budget.RunSpec
+    spec: Any  # sweeps.planning.budget.RunSpec
 
     @property
     def rho(self) -> float:
@@ -116,10 +117,10 @@ def plan_allocation(family: str, budget: float, rhos: Sequence[float], *, data_d
                     ep_size: int = 1, round_experts_to_ep: bool = False,
                     ablate_memory: bool = False) -> tuple[list[Any], list[str]]:
     """Run specs of an allocation sweep from the budget solver, and its warnings. ``ablate_memory`` adds
-    the control arm: one run per rho < 1 with one-row tables (:mod:`sweeps.ablation`), whose cost
+    the control arm: one run per rho < 1 with one-row tables (:mod:`sweeps.planning.ablation`), whose cost
     estimates are its twin's (the same compute; memory a little lower)."""
-    from sweeps.budget import solve_plan
-    from sweeps.families import load_family
+    from sweeps.planning.budget import solve_plan
+    from sweeps.planning.families import load_family
 
     plan = solve_plan(load_family(family), float(budget), list(rhos), ep_size=ep_size,
                       round_experts_to_ep=round_experts_to_ep, data_dir=data_dir)
@@ -130,10 +131,10 @@ def plan_allocation(family: str, budget: float, rhos: Sequence[float], *, data_d
 
 def plan_memory(family: str, budget: float, slots: Sequence[int], *,
                 data_dir: Optional[str] = None) -> tuple[list[MemorySpec], list[str]]:
-    """Run specs of an "infinite memory" sweep (sized by ``sweeps.budget.solve_memory_points``),
+    """Run specs of an "infinite memory" sweep (sized by ``sweeps.planning.budget.solve_memory_points``),
     each with its cost estimates."""
-    from sweeps.budget import estimate_resources, solve_memory_points
-    from sweeps.families import load_family
+    from sweeps.planning.budget import estimate_resources, solve_memory_points
+    from sweeps.planning.families import load_family
 
     fam = load_family(family)
     out = []

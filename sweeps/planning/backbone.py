@@ -1,4 +1,4 @@
-"""Steps 1 and 2 of the budget solver (see :mod:`sweeps.budget`): counting models built on the meta
+"""Steps 1 and 2 of the budget solver (see :mod:`sweeps.planning.budget`): counting models built on the meta
 device, the rho = 1 backbone of each rung, the rung for a budget, and the routed experts kept at rho."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from assembly import build_model
 from core.accounting import ModelCounts
 from models import ModelConfig
 from models.moe import MoEConfig
-from sweeps.families import Family
+from sweeps.planning.families import Family
 
 
 # ---- counting instantiated models ----------------------------------------------------------------

@@ -3,7 +3,7 @@
 A family holds everything shared by its models (vocabulary, sequence length, MoE routing, Engram
 layout, optimiser and trainer settings, the sparsity P_tot / P_act and the tokens-per-active-parameter
 rule) and a ladder of *rungs*, each a backbone shape (width, depth, heads, expert size, Engram
-layers). The budget solver (:mod:`sweeps.budget`) picks the rung for a budget and derives
+layers). The budget solver (:mod:`sweeps.planning.budget`) picks the rung for a budget and derives
 everything else (expert counts, Engram table sizes, tokens) from the models' own counts.
 
 A family is a :class:`Family` dataclass tree loaded like every config of the project
@@ -36,7 +36,7 @@ from models.config import ModelConfig
 from models.moe.config import MoEConfig
 from rundir.schema import OptimConfig, TrainConfig
 
-FAMILY_DIR = Path(__file__).resolve().parents[1] / "conf" / "family"
+FAMILY_DIR = Path(__file__).resolve().parents[2] / "conf" / "family"
 
 # Keys the solver owns: a family may not set them (they are solved per budget and rho).
 _SOLVED_MOE_KEYS = ("n_routed_experts",)

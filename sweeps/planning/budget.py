@@ -22,7 +22,7 @@ Procedure for a family, a budget C and a list of rho values:
    rho = 1 model (prime gaps leave a few rows per head).
 4. Tokens. Each run trains the whole number of *sequences* whose training FLOPs (3 x forward
    FLOPs per token x tokens, attention and head included, lookups 0) are closest to C; the last
-   optimizer step may be short (:func:`sweeps.solver.sequences_for_budget` says why, train/data.py
+   optimizer step may be short (:func:`sweeps.planning.solver.sequences_for_budget` says why, train/data.py
    how), so every run spends C to a few hundredths of a percent (``tolerances.train_flops``, 0.2%
    by default) and the trainer's ``final.json`` spends exactly what was planned.
 
@@ -47,16 +47,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from sweeps.backbone import (Backbone, Measured, experts_for_rho, measure, select_backbone,  # noqa: F401
+from sweeps.planning.backbone import (Backbone, Measured, experts_for_rho, measure, select_backbone,  # noqa: F401
                              solve_backbone)
-from sweeps.families import Family, Hardware
-from sweeps.memory_points import solve_memory_points  # noqa: F401
-from sweeps.resources import GiB, Resources, activation_bytes_per_token, estimate_resources  # noqa: F401
-from sweeps.runspec import RunSpec  # noqa: F401
-from sweeps.solver import solve_point
+from sweeps.planning.families import Family, Hardware
+from sweeps.planning.memory_points import solve_memory_points  # noqa: F401
+from sweeps.planning.resources import GiB, Resources, activation_bytes_per_token, estimate_resources  # noqa: F401
+from sweeps.planning.runspec import RunSpec  # noqa: F401
+from sweeps.planning.solver import solve_point
 
 # The solver is split by what each part does; this module assembles a plan and re-exports the public
-# names (``from sweeps.budget import ...`` keeps working): backbone.py (steps 1-2), solver.py (steps
+# names (``from sweeps.planning.budget import ...`` keeps working): backbone.py (steps 1-2), solver.py (steps
 # 3-4), runspec.py (the run description and the config sections it decides), resources.py (cost estimates),
 # memory_points.py ("infinite memory" sweeps).
 

@@ -8,9 +8,9 @@ from typing import Any, Mapping
 from core.config_utils import load
 from models import ModelConfig
 from rundir.schema import TrainConfig
-from sweeps.backbone import for_counting
-from sweeps.families import Hardware
-from sweeps.runspec import RunSpec
+from sweeps.planning.backbone import for_counting
+from sweeps.planning.families import Hardware
+from sweeps.planning.runspec import RunSpec
 
 GiB = 1024 ** 3
 

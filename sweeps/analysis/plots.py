@@ -20,9 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sweeps.fitutil import ci_text  # noqa: E402
-from sweeps.powerlaw import PowerLawFit  # noqa: E402
-from sweeps.ucurve import UCurveFit  # noqa: E402
+from sweeps.analysis.fitutil import ci_text  # noqa: E402
+from sweeps.analysis.powerlaw import PowerLawFit  # noqa: E402
+from sweeps.analysis.ucurve import UCurveFit  # noqa: E402
 
 
 @dataclass
@@ -126,7 +126,7 @@ def plot_memory_scaling(data: CurveData, fit: Optional[PowerLawFit], path: Path,
 
 
 def plot_trend(trend: dict, path: Path) -> Path:
-    """rho* and the gain against budget (log axis), intervals as error bars, fitted lines (sweeps.trend)."""
+    """rho* and the gain against budget (log axis), intervals as error bars, fitted lines (sweeps.analysis.trend)."""
     pts = trend["points"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     b = np.array([p["budget"] for p in pts], float)
