@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round expert counts to multiples of --ep-size instead of failing")
     p.add_argument("--data-dir", default=None, help="data.dir of the runs (default: the family's)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=None, help="train.zero_stage of the runs")
-    p.add_argument("--gpus", type=int, default=None, help="devices per run for the estimates")
+    p.add_argument("--n-gpus", type=int, default=None, help="devices per run for the estimates (hardware.n_gpus)")
     p.add_argument("--gpu-mem-gib", type=float, default=None, help="memory per device (GiB)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device")
     p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for the device-hours")
@@ -177,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         family = load_family(name)
         if args.zero_stage is not None:
             family = family.with_train(zero_stage=args.zero_stage)
-        family = family.with_hardware(n_gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib,
+        family = family.with_hardware(n_gpus=args.n_gpus, gpu_mem_gib=args.gpu_mem_gib,
                                       peak_tflops=args.peak_tflops, mfu=args.mfu)
         plan = solve_plan(family, args.budget, flat(args.rho), ep_size=args.ep_size,
                           round_experts_to_ep=args.round_experts_to_ep, data_dir=args.data_dir)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from rundir.files import FINAL
+from rundir.files import FINAL, atomic_write_text
 from sweeps.study_config import LOG_FILE, STUDY_FILE, Study, load_study  # noqa: F401  (the study's API)
 
 def _g(v: float) -> str:
@@ -61,9 +61,7 @@ def append_log(folder: Path, entry: dict) -> None:
     path = Path(folder) / LOG_FILE
     log = json.loads(path.read_text()) if path.exists() else []
     log.append(entry)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(log, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(log, indent=2) + "\n")
 
 
 def run_study(folder: Path, parallel: int, threads: int, dry_run: bool) -> int:

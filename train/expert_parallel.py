@@ -161,14 +161,14 @@ def expert_memory(model: nn.Module, optimizer: torch.optim.Optimizer, size: int,
     """Routed expert weights and their optimizer state held by one rank (fp32 bytes): 1/N of the experts
     under EP = N, and under ZeRO 1/2 the state further split over the W / N ranks holding the same experts.
     Call before the engine is built (ZeRO replaces the groups' parameters by flat partitions)."""
-    from train.optim import _STATE_FLOATS
+    from train.optim import STATE_FLOATS
 
     routed = {id(p) for m in moe_layers(model) for p in (m.experts.w1, m.experts.w2, m.experts.w3)}
     params, state = 0, 0
     for g in optimizer.param_groups:
         n = sum(p.numel() for p in g["params"] if id(p) in routed)
         params += n
-        state += n * _STATE_FLOATS["muon" if g.get("use_muon") else "adamw"]
+        state += n * STATE_FLOATS["muon" if g.get("use_muon") else "adamw"]
     shards = world_size // size if zero_stage > 0 else 1
     return {"expert_parallel": size, "expert_params_per_rank": params, "expert_bytes_per_rank": 4 * params,
             "expert_optimizer_state_bytes_per_rank": 4 * -(-state // shards)}

@@ -19,7 +19,7 @@ from train.muon import matrix_shape, muon_shape_factor, zero_lr_scale
 from rundir.schema import OptimConfig
 
 TABLE_GROUP = "engram_tables"
-_STATE_FLOATS = {"muon": 1, "adamw": 2}  # fp32 state tensors per parameter: momentum | exp_avg, exp_avg_sq
+STATE_FLOATS = {"muon": 1, "adamw": 2}  # fp32 state tensors per parameter: momentum | exp_avg, exp_avg_sq
 
 
 def _check_groups(optim: OptimConfig) -> None:
@@ -147,7 +147,7 @@ def optimizer_memory(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     state = {"muon": 0, "adamw": 0}
     for g in optimizer.param_groups:
         state["muon" if g.get("use_muon") else "adamw"] += sum(p.numel() for p in g["params"])
-    floats = sum(_STATE_FLOATS[k] * n for k, n in state.items())
+    floats = sum(STATE_FLOATS[k] * n for k, n in state.items())
     return {"table_params": table, "table_bytes_fp32": 4 * table, "table_optimizer_state_bytes": 4 * 2 * table,
             "optimizer_state_bytes": 4 * floats}
 

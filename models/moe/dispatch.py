@@ -30,7 +30,7 @@ class _GatherTokens(torch.autograd.Function):
         return g.view(-1, ctx.top_k, g.shape[-1]).sum(dim=1), None, None, None
 
 
-class _Permute(torch.autograd.Function):
+class Permute(torch.autograd.Function):
     """rows -> rows[perm]; backward: grad[inverse of perm]."""
 
     @staticmethod
@@ -79,7 +79,7 @@ class ExpertDispatch:
 
     def combine(self, y_sorted: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """y_sorted: [N*k, d] expert outputs in sorted order; weights: [N, k] -> sum_j w_j y_j: [N, d]."""
-        y = _Permute.apply(y_sorted, self.inverse, self.order).view(weights.shape[0], self.top_k, -1)
+        y = Permute.apply(y_sorted, self.inverse, self.order).view(weights.shape[0], self.top_k, -1)
         ys = y.unbind(1)  # unbind (not slicing): its backward stacks, with no zero-filled buffers
         ws = weights.to(y.dtype).unsqueeze(-1).unbind(1)
         out = ys[0] * ws[0]

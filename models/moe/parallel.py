@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from models.moe.dispatch import _Permute
+from models.moe.dispatch import Permute
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def expert_parallel_compute(rows: torch.Tensor, tokens_per_expert: torch.Tensor,
     send, recv = sizes.tolist()  # the one host read: all_to_all_single takes its split sizes on the host
     received = _AllToAll.apply(rows, send, recv, shard.group)  # [R, d] source-major
     perm, inverse = local_order(recv_counts)
-    out = experts(_Permute.apply(received, perm, inverse), recv_counts.sum(0), impl)  # expert-major
-    return _AllToAll.apply(_Permute.apply(out, inverse, perm), recv, send, shard.group)
+    out = experts(Permute.apply(received, perm, inverse), recv_counts.sum(0), impl)  # expert-major
+    return _AllToAll.apply(Permute.apply(out, inverse, perm), recv, send, shard.group)
 
 
 def shard_rows(w: torch.Tensor, shard: ExpertShard) -> torch.Tensor:

@@ -79,13 +79,13 @@ class Backbone:
         return budget / self.measured.train_flops / self.measured.active
 
 
-def _moe_model(family: Family, rung: int, n_routed: int) -> dict:
+def moe_model(family: Family, rung: int, n_routed: int) -> dict:
     """Every ModelConfig / MoEConfig field spelled out (runs do not depend on config defaults)."""
     moe = MoEConfig.from_dict({**family.rung_moe(rung), "n_routed_experts": int(n_routed)}).to_dict()
     return ModelConfig.from_dict({**family.rung_model(rung), "moe": moe, "engram": None}).to_dict()
 
 
-def _round_half_up(x: float) -> int:
+def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
@@ -95,7 +95,7 @@ def solve_backbone(family: Family, rung: int, ep_size: int = 1, round_experts_to
     is checked per rho by :func:`experts_for_rho`)."""
     name = family.rungs[rung].name
     k = int(family.rung_moe(rung)["top_k"])
-    m1, m2 = (measure(_moe_model(family, rung, n), family.seq_len) for n in (k + 1, k + 2))
+    m1, m2 = (measure(moe_model(family, rung, n), family.seq_len) for n in (k + 1, k + 2))
     d_tot, d_act = m2.total - m1.total, m2.active - m1.active
     d_sparse = d_tot - d_act
     if d_sparse <= 0:
@@ -114,12 +114,12 @@ def solve_backbone(family: Family, rung: int, ep_size: int = 1, round_experts_to
     candidates = sorted({max(lowest, step * math.floor(n_star / step)), max(lowest, step * math.ceil(n_star / step))})
     best = None
     for n in candidates:
-        m = measure(_moe_model(family, rung, n), family.seq_len)
+        m = measure(moe_model(family, rung, n), family.seq_len)
         err = abs(math.log(m.total / m.active / s))
         if best is None or err < best[0]:
             best = (err, n, m)
     _, n1, m = best
-    return Backbone(rung, name, _moe_model(family, rung, n1), m, k, n1, d_sparse)
+    return Backbone(rung, name, moe_model(family, rung, n1), m, k, n1, d_sparse)
 
 
 def select_backbone(family: Family, budget: float, ep_size: int = 1,
@@ -152,10 +152,10 @@ def experts_for_rho(n_routed: int, top_k: int, rho: float, ep_size: int = 1, rou
         raise ValueError(f"rho must lie in [0, 1], got {rho}")
     ideal = top_k + rho * (n_routed - top_k)
     if not round_to_ep:
-        n = top_k + _round_half_up(rho * (n_routed - top_k))
+        n = top_k + round_half_up(rho * (n_routed - top_k))
         if n % ep_size:
             raise ValueError(f"rho={rho:g} keeps {n} routed experts, not divisible by expert-parallel size "
                              f"{ep_size} (pass round_experts_to_ep / --round-experts-to-ep to round)")
         return n
-    n = ep_size * _round_half_up(ideal / ep_size)
+    n = ep_size * round_half_up(ideal / ep_size)
     return min(max(n, ep_size * math.ceil(top_k / ep_size)), n_routed)

@@ -48,14 +48,14 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, required=True)
     ap.add_argument("--rho", type=float, required=True)
     ap.add_argument("--name", required=True)
-    ap.add_argument("--out-dir", type=Path, default=CONF_EXPERIMENTS)
+    ap.add_argument("--out", type=Path, default=CONF_EXPERIMENTS)
     args = ap.parse_args(argv)
     try:
         text = render(args.family, args.budget, args.rho, args.name)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    path = args.out_dir / f"{args.name}.yaml"
+    path = args.out / f"{args.name}.yaml"
     path.write_text(text)
     print(f"wrote {path}")
     return 0

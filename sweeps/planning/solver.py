@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from memory.config import EngramConfig
 from memory.sizing import solve_table_sizes
-from sweeps.planning.backbone import Backbone, Measured, _moe_model, _round_half_up, experts_for_rho, measure
+from sweeps.planning.backbone import Backbone, Measured, moe_model, round_half_up, experts_for_rho, measure
 from sweeps.planning.families import Family, Tolerances
 from sweeps.planning.runspec import RunSpec
 
@@ -44,19 +44,19 @@ def _off_tolerance(m: Measured, base: Measured, tol: Tolerances) -> Optional[str
     return None
 
 
-def _narrow_memory(engram: dict, moe_model: dict, base: Measured, tol: Tolerances, seq_len: int,
+def _narrow_memory(engram: dict, experts_model: dict, base: Measured, tol: Tolerances, seq_len: int,
                    where: str) -> tuple[dict, Measured, Optional[int]]:
     """Compensation (b): the widest Engram memory (embed_dim_per_ngram, in steps of heads_per_ngram)
     whose model keeps the FLOPs-per-token drift and the active-parameter difference against rho = 1
     within tolerance. Returns (engram, probe, original width or None when the configured width fits)."""
-    probe = _engram_probe(moe_model, engram, seq_len)
+    probe = _engram_probe(experts_model, engram, seq_len)
     why = _off_tolerance(probe, base, tol)
     if why is None:
         return engram, probe, None
     heads, width = int(engram["heads_per_ngram"]), int(engram["embed_dim_per_ngram"])
     for dim in range(width - heads, 0, -heads):
         narrower = {**engram, "embed_dim_per_ngram": dim}
-        probe = _engram_probe(moe_model, narrower, seq_len)
+        probe = _engram_probe(experts_model, narrower, seq_len)
         why = _off_tolerance(probe, base, tol)
         if why is None:
             return narrower, probe, width
@@ -121,11 +121,11 @@ def solve_point(family: Family, backbone: Backbone, budget: float, rho: float, e
                              f"step in rho is {step:.3g}): use rho=1 or a lower rho")
         model, final, engram_dense = backbone.model, base, 0
     else:
-        moe_model = _moe_model(family, backbone.rung, n)
-        engram, probe, dim_from = _narrow_memory(_full_engram(family, backbone.rung), moe_model, base, tol,
+        experts_model = moe_model(family, backbone.rung, n)
+        engram, probe, dim_from = _narrow_memory(_full_engram(family, backbone.rung), experts_model, base, tol,
                                                  family.seq_len, where)
         without_tables = probe.total - probe.table_params  # experts, backbone and Engram's dense parts
-        engram_dense = without_tables - measure(moe_model, family.seq_len).total
+        engram_dense = without_tables - measure(experts_model, family.seq_len).total
         table_budget = base.total - without_tables
         try:
             sized = EngramConfig.from_dict({**engram, "table_params": int(max(1, table_budget)), "tokenizer": None,
@@ -134,7 +134,7 @@ def solve_point(family: Family, backbone: Backbone, budget: float, rho: float, e
         except ValueError as e:
             raise ValueError(f"{where}: the {backbone.n_routed - n} removed experts leave {table_budget:,} params "
                              f"for Engram tables, too few ({e})") from None
-        model = _with_tables(moe_model, engram, base_sizes)
+        model = _with_tables(experts_model, engram, base_sizes)
         final = measure(model, family.seq_len)
     param_err = final.total / base.total - 1.0
     if abs(param_err) > tol.total_params:
@@ -148,7 +148,7 @@ def solve_point(family: Family, backbone: Backbone, budget: float, rho: float, e
     sequences = _budget_sequences(budget, final.train_flops, family.seq_len, batch, train, tol, where)
     optim = dict(family.optim)
     if family.warmup_frac is not None:
-        optim["warmup_steps"] = _round_half_up(family.warmup_frac * -(-sequences // batch))
+        optim["warmup_steps"] = round_half_up(family.warmup_frac * -(-sequences // batch))
     return RunSpec(
         family=family.name, rung=backbone.name, budget=float(budget), rho=float(rho),
         rho_effective=(n - k) * backbone.expert_sparse_params / (final.total - final.active),
