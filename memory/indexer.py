@@ -5,7 +5,7 @@ Engram layer; each layer's ids are handed over with a stream wait when that laye
 (:class:`PendingIds`). Hashing is integer arithmetic: the ids are the same on either stream."""
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -82,8 +82,7 @@ class PendingIds(Mapping[int, torch.Tensor]):
     recycled while the reader still needs it."""
 
     def __init__(self, ids: dict[int, torch.Tensor], stream: "torch.cuda.Stream"):
-        self._ids, self._stream = ids, stream
-        self._event = stream.record_event()
+        self._ids, self._event = ids, stream.record_event()
 
     def __getitem__(self, layer_id: int) -> torch.Tensor:
         t = self._ids[layer_id]
@@ -92,14 +91,11 @@ class PendingIds(Mapping[int, torch.Tensor]):
         t.record_stream(current)
         return t
 
-    def get(self, layer_id: int, default: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        return self[layer_id] if layer_id in self._ids else default
-
     def __iter__(self) -> Iterator[int]:
         return iter(self._ids)
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def __contains__(self, layer_id: object) -> bool:
+    def __contains__(self, layer_id: object) -> bool:  # Mapping's own would read the ids (and wait)
         return layer_id in self._ids

@@ -21,12 +21,13 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from core.distributed import all_reduce_sum
 from rundir.files import LATEST, atomic_write_json, fsync_dir
+from rundir.schema import parallel_of
 from train.distributed import barrier
 from train.expert_checkpoint import ExpertCheckpoint, saved_layout
 from train.safe_load import safe_load
@@ -70,6 +71,13 @@ def layout(world_size: int, zero_stage: int, engram_tables: str = "replicated", 
     """``expert``: the EP size (``parallel.expert``); a record without it was written at EP = 1."""
     return {"world_size": int(world_size), "zero_stage": int(zero_stage), "engram_tables": engram_tables,
             "expert": int(expert)}
+
+
+def run_layout(cfg: Any, world_size: int) -> dict:
+    """The layout of a run config launched on ``world_size`` ranks: what its checkpoints record and what a
+    resume is checked against (one place, so the two cannot disagree)."""
+    par = parallel_of(cfg)
+    return layout(world_size, cfg.train.zero_stage, par.engram_tables, par.expert)
 
 
 def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:

@@ -33,7 +33,6 @@ from train.expert_parallel import expert_group, grad_norm
 from train.hardware import peak_flops
 from train.optim import set_lr
 from train.schedule import lr_factor
-from rundir.schema import parallel_of
 from train.tracking import Progress
 
 log = logging.getLogger("train")
@@ -64,8 +63,7 @@ class Loop:
 
     def checkpoint_meta(self, step: int) -> dict:
         return {**self.p.fingerprints, "settings": self.p.run_state["settings"], "step": step,
-                "layout": ckpt.layout(self.dist.world_size, self.t.zero_stage, parallel_of(self.cfg).engram_tables,
-                                      parallel_of(self.cfg).expert),
+                "layout": ckpt.run_layout(self.cfg, self.dist.world_size),
                 "wandb_run_id": self.tracker.run_id, "tokens": self.p.batches.tokens_through(step)}
 
     def save(self, step: int) -> None:

@@ -139,7 +139,7 @@ def _read_json(path: Path) -> dict:
 
 def _check_resume(cfg: DictConfig, p: Prepared, latest: dict, dist: DistInfo) -> None:
     """Layout and trajectory settings of the committed checkpoint against this launch's."""
-    ckpt.check_layout(latest.get("layout"), _layout(cfg, dist), p.ckpt_dir)
+    ckpt.check_layout(latest.get("layout"), ckpt.run_layout(cfg, dist.world_size), p.ckpt_dir)
     diff = vet_settings(cfg, latest, p.fingerprints, p.run_state["settings"], p.ckpt_dir)
     if diff:
         log.warning("resuming at step %s under changed settings (train.allow_config_change=true): %s",
@@ -253,14 +253,9 @@ def train(cfg: DictConfig, dist: DistInfo) -> int:
 def _loaded_check(cfg: DictConfig, p: Prepared, dist: DistInfo):
     """Vets the meta of the checkpoint actually loaded (an older one, after a fallback, has its own)."""
     def check(meta: dict, where: Path) -> None:
-        ckpt.check_layout(meta.get("layout"), _layout(cfg, dist), where)
+        ckpt.check_layout(meta.get("layout"), ckpt.run_layout(cfg, dist.world_size), where)
         vet_settings(cfg, meta, p.fingerprints, p.run_state["settings"], where)
     return check
-
-
-def _layout(cfg: DictConfig, dist: DistInfo) -> dict:
-    par = parallel_of(cfg)
-    return ckpt.layout(dist.world_size, cfg.train.zero_stage, par.engram_tables, par.expert)
 
 
 def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
