@@ -110,7 +110,8 @@ def format_plan(plan) -> str:
         f"(rho=1: {bb.measured.total / bb.measured.active:.3f})",
         f"estimates: {hw.n_gpus} x {hw.name} ({hw.peak_tflops:g} TFLOP/s peak, MFU {hw.mfu:g}, "
         f"{hw.gpu_mem_gib:g} GiB), ZeRO-{plan.runs[0].train.get('zero_stage', 0)}, "
-        f"{plan.runs[0].train.get('precision', 'fp32')}, expert-parallel {plan.ep_size}",
+        f"{plan.runs[0].train.get('precision', 'fp32')}, expert-parallel {plan.ep_size}, Engram tables "
+        f"{plan.engram_tables}",
         "",
     ]
     rows = [_run_row(run, res) for run, res in zip(plan.runs, plan.resources)]
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size that must divide every expert count")
     p.add_argument("--round-experts-to-ep", action="store_true",
                    help="round expert counts to multiples of --ep-size instead of failing")
+    p.add_argument("--engram-tables", choices=("replicated", "sharded"), default="replicated",
+                   help="Engram tables replicated on every GPU, or their rows sharded over the GPUs "
+                        "(parallel.engram_tables of every run; the memory estimate follows)")
     p.add_argument("--data-dir", default=None, help="data.dir of the runs (default: the family's)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=None, help="train.zero_stage of the runs")
     p.add_argument("--n-gpus", type=int, default=None, help="devices per run for the estimates (hardware.n_gpus)")
@@ -180,7 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         family = family.with_hardware(n_gpus=args.n_gpus, gpu_mem_gib=args.gpu_mem_gib,
                                       peak_tflops=args.peak_tflops, mfu=args.mfu)
         plan = solve_plan(family, args.budget, flat(args.rho), ep_size=args.ep_size,
-                          round_experts_to_ep=args.round_experts_to_ep, data_dir=args.data_dir)
+                          round_experts_to_ep=args.round_experts_to_ep, data_dir=args.data_dir,
+                          engram_tables=args.engram_tables)
     except ValueError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

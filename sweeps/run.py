@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="token shards for every run (default: the family's data_dir)")
     g.add_argument("--ep-size", type=int, default=1, help="expert-parallel size the expert counts must divide")
     g.add_argument("--round-experts-to-ep", action="store_true")
+    g.add_argument("--engram-tables", choices=("replicated", "sharded"), default="replicated",
+                   help="parallel.engram_tables of every run: tables replicated, or their rows sharded over a run's ranks")
     g.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer config value of every run, e.g. train.eval_tokens=32768 (repeatable; keys the "
                         "plan solves are refused)")
@@ -159,7 +161,7 @@ def _plan(args: argparse.Namespace, family: str, budget: float, seeds: list[int]
     else:
         specs, warnings = plan_allocation(args.family, budget, args.rho, data_dir=args.data_dir,
                                           ep_size=args.ep_size, round_experts_to_ep=args.round_experts_to_ep,
-                                          ablate_memory=args.ablate_memory)
+                                          ablate_memory=args.ablate_memory, engram_tables=args.engram_tables)
     sweep = build_sweep(specs, out=args.out, family=family, budget=budget, seeds=seeds, mode=args.mode,
                         settings=args.settings, wandb_mode=args.wandb_mode,
                         wandb_project=args.wandb_project, warnings=warnings)

@@ -30,6 +30,7 @@ from rundir.files import LATEST, atomic_write_json, fsync_dir
 from rundir.schema import parallel_of
 from train.distributed import barrier
 from train.expert_checkpoint import ExpertCheckpoint, saved_layout
+from train.zero_state import NotReshardable
 from train.safe_load import safe_load
 
 log = logging.getLogger("train")
@@ -83,8 +84,9 @@ def run_layout(cfg: Any, world_size: int) -> dict:
 def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:
     """ZeRO-partitioned optimizer states cannot be read by another world size, stage or EP size
     (DeepSpeed fails with an internal traceback); stage 0 keeps whole states, so its world size may
-    change, and its EP size too once experts were saved by layout (train/expert_checkpoint.py: written
-    by EP > 1 runs only)."""
+    change. A checkpoint of an EP > 1 run also holds its experts and, at ZeRO 1/2, every parameter's
+    whole state by name (train/expert_checkpoint.py), so it resumes at another EP and world size at
+    its own ZeRO stage."""
     if not saved:
         return
     tables = (saved.get("engram_tables", "replicated"), now.get("engram_tables", "replicated"))
@@ -94,10 +96,8 @@ def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:
             f"checkpoint in {where} was written with engram_tables={tables[0]}; this launch has {tables[1]}: "
             f"a sharded checkpoint resumes replicated at ZeRO 0 only, a replicated one resumes replicated only")
     was, now_ep = int(saved.get("expert", 1)), now.get("expert", 1)
-    same_stage = saved.get("zero_stage") == now["zero_stage"]
-    if same_stage and now["zero_stage"] == 0 and (was == now_ep or was > 1):
-        return
-    if same_stage and saved.get("world_size") == now["world_size"] and was == now_ep:
+    if saved.get("zero_stage") == now["zero_stage"] and (
+            was > 1 or was == now_ep and (now["zero_stage"] == 0 or saved.get("world_size") == now["world_size"])):
         return
     ep = was > 1 or now_ep > 1
 
@@ -108,7 +108,8 @@ def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:
     raise CheckpointError(
         f"checkpoint in {where} was written with {describe(saved, was)}; this launch has {describe(now, now_ep)}: "
         f"relaunch with the saved layout (resharding is not supported"
-        + (": experts reshard at ZeRO 0 only, from a checkpoint written with parallel.expert > 1)" if ep else ")"))
+        + (": experts reshard at the saved ZeRO stage, from a checkpoint written with parallel.expert > 1)"
+           if ep else ")"))
 
 
 def check_compatible(meta: dict, expected: dict, ckpt_dir: Path) -> None:
@@ -217,7 +218,7 @@ def load(engine, ckpt_dir: Path, tags: list[str], device: torch.device,
         meta, reason = {}, None
         try:
             meta = _load_one(engine, ckpt_dir, tag, hooks, experts)
-        except CheckpointError as e:
+        except (CheckpointError, NotReshardable) as e:
             reason = str(e)
         except Exception as e:  # unpickling / zip / EOF / shape errors: the file is damaged
             empty = "a file ends early (empty or truncated)" if isinstance(e, EOFError) else "no message"

@@ -9,14 +9,17 @@ DeepSpeed's files (written in its dense layout) a checkpoint of an EP run holds:
   expert-data-parallel group): every routed expert weight of the experts j holds, by parameter name,
   and at ZeRO 0 their optimizer state (rank 0's file also the replicated parameters' state, by name).
 
-Loading reads DeepSpeed's files for everything but the experts, then fills each rank's experts (and at
-ZeRO 0 the whole optimizer state) from the expert files, slicing rows by global expert id: a run saved
-at EP = 2 resumes at EP = 1 or 4 (ZeRO 0, whose optimizer state is whole; ZeRO 1/2 partition it by
-layout, so there the EP size is part of the layout that must not change: train/checkpoint.py).
+Loading reads DeepSpeed's files for everything but the experts, then fills each rank's experts from the
+expert files, slicing rows by global expert id: a run saved at EP = 2 resumes at EP = 1 or 4. Optimizer
+state: ZeRO 0 keeps it whole per parameter, and the files carry it by name; ZeRO 1/2 partition it by
+layout, so their files also carry every parameter's fp32 master and state whole by name
+(train/zero_state.py), read back only when the EP or world size changed (at the saved layout DeepSpeed's
+own partition files are exact and read as they are).
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +28,9 @@ from torch import nn
 
 from models.moe import RoutedExperts
 from train.expert_parallel import ExpertLayout, exact_fp32_clipping, expert_group, is_expert_param
+from train.zero_state import NotReshardable, gather_named, scatter_named
 
+log = logging.getLogger("train")
 LAYOUT_FILE = "expert_layout.json"
 WEIGHTS = ("w1", "w2", "w3")  # models.moe.experts.RoutedExperts' stacked expert weights
 
@@ -47,22 +52,47 @@ def _named_state(optimizer: torch.optim.Optimizer, named: list) -> dict:
             for n, p in named if p in optimizer.state}
 
 
+def _whole_state(zero_opt, named: list, experts: set, rank: int, writer: bool) -> dict:
+    """ZeRO 1/2: every parameter's fp32 master and optimizer state, whole (a collective over each
+    parameter's data-parallel group), kept where this rank writes them: its experts on EP writers,
+    the replicated parameters on rank 0. Empty when the state has no whole form (then the checkpoint
+    resumes at its own layout only)."""
+    try:
+        fp32, state = gather_named(zero_opt, named, keep=lambda n: writer and (n in experts or rank == 0))
+    except NotReshardable as e:
+        log.warning("expert checkpoint: %s; it resumes at its own EP and world size only", e)
+        return {}
+    mine = {n for n in fp32 if n in experts}
+    out = {"fp32": {n: fp32[n] for n in mine}, "state": {n: state[n] for n in mine}}
+    if rank == 0:
+        out.update(replicated_fp32={n: v for n, v in fp32.items() if n not in experts},
+                   replicated_state={n: v for n, v in state.items() if n not in experts})
+    return out
+
+
 def save_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir: Path, layout: Optional[ExpertLayout],
-                 zero_stage: int, rank: int) -> None:
-    """Write this rank's part of the expert checkpoint (nothing without EP). Call on every rank."""
-    if layout is None or rank >= layout.size:  # DeepSpeed's layout: ranks 0..N-1 are EP ranks 0..N-1
+                 zero_stage: int, rank: int, world_size: int = 1, zero_opt=None) -> None:
+    """Write this rank's part of the expert checkpoint (nothing without EP). Call on every rank: at
+    ZeRO 1/2 (``zero_opt``: the engine's ZeRO optimizer) the whole state is gathered collectively."""
+    if layout is None:
         return
     named = list(model.named_parameters())
     experts = [(n, p) for n, p in named if is_expert_param(p)]
+    writer = rank < layout.size  # DeepSpeed's layout: ranks 0..N-1 are EP ranks 0..N-1
     local = experts[0][1].shape[0]
     blob = {"first": layout.rank * local, "local": local, "params": {n: p.detach().cpu().clone() for n, p in experts}}
     if zero_stage == 0:
         blob["state"] = _named_state(optimizer, experts)
         if rank == 0:
             blob["replicated_state"] = _named_state(optimizer, [(n, p) for n, p in named if not is_expert_param(p)])
+    else:
+        blob.update(_whole_state(zero_opt, named, {n for n, _ in experts}, rank, writer))
+    if not writer:
+        return
     torch.save(blob, expert_file(tag_dir, layout.rank, layout.size))
     if rank == 0:
         record = {"expert": layout.size, "n_experts": local * layout.size, "zero_stage": zero_stage,
+                  "world_size": world_size, "whole_state": zero_stage == 0 or "fp32" in blob,
                   "files": [expert_file(tag_dir, j, layout.size).name for j in range(layout.size)]}
         (Path(tag_dir) / LAYOUT_FILE).write_text(json.dumps(record, indent=1))
 
@@ -93,10 +123,25 @@ def _load_files(tag_dir: Path, record: dict, first: int, count: int) -> dict[int
     return {j: safe_load(str(Path(tag_dir) / record["files"][j]), map_location="cpu") for j in wanted}
 
 
+def _this_rank(order: list[dict], first: int, local: int, per: int, section: str) -> dict:
+    """``section`` ("params", "fp32", "state") of this rank's experts: rows ``first .. first+local-1``
+    of every tensor with one row per expert (scalars such as ``step`` as saved)."""
+    out = {}
+    for name, value in order[0].get(section, {}).items():
+        if section != "state":
+            out[name] = _rows(order, first, local, per, lambda f: f[section][name])
+            continue
+        out[name] = {k: _rows(order, first, local, per, lambda f: f["state"][name][k])
+                     if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == per else v for k, v in value.items()}
+    return out
+
+
 def restore_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir: Path, record: dict,
-                    layout: Optional[ExpertLayout], zero_stage: int) -> None:
-    """After DeepSpeed loaded everything else: this rank's experts (and at ZeRO 0 every parameter's
-    optimizer state) from the files of ``record`` (:func:`saved_layout`), whatever EP size wrote them."""
+                    layout: Optional[ExpertLayout], zero_stage: int, zero_opt=None) -> None:
+    """After DeepSpeed loaded everything else: this rank's experts from the files of ``record``
+    (:func:`saved_layout`), whatever EP size wrote them; then the optimizer state: at ZeRO 0 every
+    parameter's, by name; at ZeRO 1/2 (``zero_opt`` given: the layout changed) every fp32 master and
+    state partition of this engine, dealt from the whole tensors."""
     n_experts, per = record["n_experts"], record["n_experts"] // record["expert"]
     local = n_experts // (layout.size if layout else 1)
     first = layout.rank * local if layout else 0
@@ -105,19 +150,17 @@ def restore_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir:
     offset = min(files) * per
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name in order[0]["params"]:
-            params[name].copy_(_rows(order, first - offset, local, per, lambda f: f["params"][name]))
-    if zero_stage != 0:
+        for name, value in _this_rank(order, first - offset, local, per, "params").items():
+            params[name].copy_(value)
+    if zero_stage != 0 and zero_opt is None:
         return
-    for name in order[0]["params"]:
-        state = {}
-        for k, v in order[0]["state"].get(name, {}).items():
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == per:
-                v = _rows(order, first - offset, local, per, lambda f: f["state"][name][k])
-            state[k] = v.to(params[name].device) if torch.is_tensor(v) else v
-        optimizer.state[params[name]] = state
     head = files.get(0) or _load_files(tag_dir, record, 0, 1)[0]  # rank 0's file: the replicated parameters' state
-    for name, st in head["replicated_state"].items():
+    state = {**_this_rank(order, first - offset, local, per, "state"), **head["replicated_state"]}
+    if zero_stage != 0:
+        fp32 = {**_this_rank(order, first - offset, local, per, "fp32"), **head["replicated_fp32"]}
+        scatter_named(zero_opt, list(params.items()), fp32, state)
+        return
+    for name, st in state.items():
         optimizer.state[params[name]] = {k: v.to(params[name].device) if torch.is_tensor(v) else v
                                          for k, v in st.items()}
 
@@ -126,32 +169,45 @@ class ExpertCheckpoint:
     """One run's expert checkpoint hooks (train/checkpoint.py calls them around DeepSpeed's save and load)."""
 
     def __init__(self, engine, model: nn.Module, optimizer: torch.optim.Optimizer, layout: Optional[ExpertLayout],
-                 zero_stage: int, rank: int):
+                 zero_stage: int, rank: int, world_size: int = 1):
         self.engine, self.model, self.optimizer = engine, model, optimizer
-        self.layout, self.zero_stage, self.rank = layout, zero_stage, rank
+        self.layout, self.zero_stage, self.rank, self.world_size = layout, zero_stage, rank, world_size
 
     def save(self, tag_dir: Path) -> None:
-        save_experts(self.model, self.optimizer, tag_dir, self.layout, self.zero_stage, self.rank)
+        zero_opt = self.engine.optimizer if self.zero_stage != 0 else None
+        save_experts(self.model, self.optimizer, tag_dir, self.layout, self.zero_stage, self.rank, self.world_size,
+                     zero_opt)
+
+    def resharded(self, record: dict) -> bool:
+        """Whether this launch's EP or world size differs from the checkpoint's (ZeRO 1/2 then read the
+        whole state from the expert files instead of DeepSpeed's partition files)."""
+        ep = self.layout.size if self.layout else 1
+        return record["expert"] != ep or record.get("world_size", self.world_size) != self.world_size
 
     def load_kwargs(self, record: Optional[dict]) -> dict:
         """DeepSpeed ``load_checkpoint`` arguments: without expert files, its own load; with them, the
-        experts are skipped there, and at ZeRO 0 the optimizer state too (restored by name)."""
+        experts are skipped there, and the optimizer state too at ZeRO 0 (restored by name) and at
+        ZeRO 1/2 when the layout changed (restored from the whole state)."""
         if record is None:
             return {"load_optimizer_states": True}
+        if self.zero_stage != 0 and self.resharded(record) and not record.get("whole_state", False):
+            raise NotReshardable(f"this checkpoint was written at parallel.expert={record['expert']} on "
+                                  f"{record.get('world_size', '?')} ranks without whole optimizer state (ZeRO "
+                                  f"{record['zero_stage']}): it resumes at that layout only")
         names = {f"{n}.{w}" for n, m in self.model.named_modules() if isinstance(m, RoutedExperts) for w in WEIGHTS}
-        return {"load_optimizer_states": self.zero_stage != 0, "custom_load_fn": skip_experts_load(names)}
+        own = self.zero_stage != 0 and not self.resharded(record)
+        return {"load_optimizer_states": own, "custom_load_fn": skip_experts_load(names)}
 
     def restore(self, tag_dir: Path, record: dict) -> None:
-        restore_experts(self.model, self.optimizer, tag_dir, record, self.layout, self.zero_stage)
-        if self.zero_stage != 0:  # ZeRO 1/2: the fp32 master partitions follow the restored weights
-            self.engine.optimizer.refresh_fp32_params()
+        zero_opt = self.engine.optimizer if self.zero_stage != 0 and self.resharded(record) else None
+        restore_experts(self.model, self.optimizer, tag_dir, record, self.layout, self.zero_stage, zero_opt)
 
 
 def engine_hooks(engine, model: nn.Module, optimizer: torch.optim.Optimizer, layout: Optional[ExpertLayout],
-                 train_cfg, rank: int) -> ExpertCheckpoint:
+                 train_cfg, rank: int, world_size: int) -> ExpertCheckpoint:
     """What an expert-parallel run changes on the built engine: exact clipping at ZeRO 0 (fp32; bf16 is
     refused there) and the expert checkpoint hooks (also for EP = 1 runs, which may resume EP > 1 files)."""
     zero_stage = int(train_cfg.zero_stage)
     if layout is not None and zero_stage == 0 and train_cfg.precision == "fp32":
         exact_fp32_clipping(engine, expert_group(model))
-    return ExpertCheckpoint(engine, model, optimizer, layout, zero_stage, rank)
+    return ExpertCheckpoint(engine, model, optimizer, layout, zero_stage, rank, world_size)

@@ -281,7 +281,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, p.batches.accum_steps))
     p.startup.update(model_s=t1 - t0, engine_s=time.perf_counter() - t1)
-    experts = engine_hooks(engine, model, optimizer, ep_layout, t, dist.rank)
+    experts = engine_hooks(engine, model, optimizer, ep_layout, t, dist.rank, dist.world_size)
     start_step, meta = 0, {}
     if p.tags:
         t2 = time.perf_counter()

@@ -44,9 +44,10 @@ are counted with identity compression and the family's tokenizer is only written
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
+from rundir.schema import ENGRAM_TABLE_MODES
 from sweeps.planning.backbone import (Backbone, Measured, experts_for_rho, measure, select_backbone,  # noqa: F401
                              solve_backbone)
 from sweeps.planning.families import Family, Hardware
@@ -73,6 +74,7 @@ class Plan:
     resources: list[Resources]
     hardware: Hardware
     ep_size: int = 1
+    engram_tables: str = "replicated"
     warnings: list[str] = field(default_factory=list)
 
     def reference_errors(self, run: RunSpec) -> dict[str, dict[str, float]]:
@@ -97,7 +99,7 @@ class Plan:
             d = run.to_dict()
             d["estimates"] = {"hardware": self.hardware.name, "n_gpus": self.hardware.n_gpus,
                               "mfu": self.hardware.mfu, "peak_tflops": self.hardware.peak_tflops,
-                              "ep_size": self.ep_size, "gpu_hours": res.gpu_hours, "wall_hours": res.wall_hours,
+                              "ep_size": self.ep_size, "engram_tables": self.engram_tables, "gpu_hours": res.gpu_hours, "wall_hours": res.wall_hours,
                               "mem_per_gpu_gib": res.total_gib, "mem_weights_gib": res.weights_gib,
                               "mem_grads_gib": res.grads_gib, "mem_optimizer_gib": res.optimizer_gib,
                               "mem_activations_gib": res.activations_gib, "mem_tables_gib": res.tables_gib,
@@ -111,8 +113,10 @@ class Plan:
 
 def solve_plan(family: Family, budget: float, rhos: Sequence[float], *, ep_size: int = 1,
                round_experts_to_ep: bool = False, data_dir: Optional[str] = None,
-               hardware: Optional[Hardware] = None) -> Plan:
-    """Every rho of an allocation sweep at training budget ``budget`` (FLOPs), validated up front."""
+               hardware: Optional[Hardware] = None, engram_tables: str = "replicated") -> Plan:
+    """Every rho of an allocation sweep at training budget ``budget`` (FLOPs), validated up front.
+    ``engram_tables``: the trainer's ``parallel.engram_tables`` for every run (the same for all rho: it
+    changes where table rows live, not the model), and the memory estimate's."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive number of FLOPs, got {budget!r}")
     rhos = [float(r) for r in rhos]
@@ -125,21 +129,25 @@ def solve_plan(family: Family, budget: float, rhos: Sequence[float], *, ep_size:
         raise ValueError(f"rho values repeat: {rhos}")
     if isinstance(ep_size, bool) or int(ep_size) != ep_size or ep_size < 1:
         raise ValueError(f"expert-parallel size must be a positive integer, got {ep_size!r}")
+    if engram_tables not in ENGRAM_TABLE_MODES:
+        raise ValueError(f"engram_tables must be one of {', '.join(ENGRAM_TABLE_MODES)}, got {engram_tables!r}")
     hardware = hardware or family.hardware
     if hardware.n_gpus % ep_size:
         raise ValueError(f"expert-parallel size {ep_size} does not divide the {hardware.n_gpus} GPUs")
     backbone, _ = select_backbone(family, float(budget), ep_size, round_experts_to_ep)
-    runs = [solve_point(family, backbone, float(budget), r, ep_size, round_experts_to_ep, data_dir) for r in rhos]
+    runs = [replace(solve_point(family, backbone, float(budget), r, ep_size, round_experts_to_ep, data_dir),
+                    engram_tables=engram_tables) for r in rhos]
     plan = Plan(family, float(budget), backbone, runs, [estimate_resources(r, hardware, ep_size) for r in runs],
-                hardware, ep_size)
+                hardware, ep_size, engram_tables)
     ns = [r.n_routed_experts for r in runs]
     if len(set(ns)) != len(ns):
         plan.warnings.append(f"several rho values round to the same expert count: {dict(zip(rhos, ns))}")
     for run, res in zip(runs, plan.resources):
         if res.tables_gib > res.gpu_mem_gib:
             raise ValueError(f"rho={run.rho:g}: Engram tables need {res.tables_gib:.1f} GiB per device (weights, "
-                             f"grads and optimizer state, replicated), more than the {res.gpu_mem_gib:.1f} GiB of "
-                             f"{hardware.name}")
+                             f"grads and optimizer state, {engram_tables}), more than the {res.gpu_mem_gib:.1f} GiB "
+                             f"of {hardware.name}" + ("" if engram_tables == "sharded" else
+                                                      ": shard them over the GPUs with --engram-tables sharded"))
         if not res.fits:
             plan.warnings.append(f"rho={run.rho:g}: about {res.total_gib:.1f} GiB per device will not fit in "
                                  f"{res.gpu_mem_gib:.1f} GiB ({hardware.name}); raise train.zero_stage, the GPU "

@@ -26,7 +26,7 @@ class Resources:
     grads_gib: float
     optimizer_gib: float
     activations_gib: float
-    tables_gib: float  # the Engram tables' share of weights + grads + optimizer (replicated tables)
+    tables_gib: float  # the Engram tables' share of weights + grads + optimizer (per device: replicated or 1/n sharded)
     total_gib: float
     gpu_mem_gib: float
 
@@ -49,6 +49,14 @@ def _state_bytes(params: float, dp: int, zero_stage: int, precision: str) -> tup
         o /= dp
     if zero_stage >= 2:
         g /= dp
+    return w, g, o
+
+
+def _sharded_table_bytes(params: float, ranks: int) -> tuple[float, float, float]:
+    """Bytes per device of Engram tables sharded over ``ranks`` (``parallel.engram_tables=sharded``):
+    1/ranks of the rows, kept fp32 outside the engine (fp32 weights and gradients, Adam m + v of the
+    owned rows only) in either precision, and never partitioned by ZeRO."""
+    w, g, o = (params * b / ranks for b in _BYTES["fp32"])
     return w, g, o
 
 
@@ -87,8 +95,8 @@ def estimate_resources(spec: RunSpec, hardware: Hardware, ep_size: int = 1) -> R
     Memory: weights + gradients + Adam state by the ZeRO paper's accounting (bf16: 2 + 2 + 12 bytes
     per parameter, fp32: 4 + 4 + 8), under ``train.zero_stage`` over the data-parallel ranks;
     routed experts are split over ``ep_size`` expert-parallel ranks (their data-parallel degree is
-    n_gpus / ep_size), everything else (Engram tables included) is replicated. Embedding and head
-    count in full. Activations: :func:`activation_bytes_per_token` x micro_batch_size x seq_len.
+    n_gpus / ep_size); Engram tables are replicated like the rest, or with ``spec.engram_tables``
+    sharded split over all n_gpus in fp32 (:func:`_sharded_table_bytes`). Embedding and head count in full. Activations: :func:`activation_bytes_per_token` x micro_batch_size x seq_len.
     """
     train = load(TrainConfig, spec.train, "train")  # the trainer's defaults and value checks, not copies
     precision, zero = train.precision, int(train.zero_stage)
@@ -96,13 +104,15 @@ def estimate_resources(spec: RunSpec, hardware: Hardware, ep_size: int = 1) -> R
     if gpus % ep_size:
         raise ValueError(f"expert-parallel size {ep_size} does not divide hardware.n_gpus={gpus}")
     every = spec.total_params + spec.embedding_params + spec.head_params
-    replicated = every - spec.routed_expert_params
+    sharded = spec.engram_tables == "sharded"
+    replicated = every - spec.routed_expert_params - (spec.engram_params if sharded else 0)
     rep = _state_bytes(replicated, gpus, zero, precision)
     exp = _state_bytes(spec.routed_expert_params / ep_size, gpus // ep_size, zero, precision)
-    tab = _state_bytes(spec.engram_params, gpus, zero, precision)
+    tab = (_sharded_table_bytes(spec.engram_params, gpus) if sharded
+           else _state_bytes(spec.engram_params, gpus, zero, precision))  # replicated: a share of rep
     micro = int(train.micro_batch_size)
     act = activation_bytes_per_token(spec.model, precision) * micro * spec.seq_len
-    weights, grads, optim = (rep[i] + exp[i] for i in range(3))
+    weights, grads, optim = (rep[i] + exp[i] + (tab[i] if sharded else 0.0) for i in range(3))
     device_seconds = spec.train_flops / (hardware.mfu * hardware.peak_tflops * 1e12)
     return Resources(
         gpu_hours=device_seconds / 3600.0, wall_hours=device_seconds / 3600.0 / gpus,

@@ -37,6 +37,7 @@ class RunSpec:
     engram_dim_reduced_from: Optional[int] = None  # drift compensation (b), if it was needed
     memory_ablated: bool = False  # control arm: tables of one row, P_tot lower, FLOPs kept (sweeps/planning/ablation.py)
     expert_parallel: int = 1  # the plan's --ep-size: the trainer's parallel.expert (routed experts a multiple of it)
+    engram_tables: str = "replicated"  # the plan's --engram-tables: the trainer's parallel.engram_tables
 
     @property
     def n_routed_experts(self) -> int:
@@ -109,8 +110,10 @@ class RunSpec:
         out["optim"] = dict(self.optim)
         if self.data_dir is not None:
             out["data"] = {"dir": self.data_dir}
-        if self.expert_parallel > 1:
-            out["parallel"] = {"expert": self.expert_parallel}
+        parallel = {**({"expert": self.expert_parallel} if self.expert_parallel > 1 else {}),
+                    **({"engram_tables": self.engram_tables} if self.engram_tables != "replicated" else {})}
+        if parallel:
+            out["parallel"] = parallel
         return out
 
     def to_dict(self) -> dict:
@@ -126,7 +129,7 @@ class RunSpec:
             "engram_params": self.engram_params, "engram_dense_params": self.engram_dense_params,
             "engram_table_sizes": None if self.model["engram"] is None else list(self.model["engram"]["table_sizes"]),
             "engram_dim_reduced_from": self.engram_dim_reduced_from, "memory_ablated": self.memory_ablated,
-            "expert_parallel": self.expert_parallel,
+            "expert_parallel": self.expert_parallel, "engram_tables": self.engram_tables,
             "flops_per_token": self.flops_per_token, "forward_flops_per_token": self.forward_flops_per_token,
             "flops_drift": self.flops_drift, "total_params_error": self.total_params_error,
             "active_params_error": self.active_params_error,

@@ -200,7 +200,7 @@ def test_checkpoint_loader_does_not_execute_code(tmp_path, monkeypatch):
 
 
 @row("resuming with another world size or ZeRO stage",
-     "refused in one line naming both layouts (ZeRO-0 may change world size: its states are whole)")
+     "refused in one line naming both layouts (ZeRO-0 may change world size: its states are whole; a checkpoint of an EP > 1 run may change EP and world size at its own ZeRO stage)")
 def test_layout_change_rules():
     ckpt.check_layout({"world_size": 2, "zero_stage": 0}, ckpt.layout(1, 0), Path("c"))
     ckpt.check_layout({"world_size": 2, "zero_stage": 2}, ckpt.layout(2, 2), Path("c"))
