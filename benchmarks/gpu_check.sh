@@ -46,7 +46,7 @@ fi
 if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print(torch.__version__, torch.cuda.get_device_name(0))"
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv || true
-  step parity "$PY" -m pytest -q -x tests/unit/test_engram_hashing.py tests/unit/test_moe.py tests/unit/test_moe_paths.py tests/unit/test_engram_module.py tests/unit/test_flops.py -k "cuda or gpu or grouped"
+  step parity "$PY" -m pytest -q -x tests/unit/test_engram_hashing.py tests/unit/test_moe.py tests/unit/test_moe_paths.py tests/unit/test_engram_module.py tests/unit/test_flops.py tests/unit/test_determinism.py -k "cuda or gpu or grouped"
   step bench_moe "$PY" benchmarks/bench_moe.py --device cuda --dtype bf16 --json "$OUT/bench_moe.json"
   step bench_engram "$PY" benchmarks/bench_engram.py --device cuda --json "$OUT/bench_engram.json"
   if [ ! -f data/stdlib_deepseek/manifest.json ]; then

@@ -126,6 +126,7 @@ class TrainConfig:
     allow_config_change: bool = False  # resume although a trajectory setting changed (recorded in run.json)
     dist_timeout_s: float = 1800.0  # a collective waiting longer fails every rank (ranks without a launcher)
     compile: str = "off"  # off | blocks | auto (blocks on CUDA, off on CPU): train/compile.py
+    deterministic: bool = False  # bit-for-bit repeatable kernels on CUDA, at a speed cost: train/determinism.py
 
     def __post_init__(self):
         _positive(self, "train", "seq_len", "micro_batch_size", "global_batch_size", "eval_interval", "eval_tokens",

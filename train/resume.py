@@ -21,7 +21,8 @@ from rundir.schema import ConfigError
 
 # train.* keys that do not change the sequence of parameters a run goes through
 NOT_TRAJECTORY = {"eval_interval", "eval_tokens", "ckpt_interval", "keep_checkpoints", "log_interval", "resume",
-                  "progress", "allow_config_change", "dist_timeout_s", "max_loss", "micro_batch_size", "zero_stage"}
+                  "progress", "allow_config_change", "dist_timeout_s", "max_loss", "micro_batch_size", "zero_stage",
+                  "deterministic"}
 DATA_DIR = "data.dir"  # compared for finished runs; resumes compare the data's content fingerprint instead
 
 

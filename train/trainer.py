@@ -22,6 +22,7 @@ from train.compile import compile_blocks
 from train.data import TrainBatches, eval_windows, run_length
 from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.distributed import DistInfo, barrier, broadcast_object
+from train.determinism import apply_determinism
 from train.expert_checkpoint import engine_hooks
 from train.expert_parallel import (check_expert_parallel, expert_memory_lines, routed_experts,
                                    setup_expert_parallel)
@@ -262,6 +263,7 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     started = time.time()
     t = cfg.train
     # ---- model, optimizer, engine -----------------------------------------------------------
+    apply_determinism(bool(t.deterministic))
     torch.manual_seed(t.seed)
     t0 = time.perf_counter()
     model = build_model(p.mcfg)

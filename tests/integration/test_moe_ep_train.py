@@ -228,11 +228,16 @@ def test_ep2_with_sharded_tables_follows_ep1_with_replicated_tables(tiny_data, t
     the replicated gradients, the expert gradients summed over their EP group and the table shards'; EP = 2
     with sharded tables follows EP = 1 with replicated tables within 1e-5 (measured 1.0e-6). At optim.lr=3e-4:
     at the default lr this MoE + Engram model amplifies roundoff (EP = 2 vs EP = 1, both replicated, already
-    differ by 2e-4 at step 15), as in test_engram_shard_train.py's 4-rank case."""
+    differ by 2e-4 at step 15), as in test_engram_shard_train.py's 4-rank case. Under train.deterministic=true a
+second launch repeats the first bit for bit (losses and gradient norms)."""
     engram = ["memory=engram_tiny", "model.engram.layer_ids=[1]", "model.engram.table_sizes=[1000,1000]",
               "model.engram.tokenizer=data", "optim.eps=1e-6", "optim.lr=3e-4"]
     ref = run(tiny_data, tmp_path / "ep1", 1, 2, *engram)
-    got = run(tiny_data, tmp_path / "ep2sharded", 2, 2, *engram, "parallel.engram_tables=sharded")
+    got = run(tiny_data, tmp_path / "ep2sharded", 2, 2, *engram, "parallel.engram_tables=sharded",
+              "train.deterministic=true")
+    again = run(tiny_data, tmp_path / "again", 2, 2, *engram, "parallel.engram_tables=sharded",
+                "train.deterministic=true")
+    assert again == got and grad_norms(tmp_path / "again") == grad_norms(tmp_path / "ep2sharded")  # run to run
     norms = {name: grad_norms(tmp_path / name) for name in ("ep1", "ep2sharded")}
     assert min(norms["ep1"]) > 0.3, "the comparison should exercise clipping"
     # each rank's own expert gradients alone gave 0.642 instead of 0.630 at step 2
