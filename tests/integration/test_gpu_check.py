@@ -17,6 +17,7 @@ def test_gpu_check_runs_on_cpu_and_writes_its_table(tmp_path):
                        env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     table = (tmp_path / "gpu_check.md").read_text()
-    for figure in ("MoE layer / dense SwiGLU", "hashing: ours vs the reference", "framework / bare loop", "MFU"):
+    for figure in ("MoE layer / dense SwiGLU", "hashing: ours vs the reference", "framework / bare loop", "MFU",
+                   "Engram overhead: step time", "step time sharded / replicated tables"):
         assert figure in table, table
     assert "not measured" not in table, table
