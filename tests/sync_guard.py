@@ -36,3 +36,30 @@ def no_host_sync():
 def allow_sync():
     """Inside a ``no_host_sync`` region: conversions work again (for code outside the test's judgement)."""
     return _methods(lambda name: _ORIGINAL[name])
+
+
+def _caller_package() -> str:
+    """The top-level package of the code that asked for the conversion (``torch``, ``deepspeed``, ...)."""
+    import sys
+
+    frame = sys._getframe(2)
+    path = frame.f_code.co_filename.replace("\\", "/")
+    for package in ("deepspeed", "torch"):
+        if f"/{package}/" in path:
+            return package
+    return "project"
+
+
+@contextlib.contextmanager
+def count_host_syncs(counts: dict):
+    """Inside: every Tensor -> host conversion works and is counted in ``counts`` by the package that
+    asked for it (``{"deepspeed": 12, "torch": 120}``: torch's optimizers read their step counters,
+    host tensors unless capturable; DeepSpeed's reads are of device tensors: norms and overflow flags)."""
+    def counting(name):
+        def fn(self, *a, **k):
+            who = _caller_package()
+            counts[who] = counts.get(who, 0) + 1
+            return _ORIGINAL[name](self, *a, **k)
+        return fn
+    with _methods(counting):
+        yield counts

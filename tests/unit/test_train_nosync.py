@@ -4,10 +4,13 @@ gradient norm stay on the device, and are read once per log interval (issue: tra
 The real trainer runs in this process with every Tensor -> host conversion patched to raise inside
 ``Loop.one_step`` (batch copy, forward and backward through the engine, loss and divergence
 bookkeeping, gradient norm, balancing hooks) on a dense + Engram model, and on an MoE + Engram model
-whose experts run ``torch._grouped_mm`` (group offsets on the device, the GPU path). Outside what a CPU
-test can judge, and run unguarded: the engine's optimizer step (torch's Adam keeps its step counters on
-the host, so the ``.item()`` it calls on them reads no device); MoE's ``batched`` CPU path, which slices
-by group sizes on the host by construction (its dispatch and balancing: tests/unit/test_moe_nosync.py).
+whose experts run ``torch._grouped_mm`` (group offsets on the device, the GPU path). Run unguarded: MoE's
+``batched`` CPU path, which slices by group sizes on the host by construction (its dispatch and balancing:
+tests/unit/test_moe_nosync.py), and the engine's optimizer step, DeepSpeed's code: its host reads there
+are counted instead, by who asks. torch's Adam reads its step counters (host tensors: no device sync);
+DeepSpeed reads device norms and overflow flags: in bf16 at ZeRO 0 (FP16_UnfusedOptimizer) one check per
+parameter tensor every step (47 per step on the tiny model), at ZeRO 1 two per step (BF16_Optimizer:
+the invalid-norm check and the clip coefficient), which is why the gpu family trains bf16 at ZeRO 1.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from sync_guard import allow_sync, no_host_sync
+from sync_guard import allow_sync, count_host_syncs, no_host_sync
 from trainer_utils import REPO, TINY_MODEL, TINY_TRAIN
 from train import loop as loop_mod
 
@@ -27,7 +30,9 @@ ENGRAM = ["memory=engram_tiny", "model.engram.layer_ids=[1]", "model.engram.embe
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _train_in_process(cfg_overrides, monkeypatch, dist):
+def _train_in_process(cfg_overrides, monkeypatch, dist, engine_syncs: dict | None = None):
+    """Train with ``Loop.one_step`` guarded; the engine's optimizer step runs unguarded, its host reads
+    counted into ``engine_syncs`` (by method) when given."""
     from train.trainer import train
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -42,7 +47,7 @@ def _train_in_process(cfg_overrides, monkeypatch, dist):
         return out
 
     def optimizer_step(self, *a, **k):
-        with allow_sync():
+        with allow_sync(), count_host_syncs(engine_syncs if engine_syncs is not None else {}):
             return engine_step(self, *a, **k)
 
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -95,3 +100,27 @@ def test_moe_training_steps_on_the_grouped_mm_path_never_read_the_device(tiny_da
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     loads = [r for r in logged if any(k.endswith("load_max_over_mean") for k in r)]
     assert [r["step"] for r in loads] == [2, 4]
+
+
+@pytest.mark.parametrize("mode,most", [(("fp32", 0), 0), (("bf16", 1), 2)])
+def test_the_optimizer_step_reads_the_device_at_most_twice(tiny_data, tmp_path, monkeypatch, inprocess_dist,
+                                                            mode, most):
+    """Host reads inside DeepSpeed's step, per optimizer step: none from this project's code, none from
+    DeepSpeed in fp32 ZeRO 0 (the cpu family), at most two in bf16 ZeRO 1 (the gpu family's mode)."""
+    precision, zero = mode
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    syncs: dict = {}
+    steps = _train_in_process([f"data.dir={tiny_data}", f"run_dir={run_dir}", *TINY_MODEL, *TINY_TRAIN, *ENGRAM,
+                               "train.max_steps=4", "train.log_interval=4", "train.eval_interval=100",
+                               "train.ckpt_interval=100", f"train.precision={precision}", f"train.zero_stage={zero}"],
+                              monkeypatch, inprocess_dist, syncs)
+    assert syncs.get("project", 0) == 0, syncs
+    assert syncs.get("deepspeed", 0) <= most * steps, syncs
+
+
+def test_the_gpu_family_trains_in_the_measured_mode():
+    from sweeps.planning.families import load_family
+
+    train = load_family("gpu").train
+    assert (train["precision"], train["zero_stage"]) == ("bf16", 1)
