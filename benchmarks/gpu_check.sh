@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's GPU check: one script, under 8 minutes on one H100/H200. It runs the CUDA parity tests
-# (hashing, MoE, Engram, deterministic mode), bench_moe.py and bench_engram.py on the device, bench_train.py on
+# (hashing, MoE incl. no sync under CUDA's sync debug mode, Engram, deterministic mode), bench_moe.py and bench_engram.py on the device, bench_train.py on
 # the gpu family's rho = 1 and rho = 0.75 runs of one plan (eager and compiled), and bench_tables.py (sharded
 # vs replicated Engram tables on NCCL), then prints the short table for benchmarks/README.md. Its time on an
 # H200 is not measured yet (no GPU lent so far); the sizes aim at under 8 minutes.
@@ -51,7 +51,7 @@ fi
 if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print(torch.__version__, torch.cuda.get_device_name(0))"
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv || true
-  step parity "$PY" -m pytest -q -x tests/unit/test_engram_hashing.py tests/unit/test_moe.py tests/unit/test_moe_paths.py tests/unit/test_engram_module.py tests/unit/test_flops.py tests/unit/test_determinism.py -k "cuda or gpu or grouped"
+  step parity "$PY" -m pytest -q -x tests/unit/test_engram_hashing.py tests/unit/test_moe.py tests/unit/test_moe_paths.py tests/unit/test_engram_module.py tests/unit/test_flops.py tests/unit/test_determinism.py tests/unit/test_moe_cuda.py -k "cuda or gpu or grouped"
   step bench_moe "$PY" benchmarks/bench_moe.py --device cuda --dtype bf16 --json "$OUT/bench_moe.json"
   step bench_engram "$PY" benchmarks/bench_engram.py --device cuda --json "$OUT/bench_engram.json"
   if [ ! -f data/stdlib_deepseek/manifest.json ]; then
