@@ -5,8 +5,10 @@ the same with and without it, and a run may resume with the other setting. Only 
 embedding, output head and loss stay eager (the vocabulary projection is one matmul either way), and a
 block's MoE dispatch, whose group sizes change every step, is compiled with dynamic shapes.
 
-``auto`` compiles on CUDA and not on a CPU: compilation costs tens of seconds per block shape on a
-CPU (measured: benchmarks/README.md), more than a cpu-family run gains back in its one to three minutes.
+``auto`` compiles on CUDA and not on a CPU. Measured on CPU (benchmarks/README.md, 2026-11-30): compiling
+the dense + Engram blocks costs about 25 s and gains 10% per step, less than a cpu-family run of one to
+three minutes gives back, and the MoE blocks' batched CPU path (host-side slicing by group size) recompiles
+until dynamo's limit and runs at 0.56x. The default is ``off`` until the GPU check's compiled row is measured.
 """
 from __future__ import annotations
 

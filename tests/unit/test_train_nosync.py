@@ -124,3 +124,34 @@ def test_the_gpu_family_trains_in_the_measured_mode():
 
     train = load_family("gpu").train
     assert (train["precision"], train["zero_stage"]) == ("bf16", 1)
+
+
+def test_tokens_per_s_leaves_evaluation_out(tiny_data, tmp_path, monkeypatch, inprocess_dist):
+    """The throughput window takes evaluation time out: on a clock where every evaluation lasts 1000 s,
+    the logged tokens/s still counts only training time (with the evaluations in, it would be ~0.1 tok/s)."""
+    import time as real_time
+
+    class Clock:  # the loop's clock: real time plus the evaluations' simulated 1000 s each
+        offset = 0.0
+
+        @classmethod
+        def time(cls):
+            return real_time.time() + cls.offset
+
+    evaluate = loop_mod.Loop.evaluate
+
+    def slow_evaluate(self):
+        Clock.offset += 1000.0
+        return evaluate(self)
+
+    monkeypatch.setattr(loop_mod, "time", Clock)
+    monkeypatch.setattr(loop_mod.Loop, "evaluate", slow_evaluate)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _train_in_process([f"data.dir={tiny_data}", f"run_dir={run_dir}", *TINY_MODEL, *TINY_TRAIN,
+                       "train.max_steps=8", "train.log_interval=4", "train.eval_interval=2",
+                       "train.ckpt_interval=100"], monkeypatch, inprocess_dist)
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum("val/loss" in r for r in recs) >= 3  # evaluations fell inside both windows
+    tps = [r["train/tokens_per_s"] for r in recs if "train/tokens_per_s" in r]
+    assert len(tps) == 2 and min(tps) > 100, tps  # a 4-step window of the tiny model: thousands of tok/s
