@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import CONF, REPO, bench_overrides, compose, framework_tokens_per_s, plan_cases  # noqa: E402
+from bench_train import (CONF, add_case_args, bench_overrides, compose, framework_tokens_per_s,  # noqa: E402
+                         start)
 
 MODES = ("replicated", "sharded")
 MiB = 2.0 ** 20
@@ -78,34 +78,10 @@ def report(cases: list[dict], dist) -> None:
 
 
 def main(argv=None) -> int:
-    from sweeps.plan import flat, numbers_arg
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--experiment", action="append", default=[], help="a conf/experiment name with Engram (repeatable)")
-    p.add_argument("--family", help="plan a family's runs at --budget instead (give rho < 1: tables to shard)")
-    p.add_argument("--budget", type=float)
-    p.add_argument("--rho", type=numbers_arg, nargs="+", default=[[0.75]])
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if visible")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after as many warm-up steps)")
-    p.add_argument("--repeats", type=int, default=2, help="alternate replicated / sharded this often, keep each best")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer override")
-    p.add_argument("--json", type=Path, help="also write the numbers to this file (rank 0)")
+    add_case_args(p, [0.75], 10, 2, "alternate replicated / sharded this often, keep each best")
     args = p.parse_args(argv)
-    if bool(args.family) == bool(args.experiment) or (args.family and args.budget is None):
-        p.error("give --experiment NAME (repeatable) or --family F --budget C")
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but no GPU is visible")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    os.chdir(REPO)
-    torch.set_num_threads(args.threads)
-    from train.distributed import setup, teardown
-
-    dist = setup()
-    cases = (plan_cases(args.family, args.budget, flat(args.rho)) if args.family
-             else [(name, [f"+experiment={name}"], None) for name in args.experiment])
+    dist, cases = start(p, args)
     with tempfile.TemporaryDirectory(prefix="bench_tables_") as tmp:
         shared = [tmp]
         if dist.world_size > 1:  # one work directory for every rank: rank 0's
@@ -119,6 +95,8 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps({"world_size": dist.world_size, "device": str(dist.device),
                                              "cases": results}, indent=2))
+    from train.distributed import teardown
+
     teardown()
     return 0 if all(math.isfinite(c["step_time_ratio"]) for c in results) else 1
 

@@ -232,25 +232,28 @@ def report(results: list[CaseResult], peak: float, peak_how: str, device: torch.
     return out
 
 
-def main(argv=None) -> int:
-    from sweeps.plan import flat, numbers_arg
+def add_case_args(p: argparse.ArgumentParser, rho: list, steps: int, repeats: int, repeats_help: str) -> None:
+    """The options bench_train.py and bench_tables.py share: which cases, on which device, what window."""
+    from sweeps.plan import numbers_arg
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", action="append", default=[], help="a conf/experiment name (repeatable)")
-    p.add_argument("--family", help="plan a family's rho=1 and rho=0.75 runs at --budget instead")
+    p.add_argument("--family", help="plan a family's runs at --budget instead")
     p.add_argument("--budget", type=float)
-    p.add_argument("--rho", type=numbers_arg, nargs="+", default=[[1.0, 0.75]],
-                   help="with --family: the rho values, space- or comma-separated (first is the baseline)")
+    p.add_argument("--rho", type=numbers_arg, nargs="+", default=[rho],
+                   help="with --family: the rho values, space- or comma-separated (bench_train: first is the baseline)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if visible")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (after as many warm-up steps)")
-    p.add_argument("--repeats", type=int, default=1, help="alternate framework / bare this often, keep each best")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (one thread is the cpu family's setting)")
+    p.add_argument("--steps", type=int, default=steps, help="timed optimizer steps (after as many warm-up steps)")
+    p.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (one: the cpu family's setting)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer override")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
-    p.add_argument("--compile-too", action="store_true",
-                   help="also run every case with train.compile=blocks (the bare loop stays eager, so fw/bare of the "
-                        "compiled row is the speed-up over eager PyTorch)")
-    args = p.parse_args(argv)
+
+
+def start(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """Checks the case options, pins the device and starts the process group: (dist, [(label, overrides,
+    run config or None)])."""
+    from sweeps.plan import flat
+
     if bool(args.family) == bool(args.experiment) or (args.family and args.budget is None):
         p.error("give --experiment NAME (repeatable) or --family F --budget C")
     if args.device == "cpu":  # before anything asks CUDA: the trainer takes a GPU whenever it sees one
@@ -260,11 +263,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.chdir(REPO)  # data.dir and run paths in the configs are relative to the checkout
     torch.set_num_threads(args.threads)
-    from train.distributed import setup, teardown
+    from train.distributed import setup
 
-    dist = setup()
     cases = (plan_cases(args.family, args.budget, flat(args.rho)) if args.family
              else [(name, [f"+experiment={name}"], None) for name in args.experiment])
+    return setup(), cases
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_case_args(p, [1.0, 0.75], 20, 1, "alternate framework / bare this often, keep each best")
+    p.add_argument("--compile-too", action="store_true",
+                   help="also run every case with train.compile=blocks (the bare loop stays eager, so fw/bare of the "
+                        "compiled row is the speed-up over eager PyTorch)")
+    args = p.parse_args(argv)
+    dist, cases = start(p, args)
     if args.compile_too:
         cases = [c for label, ov, rc in cases
                  for c in ((label, ov, rc), (f"{label}+compile", [*ov, "train.compile=blocks"], rc))]
@@ -275,6 +288,8 @@ def main(argv=None) -> int:
     out = report(results, peak, peak_how, dist.device, plan=bool(args.family) and not args.compile_too)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
+    from train.distributed import teardown
+
     teardown()
     return 0 if all(math.isfinite(r.ratio) for r in results) else 1
 

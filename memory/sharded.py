@@ -142,7 +142,9 @@ def sharded_lookup(shard: TableShard, ids: torch.Tensor) -> torch.Tensor:
     is complete after ``shard.flush()``."""
     if ids.dtype != torch.int64:
         raise ValueError(f"sharded_lookup needs int64 row ids, got {ids.dtype}")
-    if shard.layout.world == 1:
+    if shard.layout.world == 1 and not dist.is_initialized():  # no process group: nothing to exchange with
         return torch.nn.functional.embedding(ids, shard.weight)
+    # one rank in a process group takes the exchange path too (all-to-alls with itself), so a single
+    # GPU runs the sharded code on NCCL as a cluster would (benchmarks/bench_tables.py in gpu_check.sh)
     flat = _ShardedLookup.apply(shard.weight, ids.reshape(-1), shard)
     return flat.view(*ids.shape, shard.weight.shape[1])

@@ -161,7 +161,8 @@ def _plan(args: argparse.Namespace, family: str, budget: float, seeds: list[int]
     else:
         specs, warnings = plan_allocation(args.family, budget, args.rho, data_dir=args.data_dir,
                                           ep_size=args.ep_size, round_experts_to_ep=args.round_experts_to_ep,
-                                          ablate_memory=args.ablate_memory, engram_tables=args.engram_tables)
+                                          ablate_memory=args.ablate_memory, engram_tables=args.engram_tables,
+                                          n_gpus=_ranks_per_run(args))
     sweep = build_sweep(specs, out=args.out, family=family, budget=budget, seeds=seeds, mode=args.mode,
                         settings=args.settings, wandb_mode=args.wandb_mode,
                         wandb_project=args.wandb_project, warnings=warnings)
@@ -185,6 +186,14 @@ def _check_machine(args: argparse.Namespace, sweeps) -> None:
     check_fits(sweeps, local_machine(ranks, devices), hint)
 
 
+def _ranks_per_run(args: argparse.Namespace) -> Optional[int]:
+    """Ranks of one run when expert parallelism or sharded tables split work over them (the plan's
+    device count then: EP must divide it, the memory estimate divides by it); None: the family's."""
+    if args.ep_size > 1 or args.engram_tables == "sharded":
+        return args.procs_per_run * args.nodes
+    return None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """One-line errors for option values and combinations that cannot make a sweep."""
     if args.seeds < 1 or args.seed_offset < 0:
@@ -195,6 +204,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--n-boot must be >= 100 and --level in (0, 1), got {args.n_boot} and {args.level}")
     if args.parallel < 1 or args.procs_per_run < 1:
         raise ValueError("--parallel and --procs-per-run must be >= 1")
+    if args.ep_size > 1 and (args.procs_per_run * args.nodes) % args.ep_size:
+        raise ValueError(f"--ep-size {args.ep_size} must divide a run's ranks (--procs-per-run {args.procs_per_run}"
+                         f" x --nodes {args.nodes})")
     if args.mode == MEMORY and args.ablate_memory:
         raise ValueError("--ablate-memory is a control arm of allocation sweeps, not of --mode memory")
     if args.mode == MEMORY and not args.slots:

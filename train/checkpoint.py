@@ -90,12 +90,14 @@ def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:
     if not saved:
         return
     tables = (saved.get("engram_tables", "replicated"), now.get("engram_tables", "replicated"))
+    was, now_ep = int(saved.get("expert", 1)), now.get("expert", 1)
     if tables[0] != tables[1] and (tables[0] == "replicated" or now["zero_stage"] != 0
-                                   or saved.get("zero_stage") != 0):
+                                   or saved.get("zero_stage") != 0 or was > 1):
         raise CheckpointError(
             f"checkpoint in {where} was written with engram_tables={tables[0]}; this launch has {tables[1]}: "
-            f"a sharded checkpoint resumes replicated at ZeRO 0 only, a replicated one resumes replicated only")
-    was, now_ep = int(saved.get("expert", 1)), now.get("expert", 1)
+            f"a sharded checkpoint resumes replicated at ZeRO 0 only and without expert parallelism (its "
+            f"table optimizer state is restored by DeepSpeed's load, which an EP checkpoint bypasses), a "
+            f"replicated one resumes replicated only")
     if saved.get("zero_stage") == now["zero_stage"] and (
             was > 1 or was == now_ep and (now["zero_stage"] == 0 or saved.get("world_size") == now["world_size"])):
         return
@@ -218,7 +220,9 @@ def load(engine, ckpt_dir: Path, tags: list[str], device: torch.device,
         meta, reason = {}, None
         try:
             meta = _load_one(engine, ckpt_dir, tag, hooks, experts)
-        except (CheckpointError, NotReshardable) as e:
+        except NotReshardable as e:  # the layout, not damage: no older checkpoint would do better
+            raise CheckpointError(f"checkpoint {ckpt_dir / tag}: {e}") from None
+        except CheckpointError as e:
             reason = str(e)
         except Exception as e:  # unpickling / zip / EOF / shape errors: the file is damaged
             empty = "a file ends early (empty or truncated)" if isinstance(e, EOFError) else "no message"

@@ -12,7 +12,7 @@ DeepSpeed's files (written in its dense layout) a checkpoint of an EP run holds:
 Loading reads DeepSpeed's files for everything but the experts, then fills each rank's experts from the
 expert files, slicing rows by global expert id: a run saved at EP = 2 resumes at EP = 1 or 4. Optimizer
 state: ZeRO 0 keeps it whole per parameter, and the files carry it by name; ZeRO 1/2 partition it by
-layout, so their files also carry every parameter's fp32 master and state whole by name
+layout, so there every rank also writes its partitions as fragments of whole tensors by name
 (train/zero_state.py), read back only when the EP or world size changed (at the saved layout DeepSpeed's
 own partition files are exact and read as they are).
 """
@@ -28,7 +28,7 @@ from torch import nn
 
 from models.moe import RoutedExperts
 from train.expert_parallel import ExpertLayout, exact_fp32_clipping, expert_group, is_expert_param
-from train.zero_state import NotReshardable, gather_named, scatter_named
+from train.zero_state import NotReshardable, load_fragments, save_fragments
 
 log = logging.getLogger("train")
 LAYOUT_FILE = "expert_layout.json"
@@ -52,47 +52,39 @@ def _named_state(optimizer: torch.optim.Optimizer, named: list) -> dict:
             for n, p in named if p in optimizer.state}
 
 
-def _whole_state(zero_opt, named: list, experts: set, rank: int, writer: bool) -> dict:
-    """ZeRO 1/2: every parameter's fp32 master and optimizer state, whole (a collective over each
-    parameter's data-parallel group), kept where this rank writes them: its experts on EP writers,
-    the replicated parameters on rank 0. Empty when the state has no whole form (then the checkpoint
-    resumes at its own layout only)."""
-    try:
-        fp32, state = gather_named(zero_opt, named, keep=lambda n: writer and (n in experts or rank == 0))
-    except NotReshardable as e:
-        log.warning("expert checkpoint: %s; it resumes at its own EP and world size only", e)
-        return {}
-    mine = {n for n in fp32 if n in experts}
-    out = {"fp32": {n: fp32[n] for n in mine}, "state": {n: state[n] for n in mine}}
-    if rank == 0:
-        out.update(replicated_fp32={n: v for n, v in fp32.items() if n not in experts},
-                   replicated_state={n: v for n, v in state.items() if n not in experts})
-    return out
+def _offset(layout: Optional[ExpertLayout]):
+    """Where a parameter's elements start in its whole tensor: routed experts at EP rank x local size."""
+    ep_rank = layout.rank if layout is not None else 0
+    return lambda name, p: ep_rank * p.numel() if is_expert_param(p) else 0
 
 
 def save_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir: Path, layout: Optional[ExpertLayout],
                  zero_stage: int, rank: int, world_size: int = 1, zero_opt=None) -> None:
     """Write this rank's part of the expert checkpoint (nothing without EP). Call on every rank: at
-    ZeRO 1/2 (``zero_opt``: the engine's ZeRO optimizer) the whole state is gathered collectively."""
+    ZeRO 1/2 (``zero_opt``: the engine's ZeRO optimizer) every rank writes its partitions' fragments."""
     if layout is None:
         return
     named = list(model.named_parameters())
     experts = [(n, p) for n, p in named if is_expert_param(p)]
-    writer = rank < layout.size  # DeepSpeed's layout: ranks 0..N-1 are EP ranks 0..N-1
+    whole = True
+    if zero_stage != 0:
+        try:
+            save_fragments(zero_opt, named, _offset(layout), tag_dir, rank)
+        except NotReshardable as e:
+            log.warning("expert checkpoint: %s; it resumes at its own EP and world size only", e)
+            whole = False
+    if rank >= layout.size:  # DeepSpeed's layout: ranks 0..N-1 are EP ranks 0..N-1
+        return
     local = experts[0][1].shape[0]
     blob = {"first": layout.rank * local, "local": local, "params": {n: p.detach().cpu().clone() for n, p in experts}}
     if zero_stage == 0:
         blob["state"] = _named_state(optimizer, experts)
         if rank == 0:
             blob["replicated_state"] = _named_state(optimizer, [(n, p) for n, p in named if not is_expert_param(p)])
-    else:
-        blob.update(_whole_state(zero_opt, named, {n for n, _ in experts}, rank, writer))
-    if not writer:
-        return
     torch.save(blob, expert_file(tag_dir, layout.rank, layout.size))
     if rank == 0:
         record = {"expert": layout.size, "n_experts": local * layout.size, "zero_stage": zero_stage,
-                  "world_size": world_size, "whole_state": zero_stage == 0 or "fp32" in blob,
+                  "world_size": world_size, "whole_state": whole,
                   "files": [expert_file(tag_dir, j, layout.size).name for j in range(layout.size)]}
         (Path(tag_dir) / LAYOUT_FILE).write_text(json.dumps(record, indent=1))
 
@@ -124,8 +116,8 @@ def _load_files(tag_dir: Path, record: dict, first: int, count: int) -> dict[int
 
 
 def _this_rank(order: list[dict], first: int, local: int, per: int, section: str) -> dict:
-    """``section`` ("params", "fp32", "state") of this rank's experts: rows ``first .. first+local-1``
-    of every tensor with one row per expert (scalars such as ``step`` as saved)."""
+    """``section`` ("params", "state") of this rank's experts: rows ``first .. first+local-1`` of every
+    tensor with one row per expert (scalars such as ``step`` as saved)."""
     out = {}
     for name, value in order[0].get(section, {}).items():
         if section != "state":
@@ -140,8 +132,8 @@ def restore_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir:
                     layout: Optional[ExpertLayout], zero_stage: int, zero_opt=None) -> None:
     """After DeepSpeed loaded everything else: this rank's experts from the files of ``record``
     (:func:`saved_layout`), whatever EP size wrote them; then the optimizer state: at ZeRO 0 every
-    parameter's, by name; at ZeRO 1/2 (``zero_opt`` given: the layout changed) every fp32 master and
-    state partition of this engine, dealt from the whole tensors."""
+    parameter's, by name; at ZeRO 1/2 (``zero_opt`` given: the layout changed) this engine's fp32
+    partitions and state from the saved ranks' fragments."""
     n_experts, per = record["n_experts"], record["n_experts"] // record["expert"]
     local = n_experts // (layout.size if layout else 1)
     first = layout.rank * local if layout else 0
@@ -152,14 +144,15 @@ def restore_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir:
     with torch.no_grad():
         for name, value in _this_rank(order, first - offset, local, per, "params").items():
             params[name].copy_(value)
-    if zero_stage != 0 and zero_opt is None:
+    if zero_stage != 0:
+        if zero_opt is not None:
+            from train.safe_load import safe_load
+
+            load_fragments(zero_opt, list(params.items()), _offset(layout), tag_dir, int(record["world_size"]),
+                           lambda path: safe_load(path, map_location="cpu", mmap=True))
         return
     head = files.get(0) or _load_files(tag_dir, record, 0, 1)[0]  # rank 0's file: the replicated parameters' state
     state = {**_this_rank(order, first - offset, local, per, "state"), **head["replicated_state"]}
-    if zero_stage != 0:
-        fp32 = {**_this_rank(order, first - offset, local, per, "fp32"), **head["replicated_fp32"]}
-        scatter_named(zero_opt, list(params.items()), fp32, state)
-        return
     for name, st in state.items():
         optimizer.state[params[name]] = {k: v.to(params[name].device) if torch.is_tensor(v) else v
                                          for k, v in st.items()}

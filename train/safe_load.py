@@ -15,6 +15,7 @@ def _safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: str, map_location=None):
+def safe_load(path: str, map_location=None, mmap: bool = False):
+    """``mmap``: map the file instead of reading it (tensors are read when touched)."""
     with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

@@ -1,111 +1,144 @@
-"""Whole, name-keyed fp32 masters and optimizer state of a ZeRO 1/2 engine, read and written through
-DeepSpeed's parameter-to-partition map (``param._hp_mapping``).
+"""ZeRO 1/2 fp32 masters and optimizer state as fragments of whole tensors by parameter name, so that a
+checkpoint written under one partition layout (EP size, world size) loads under another.
 
 ZeRO 1/2 keep each parameter group's fp32 master and optimizer state as one flat partition per rank of
-the group's data-parallel group (for expert groups: the ranks holding the same experts), so their files
-fit only the layout (EP size, world size) that wrote them. Whole tensors by parameter name fit any
-layout: an expert-parallel checkpoint carries them (train/expert_checkpoint.py), and a resume at another
-EP or world size deals them back into this engine's partitions.
+the group's data-parallel group (for expert groups: the ranks holding the same experts), so DeepSpeed's
+own files fit only the layout that wrote them. Next to them every rank writes what its partition holds
+as fragments: for each parameter it holds a piece of, where that piece starts in the whole tensor
+flattened (routed experts: in the tensor of all experts, so ``offset`` = EP rank x local size), its fp32
+master and its partition-shaped optimizer state (Adam's moments, Muon's momentum when split so), plus the
+group's scalars (``step``). No collective and no whole tensor anywhere at save: each rank writes about
+what DeepSpeed writes for it. A resume at another layout reads every fragment file (memory-mapped: only
+the pieces it needs are read) and copies each overlap into its own partitions.
 
-A parameter's fragment in this rank's partition: ``lp_fragment_address`` (where it starts in the flattened
-parameter, how many elements) and ``hp_fragment_address`` (where it sits in the flat partition); a
-parameter outside this rank's partition has ``_hp_mapping`` None. Optimizer state entries shaped like the
-partition (Adam's moments, Muon's momentum) are split the same way; other entries (``step``) are scalars
-shared by the group.
+DeepSpeed's map from a parameter to its piece of a partition is ``param._hp_mapping``:
+``lp_fragment_address`` (start and length in the flattened parameter) and ``hp_fragment_address``
+(start in the flat partition); a parameter outside this rank's partition has ``_hp_mapping`` None.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+FRAGMENTS = "zero_fragments_rank{rank:05d}.pt"
+
 
 class NotReshardable(RuntimeError):
-    """An optimizer state entry that is neither partition-shaped nor a scalar: no whole form to write."""
+    """An optimizer state entry that is neither partition-shaped nor a scalar: no fragment form to write."""
+
+
+def _flats(zero_opt) -> list[torch.Tensor]:
+    """Each parameter group's flat fp32 partition on this rank. Two DeepSpeed optimizers: ZeRO 1/2's
+    (``single_partition_of_fp32_groups``) and, for bf16 at ZeRO 1 with fp32 gradient accumulation,
+    BF16_Optimizer (``fp32_groups_flat_partition``)."""
+    if hasattr(zero_opt, "single_partition_of_fp32_groups"):
+        return zero_opt.single_partition_of_fp32_groups
+    return zero_opt.fp32_groups_flat_partition
 
 
 def _groups(zero_opt) -> dict[int, int]:
     """id(parameter) -> index of its ZeRO parameter group (and flat partition)."""
-    return {id(p): i for i, group in enumerate(zero_opt.bit16_groups) for p in group}
+    groups = zero_opt.bit16_groups if hasattr(zero_opt, "bit16_groups") else zero_opt.bf16_groups
+    return {id(p): i for i, group in enumerate(groups) for p in group}
 
 
 def _split_state(zero_opt, i: int) -> tuple[list[str], dict]:
     """Group ``i``'s partition-shaped state keys and its other (scalar) entries."""
-    flat = zero_opt.single_partition_of_fp32_groups[i]
+    flat = _flats(zero_opt)[i]
     base = zero_opt.optimizer.state.get(flat, {})
     keys = sorted(k for k, v in base.items() if torch.is_tensor(v) and v.shape == flat.shape)
     other = {k: v for k, v in base.items() if k not in keys}
     bad = [k for k, v in other.items() if torch.is_tensor(v) and v.numel() > 1]
     if bad:
         raise NotReshardable(f"optimizer state {bad} is not split like the ZeRO partition")
-    return keys, {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in other.items()}
+    return keys, {k: v.detach().clone().cpu() if torch.is_tensor(v) else v for k, v in other.items()}
 
 
-def _whole(p: nn.Parameter, part: torch.Tensor) -> torch.Tensor:
-    """The whole fp32 tensor of parameter ``p`` from each rank's fragment of ``part`` (a flat partition or
-    a partition-shaped state entry): a sum over the parameter's data-parallel group (collective)."""
-    buf = torch.zeros(p.numel(), dtype=torch.float32, device=part.device)
-    m = p._hp_mapping
-    if m is not None:
-        lp, hp = m.lp_fragment_address, m.hp_fragment_address
-        buf.narrow(0, lp.start, lp.numel).copy_(part.narrow(0, hp.start, hp.numel))
-    if dist.is_initialized() and dist.get_world_size(p._dp_group) > 1:
-        dist.all_reduce(buf, group=p._dp_group)
-    return buf.view(p.shape)
+def agreed_split(zero_opt) -> dict[int, tuple[list[str], dict]]:
+    """:func:`_split_state` of every group, or NotReshardable on every rank when any rank cannot split its
+    state (one flag all-reduced: the ranks agree on what the checkpoint records)."""
+    why, split = "", {}
+    try:
+        split = {i: _split_state(zero_opt, i) for i in range(len(_flats(zero_opt)))}
+    except NotReshardable as e:
+        why = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([0.0 if why else 1.0], device=_flats(zero_opt)[0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1.0 and not why:
+            why = "another rank's optimizer state is not split like the ZeRO partition"
+    if why:
+        raise NotReshardable(why)
+    return split
 
 
-def gather_named(zero_opt, named: list[tuple[str, nn.Parameter]],
-                 keep: Callable[[str], bool]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """(fp32 master, optimizer state) by name, whole, for the names ``keep`` accepts (CPU copies).
-
-    Collective: every rank calls it with the same ``named`` in the same order (each parameter is summed
-    over its own data-parallel group). State keys come from the group's base optimizer state, empty
-    before the first step."""
-    groups = _groups(zero_opt)
-    split = {i: _split_state(zero_opt, i) for i in sorted(set(groups.values()))}
-    fp32, state = {}, {}
+def save_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Callable[[str, nn.Parameter], int],
+                   tag_dir: Path, rank: int) -> None:
+    """Write this rank's fragment file. ``offset(name, p)``: where ``p``'s elements start in the whole
+    tensor of that name (0 but for expert-parallel experts). Call on every rank (one flag all-reduce)."""
+    split, groups, flats = agreed_split(zero_opt), _groups(zero_opt), _flats(zero_opt)
+    out = {}
     for name, p in named:
-        if id(p) not in groups:
+        m = getattr(p, "_hp_mapping", None)
+        if id(p) not in groups or m is None:
             continue
         i = groups[id(p)]
         keys, scalars = split[i]
-        flat = zero_opt.single_partition_of_fp32_groups[i]
-        base = zero_opt.optimizer.state.get(flat, {})
-        master = _whole(p, flat)
-        entries = {k: _whole(p, base[k]) for k in keys}
-        if keep(name):
-            fp32[name] = master.cpu()
-            state[name] = {**{k: v.cpu() for k, v in entries.items()}, **scalars}
-    return fp32, state
+        base = zero_opt.optimizer.state.get(flats[i], {})
+        lp, hp = m.lp_fragment_address, m.hp_fragment_address
+        out[name] = {"start": offset(name, p) + lp.start, "fp32": flats[i].narrow(0, hp.start, hp.numel).cpu().clone(),
+                     "state": {k: base[k].narrow(0, hp.start, hp.numel).cpu().clone() for k in keys},
+                     "scalars": scalars}
+    torch.save(out, Path(tag_dir) / FRAGMENTS.format(rank=rank))
 
 
-def scatter_named(zero_opt, named: list[tuple[str, nn.Parameter]], fp32: dict[str, torch.Tensor],
-                  state: dict[str, dict]) -> None:
-    """Write whole tensors by name into this rank's partitions: every group's fp32 master, and its base
-    optimizer state when ``state`` has any (scalars such as ``step`` from the group's first parameter).
-    Local (no collective); each name in ``named`` that ZeRO holds must be in ``fp32``."""
-    groups = _groups(zero_opt)
-    members: dict[int, list[tuple[str, nn.Parameter]]] = {}
-    for name, p in named:
-        if id(p) in groups:
-            members.setdefault(groups[id(p)], []).append((name, p))
+def _load_all(tag_dir: Path, world: int, load) -> list[dict]:
+    files = [Path(tag_dir) / FRAGMENTS.format(rank=r) for r in range(world)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise NotReshardable(f"fragment files missing: {', '.join(missing[:3])}")
+    return [load(str(f)) for f in files]
+
+
+def load_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Callable[[str, nn.Parameter], int],
+                   tag_dir: Path, saved_world: int, load) -> None:
+    """Fill this rank's fp32 partitions and optimizer state from the fragment files of a checkpoint saved
+    on ``saved_world`` ranks (``load(path)``: a memory-mapped, weights-only torch.load). Local: no
+    collective. Raises NotReshardable when a piece of some parameter is in no file."""
+    saved = _load_all(tag_dir, saved_world, load)
+    groups, flats = _groups(zero_opt), _flats(zero_opt)
+    new_state: dict[int, dict] = {}
     with torch.no_grad():
-        for i, params in sorted(members.items()):
-            flat = zero_opt.single_partition_of_fp32_groups[i]
-            first = state.get(params[0][0], {})
-            keys = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.shape == params[0][1].shape)
-            base = {k: torch.zeros_like(flat) for k in keys}
-            for name, p in params:
-                m = p._hp_mapping
-                if m is None:
+        for name, p in named:
+            m = getattr(p, "_hp_mapping", None)
+            if id(p) not in groups or m is None:
+                continue
+            i = groups[id(p)]
+            lp, hp = m.lp_fragment_address, m.hp_fragment_address
+            lo = offset(name, p) + lp.start
+            covered = 0
+            for frags in saved:
+                f = frags.get(name)
+                if f is None:
                     continue
-                lp, hp = m.lp_fragment_address, m.hp_fragment_address
-                flat.narrow(0, hp.start, hp.numel).copy_(fp32[name].reshape(-1).narrow(0, lp.start, lp.numel))
-                for k in keys:
-                    src = state[name][k].reshape(-1).narrow(0, lp.start, lp.numel)
-                    base[k].narrow(0, hp.start, hp.numel).copy_(src)
-            if keys:
-                scalars = {k: v.clone() if torch.is_tensor(v) else v for k, v in first.items() if k not in keys}
-                zero_opt.optimizer.state[flat] = {**base, **scalars}
+                a, b = max(lo, f["start"]), min(lo + lp.numel, f["start"] + f["fp32"].numel())
+                if a >= b:
+                    continue
+                dst, src = hp.start + a - lo, a - f["start"]
+                flats[i].narrow(0, dst, b - a).copy_(f["fp32"].narrow(0, src, b - a))
+                st = new_state.setdefault(i, {"scalars": f["scalars"]})
+                for k, v in f["state"].items():
+                    st.setdefault(k, torch.zeros_like(flats[i])).narrow(0, dst, b - a).copy_(v.narrow(0, src, b - a))
+                covered += b - a
+            if covered != lp.numel:
+                raise NotReshardable(f"{name}: {covered} of this rank's {lp.numel} elements are in the fragment "
+                                     f"files of {saved_world} ranks")
+    for i, st in new_state.items():
+        scalars = st.pop("scalars")
+        if st:  # optimizer state was saved (not before the first step)
+            zero_opt.optimizer.state[flats[i]] = {**st, **{k: v.clone() if torch.is_tensor(v) else v
+                                                            for k, v in scalars.items()}}

@@ -115,14 +115,18 @@ class _AllocationSpec(_PlannedRun):
 
 def plan_allocation(family: str, budget: float, rhos: Sequence[float], *, data_dir: Optional[str] = None,
                     ep_size: int = 1, round_experts_to_ep: bool = False,
-                    ablate_memory: bool = False, engram_tables: str = "replicated") -> tuple[list[Any], list[str]]:
+                    ablate_memory: bool = False, engram_tables: str = "replicated",
+                    n_gpus: Optional[int] = None) -> tuple[list[Any], list[str]]:
     """Run specs of an allocation sweep from the budget solver, and its warnings. ``ablate_memory`` adds
     the control arm: one run per rho < 1 with one-row tables (:mod:`sweeps.planning.ablation`), whose cost
     estimates are its twin's (the same compute; memory a little lower)."""
     from sweeps.planning.budget import solve_plan
     from sweeps.planning.families import load_family
 
-    plan = solve_plan(load_family(family), float(budget), list(rhos), ep_size=ep_size,
+    fam = load_family(family)
+    if n_gpus is not None:  # the launch's ranks per run, where the plan must divide them (EP, sharded tables)
+        fam = fam.with_hardware(n_gpus=n_gpus)
+    plan = solve_plan(fam, float(budget), list(rhos), ep_size=ep_size,
                       round_experts_to_ep=round_experts_to_ep, data_dir=data_dir, engram_tables=engram_tables)
     described = plan.to_list()
     arm = ablation_specs(plan.runs, described) if ablate_memory else []

@@ -41,3 +41,19 @@ def test_sweep_cli_passes_the_table_mode_to_the_trainer_config(tmp_path):
     args.rho = [1.0, 0.5]  # what main() flattens the repeated option to
     sweep = _plan(args, "cpu", 6e12, [0])  # checked against the trainer's schema there
     assert [r.config["parallel"]["engram_tables"] for r in sweep.runs] == ["sharded", "sharded"]
+
+
+def test_sweep_cli_plans_expert_parallelism_on_the_runs_ranks(tmp_path):
+    """--ep-size is planned against a run's ranks (--procs-per-run x --nodes), not the family's device count
+    (1 for the cpu and gpu families); an EP size that does not divide them is one line before any compute."""
+    from sweeps.run import _check_args, _plan, parser
+
+    argv = ["--family", "cpu", "--budget", "6e12", "--rho", "1", "0.5", "--ep-size", "2", "--round-experts-to-ep",
+            "--out", str(tmp_path)]
+    args = parser().parse_args([*argv, "--procs-per-run", "2"])
+    args.rho = [1.0, 0.5]
+    sweep = _plan(args, "cpu", 6e12, [0])
+    assert [r.config["parallel"]["expert"] for r in sweep.runs] == [2, 2]
+    assert all(r.config["model"]["moe"]["n_routed_experts"] % 2 == 0 for r in sweep.runs)
+    with pytest.raises(ValueError, match="--ep-size 2 must divide a run's ranks"):
+        _check_args(parser().parse_args(argv))
