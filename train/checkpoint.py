@@ -217,17 +217,21 @@ def load(engine, ckpt_dir: Path, tags: list[str], device: torch.device,
     its meta. All ranks agree on the outcome of each try (a file may be bad for one rank only)."""
     tried = []
     for i, tag in enumerate(tags):
-        meta, reason = {}, None
+        meta, reason, layout_error = {}, None, False
         try:
             meta = _load_one(engine, ckpt_dir, tag, hooks, experts)
         except NotReshardable as e:  # the layout, not damage: no older checkpoint would do better
-            raise CheckpointError(f"checkpoint {ckpt_dir / tag}: {e}") from None
+            reason, layout_error = f"checkpoint {ckpt_dir / tag}: {e}", True
         except CheckpointError as e:
             reason = str(e)
         except Exception as e:  # unpickling / zip / EOF / shape errors: the file is damaged
             empty = "a file ends early (empty or truncated)" if isinstance(e, EOFError) else "no message"
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else empty}"
-        bad = all_reduce_sum(torch.tensor([1.0 if reason else 0.0], device=device)).item()
+        bad, layout = all_reduce_sum(torch.tensor([1.0 if reason else 0.0, 1.0 if layout_error else 0.0],
+                                                  device=device)).tolist()
+        if layout:  # every rank stops, with its own reason or the news that another rank had one
+            raise CheckpointError(reason if layout_error else f"checkpoint {ckpt_dir / tag} does not reshard to "
+                                  f"this layout (the reason is in another rank's log)")
         if not bad:
             check(meta, ckpt_dir / tag)
             if tried:

@@ -118,6 +118,13 @@ def test_zero_stages_partition_experts_and_reshard_on_resume(tiny_data, tmp_path
     for ep, nproc in ([(2, 2), (1, 2)] if stage == 2 else [(4, 4)]):
         cont = rewound(tmp_path / "z", tmp_path / f"ep{ep}", 10)
         assert_trajectory(lz, run(tiny_data, cont, ep, nproc, zero), range(1, 21))
+    if stage == 2:  # a checkpoint without fragments (state not split like the partition): one line, no fallback
+        bare = rewound(tmp_path / "z", tmp_path / "bare", 10)
+        record = bare / "checkpoints" / ckpt.tag_for(10) / LAYOUT_FILE
+        record.write_text(json.dumps({**json.loads(record.read_text()), "whole_state": False}))
+        p = run_train(tiny_data, bare, *MOE, zero, "parallel.expert=1", nproc=2, check=False)
+        assert p.returncode != 0 and "it resumes at that layout only" in p.stderr, p.stderr[-2000:]
+        assert "falling back" not in p.stderr
     if stage == 1:  # the round trip alone, EP 2 on 2 ranks -> EP 4 on 4 ranks: every whole tensor unchanged
         saved = tmp_path / "z" / "checkpoints" / ckpt.tag_for(10)
         trip = rewound(tmp_path / "z", tmp_path / "trip", 10)
