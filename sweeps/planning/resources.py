@@ -89,6 +89,16 @@ def activation_bytes_per_token(model: Mapping[str, Any], precision: str) -> floa
     return b * per_token + (b + 4 + 4) * cfg.vocab_size
 
 
+def pending_row_grad_bytes(model: Mapping[str, Any], tokens_per_rank_step: float) -> float:
+    """Sharded tables' row gradients waiting for the accumulation boundary (memory/sharded.py's
+    ``TableShard.pending``): every token's retrieved-memory gradient (memory_dim fp32 per Engram layer)
+    with two int64 ids per hash head (row, source rank), held for all micro-steps of an optimizer step."""
+    e = ModelConfig.from_dict(for_counting(model)).engram
+    if e is None:
+        return 0.0
+    return tokens_per_rank_step * len(e.layer_ids) * (4 * e.memory_dim + 16 * e.n_heads_total)
+
+
 def estimate_resources(spec: RunSpec, hardware: Hardware, ep_size: int = 1) -> Resources:
     """Device-hours at ``hardware.mfu`` of ``hardware.peak_tflops`` and memory per device.
 
@@ -96,7 +106,8 @@ def estimate_resources(spec: RunSpec, hardware: Hardware, ep_size: int = 1) -> R
     per parameter, fp32: 4 + 4 + 8), under ``train.zero_stage`` over the data-parallel ranks;
     routed experts are split over ``ep_size`` expert-parallel ranks (their data-parallel degree is
     n_gpus / ep_size); Engram tables are replicated like the rest, or with ``spec.engram_tables``
-    sharded split over all n_gpus in fp32 (:func:`_sharded_table_bytes`). Embedding and head count in full. Activations: :func:`activation_bytes_per_token` x micro_batch_size x seq_len.
+    sharded split over all n_gpus in fp32 (:func:`_sharded_table_bytes`). Embedding and head count in full. Activations: :func:`activation_bytes_per_token` x micro_batch_size x seq_len, plus with
+    sharded tables :func:`pending_row_grad_bytes` of a step's tokens per device.
     """
     train = load(TrainConfig, spec.train, "train")  # the trainer's defaults and value checks, not copies
     precision, zero = train.precision, int(train.zero_stage)
@@ -112,6 +123,8 @@ def estimate_resources(spec: RunSpec, hardware: Hardware, ep_size: int = 1) -> R
            else _state_bytes(spec.engram_params, gpus, zero, precision))  # replicated: a share of rep
     micro = int(train.micro_batch_size)
     act = activation_bytes_per_token(spec.model, precision) * micro * spec.seq_len
+    if sharded:
+        act += pending_row_grad_bytes(spec.model, spec.global_batch_size * spec.seq_len / gpus)
     weights, grads, optim = (rep[i] + exp[i] + (tab[i] if sharded else 0.0) for i in range(3))
     device_seconds = spec.train_flops / (hardware.mfu * hardware.peak_tflops * 1e12)
     return Resources(
