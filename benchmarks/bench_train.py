@@ -95,7 +95,8 @@ def bench_overrides(run_dir: Path, steps: int, device: torch.device) -> list[str
     """Settings that make the trainer's last logged window exactly ``steps`` steps of pure training."""
     extra = [f"run_dir={run_dir}", f"train.max_steps={2 * steps}", "train.train_tokens=null",
              f"train.log_interval={steps}", f"train.eval_interval={10 ** 9}", f"train.ckpt_interval={10 ** 9}",
-             "train.progress=false", "logging.wandb.mode=disabled", "train.resume=never"]
+             "train.progress=false", "logging.wandb.mode=disabled", "train.resume=never",
+             "train.eval_tokens=${train.seq_len}"]  # the final evaluation is outside the window: one sequence
     if device.type == "cpu":
         extra.append("train.precision=fp32")  # bf16 on CPU is emulated: not what a CPU study runs
     return extra

@@ -73,9 +73,9 @@ else
   step bench_moe "$PY" benchmarks/bench_moe.py --device cpu --sizes tiny --iters 2 --warmup 1 --json "$OUT/bench_moe.json"
   step bench_engram "$PY" benchmarks/bench_engram.py --device cpu --tokens 4096 --hash-seq-len 512 --batch 2 \
     --seq-len 64 --d-model 64 --n-layers 2 --repeats 2 --json "$OUT/bench_engram.json"
-  step bench_train "$PY" benchmarks/bench_train.py --family cpu --budget 3e12 --device cpu --steps 2 \
+  step bench_train "$PY" benchmarks/bench_train.py --family cpu --budget 3e12 --device cpu --steps 1 \
     --json "$OUT/bench_train.json"
-  step bench_tables "$PY" benchmarks/bench_tables.py --family cpu --budget 3e12 --rho 0.5 --device cpu --steps 2 \
+  step bench_tables "$PY" benchmarks/bench_tables.py --family cpu --budget 3e12 --rho 0.5 --device cpu --steps 1 \
     --repeats 1 --json "$OUT/bench_tables.json"
   name=cpu
 fi

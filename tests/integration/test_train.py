@@ -38,7 +38,8 @@ def test_single_process_trains_and_reruns_as_noop(tiny_data, tmp_path):
     assert np.mean([ls[s] for s in range(1, 6)]) > np.mean([ls[s] for s in range(36, 41)]) + 0.5
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 40 and (run_dir / "checkpoints" / latest["tag"]).is_dir()
-    assert (run_dir / "rank0.log").exists()
+    startup = [ln for ln in (run_dir / "rank0.log").read_text().splitlines() if "start-up: read/verify" in ln]
+    assert len(startup) == 1 and all(part in startup[0] for part in ("model build", "engine init", "first step"))
     before = tree_digest(run_dir / "checkpoints")
     t0 = time.time()
     p = run_train(tiny_data, run_dir, "train.max_steps=40")

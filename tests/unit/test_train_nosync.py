@@ -102,13 +102,12 @@ def test_moe_training_steps_on_the_grouped_mm_path_never_read_the_device(tiny_da
     assert [r["step"] for r in loads] == [2, 4]
 
 
-@pytest.mark.parametrize("mode,most", [(("fp32", 0), 0), (("bf16", 1), 2), (("bf16", 0), None)])
+@pytest.mark.parametrize("mode,most", [(("fp32", 0), 0), (("bf16", 1), 2)])
 def test_the_optimizer_step_reads_the_device_at_most_twice(tiny_data, tmp_path, monkeypatch, inprocess_dist,
                                                             mode, most):
     """Host reads inside DeepSpeed's step, per optimizer step: none from this project's code, none from
-    DeepSpeed in fp32 ZeRO 0 (the cpu family), at most two in bf16 ZeRO 1 (the gpu family's mode); bf16
-    ZeRO 0 reads one flag per parameter tensor (no bound kept: no family trains so). The logged gradient
-    norm is real in each."""
+    DeepSpeed in fp32 ZeRO 0 (the cpu family), at most two in bf16 ZeRO 1 (the gpu family's mode; bf16
+    ZeRO 0 read 47 per step, one flag per parameter tensor). The logged gradient norm is real in each."""
     precision, zero = mode
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -118,8 +117,7 @@ def test_the_optimizer_step_reads_the_device_at_most_twice(tiny_data, tmp_path, 
                                "train.ckpt_interval=100", f"train.precision={precision}", f"train.zero_stage={zero}"],
                               monkeypatch, inprocess_dist, syncs)
     assert syncs.get("project", 0) == 0, syncs
-    if most is not None:
-        assert syncs.get("deepspeed", 0) <= most * steps, syncs
+    assert syncs.get("deepspeed", 0) <= most * steps, syncs
     norms = [json.loads(ln)["train/grad_norm"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/grad_norm" in ln]
     assert norms and all(math.isfinite(n) and n > 0 for n in norms), norms
