@@ -11,7 +11,8 @@ from train.data import eval_batches, eval_windows
 def evaluate(engine, split, seq_len: int, eval_tokens: int, batch_size: int, rank: int, world: int,
              device: torch.device, lockstep: bool = False) -> float:
     """``lockstep``: every rank runs as many forwards as rank 0 (which holds the most windows), a rank out of
-    windows a discarded one-sequence batch: sharded Engram lookups are collectives every rank must join."""
+    windows a discarded one-sequence batch: sharded Engram lookups and expert-parallel all-to-alls are
+    collectives every rank must join."""
     module = engine.module
     was_training = module.training
     module.eval()

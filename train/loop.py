@@ -25,6 +25,7 @@ import time
 import torch
 
 from core.distributed import all_reduce_sum
+from rundir.schema import parallel_of
 from train import checkpoint as ckpt
 from train.data import Prefetcher
 from train.distributed import maybe_inject_fault
@@ -48,6 +49,8 @@ class Loop:
     def __init__(self, cfg, dist, p, engine, model, optimizer, tracker, counts, tables=None):
         """``tables``: a train.shards.ShardedTables (sharded Engram tables: their own clip, step, files)."""
         self.cfg, self.t, self.dist, self.p, self.tables = cfg, cfg.train, dist, p, tables
+        # a forward is a collective (sharded table lookups, expert-parallel all-to-alls): evaluation in lockstep
+        self.collective_forward = tables is not None or parallel_of(cfg).expert > 1
         self.engine, self.model, self.optimizer, self.tracker, self.counts = engine, model, optimizer, tracker, counts
         self.peak = peak_flops(dist.device, cfg.logging.get("peak_tflops"))
         self.base_lr = float(cfg.optim.lr)
@@ -75,7 +78,7 @@ class Loop:
         self.check_diverged()
         t, d = self.t, self.dist
         return evaluate(self.engine, self.p.val_split, t.seq_len, t.eval_tokens, t.micro_batch_size, d.rank,
-                        d.world_size, d.device, lockstep=self.tables is not None)
+                        d.world_size, d.device, lockstep=self.collective_forward)
 
     def is_log_step(self, step: int) -> bool:
         """``step`` counts completed steps (1-based)."""
