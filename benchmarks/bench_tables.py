@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (CONF, add_case_args, bench_overrides, compose, framework_tokens_per_s,  # noqa: E402
-                         start)
+from bench_train import add_case_args, case_config, framework_tokens_per_s, start  # noqa: E402
 
 MODES = ("replicated", "sharded")
 MiB = 2.0 ** 20
@@ -35,17 +34,7 @@ MiB = 2.0 ** 20
 def run_side(label: str, mode: str, overrides: list[str], run_config, steps: int, dist, workdir: Path) -> dict:
     """One trainer run of ``mode``: its timed window's tokens/s and its memory record."""
     run_dir = workdir / f"{label}-{mode}"
-    if dist.is_main:
-        run_dir.mkdir(parents=True)  # Hydra's job creates it under train/main.py
-        if run_config is not None:  # a planned run: its own config.yaml, as the sweep launches it
-            from rundir.config import write_run_config
-            from sweeps.planning.runconfig import hydra_block
-
-            write_run_config(run_dir, run_config, hydra_block())
-    if dist.world_size > 1:
-        torch.distributed.barrier()
-    cfg = compose([*overrides, f"parallel.engram_tables={mode}", *bench_overrides(run_dir, steps, dist.device)],
-                  run_dir if run_config is not None else CONF)
+    cfg = case_config(run_dir, [*overrides, f"parallel.engram_tables={mode}"], run_config, steps, dist)
     tps = framework_tokens_per_s(cfg, dist)
     memory = json.loads((run_dir / "final.json").read_text()).get("memory", {})
     return {"tokens_per_s": tps, "step_s": cfg.train.global_batch_size * cfg.train.seq_len / tps,

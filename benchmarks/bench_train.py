@@ -188,21 +188,29 @@ def train_flops_per_token(counts) -> tuple[float, str]:
     return float(counts.train_flops_per_token), "full T x T attention"
 
 
+def case_config(run_dir: Path, overrides: list[str], run_config: Optional[dict], steps: int, dist):
+    """The trainer config of one timed run in ``run_dir`` (rank 0 creates it; a planned run gets its own
+    config.yaml, as the sweep launches it), every rank composing it once the directory is there."""
+    if dist.is_main:
+        run_dir.mkdir(parents=True)  # Hydra's job creates it under train/main.py
+        if run_config is not None:
+            from rundir.config import write_run_config
+            from sweeps.planning.runconfig import hydra_block
+
+            write_run_config(run_dir, run_config, hydra_block())
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return compose([*overrides, *bench_overrides(run_dir, steps, dist.device)],
+                   run_dir if run_config is not None else CONF)
+
+
 def run_case(label: str, overrides: list[str], steps: int, dist, peak: float, workdir: Path,
              repeats: int = 1, run_config: Optional[dict] = None) -> CaseResult:
     """Framework and bare loop alternately ``repeats`` times; each side keeps its best window (on a
     shared machine the slowest windows measure the neighbours, not the code)."""
     fw, bare, counts, cfg = 0.0, 0.0, None, None
     for i in range(repeats):
-        run_dir = workdir / f"{label}-{i}"
-        run_dir.mkdir(parents=True)  # Hydra's job creates it under train/main.py
-        if run_config is not None:  # a planned run: its own config.yaml, as the sweep launches it
-            from rundir.config import write_run_config
-            from sweeps.planning.runconfig import hydra_block
-
-            write_run_config(run_dir, run_config, hydra_block())
-        cfg = compose([*overrides, *bench_overrides(run_dir, steps, dist.device)],
-                      run_dir if run_config is not None else CONF)
+        cfg = case_config(workdir / f"{label}-{i}", overrides, run_config, steps, dist)
         fw = max(fw, framework_tokens_per_s(cfg, dist))
         tps, counts = bare_tokens_per_s(cfg, dist.device, steps)
         bare = max(bare, tps)

@@ -59,6 +59,16 @@ def add_rho_argument(parser) -> None:
                              f"(default {','.join(map(str, DEFAULT_RHOS))})")
 
 
+def add_engram_tables_argument(parser) -> None:
+    """``--engram-tables``: the same option in sweeps.plan and sweeps.run (every run's
+    ``parallel.engram_tables``; the plan's memory estimate follows it)."""
+    from rundir.schema import ENGRAM_TABLE_MODES
+
+    parser.add_argument("--engram-tables", choices=ENGRAM_TABLE_MODES, default="replicated",
+                        help="Engram tables replicated on every device, or their rows sharded over a run's ranks "
+                             "(parallel.engram_tables of every run; the memory estimate follows)")
+
+
 def flat(groups: Optional[Sequence[Sequence[float]]]) -> Optional[list[float]]:
     """The values of a ``nargs='+'`` list option whose items are lists (``--rho 1,0.8 0.6``)."""
     return None if groups is None else [v for g in groups for v in g]
@@ -156,9 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep-size", type=int, default=1, help="expert-parallel size that must divide every expert count")
     p.add_argument("--round-experts-to-ep", action="store_true",
                    help="round expert counts to multiples of --ep-size instead of failing")
-    p.add_argument("--engram-tables", choices=("replicated", "sharded"), default="replicated",
-                   help="Engram tables replicated on every GPU, or their rows sharded over the GPUs "
-                        "(parallel.engram_tables of every run; the memory estimate follows)")
+    add_engram_tables_argument(p)
     p.add_argument("--data-dir", default=None, help="data.dir of the runs (default: the family's)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=None, help="train.zero_stage of the runs")
     p.add_argument("--n-gpus", type=int, default=None, help="devices per run for the estimates (hardware.n_gpus)")

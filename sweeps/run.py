@@ -24,7 +24,7 @@ from sweeps.execution.sweep import ALLOCATION, MEMORY
 from sweeps.analysis.planview import describe_plan, write_plan
 from sweeps.execution.runloop import SweepLocked, check_plan_unchanged, run_sweeps
 from sweeps.analysis.summary import overlay_allocation_sweeps, summarize
-from sweeps.plan import add_rho_argument, flat, numbers_arg
+from sweeps.plan import add_engram_tables_argument, add_rho_argument, flat, numbers_arg
 
 LAUNCHERS = ("local", "gpus", "submitit-local", "slurm")
 
@@ -58,8 +58,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="token shards for every run (default: the family's data_dir)")
     g.add_argument("--ep-size", type=int, default=1, help="expert-parallel size the expert counts must divide")
     g.add_argument("--round-experts-to-ep", action="store_true")
-    g.add_argument("--engram-tables", choices=("replicated", "sharded"), default="replicated",
-                   help="parallel.engram_tables of every run: tables replicated, or their rows sharded over a run's ranks")
+    add_engram_tables_argument(g)
     g.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer config value of every run, e.g. train.eval_tokens=32768 (repeatable; keys the "
                         "plan solves are refused)")

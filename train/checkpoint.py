@@ -84,9 +84,9 @@ def run_layout(cfg: Any, world_size: int) -> dict:
 def check_layout(saved: Optional[dict], now: dict, where: Path) -> None:
     """ZeRO-partitioned optimizer states cannot be read by another world size, stage or EP size
     (DeepSpeed fails with an internal traceback); stage 0 keeps whole states, so its world size may
-    change. A checkpoint of an EP > 1 run also holds its experts and, at ZeRO 1/2, every parameter's
-    whole state by name (train/expert_checkpoint.py), so it resumes at another EP and world size at
-    its own ZeRO stage."""
+    change. A checkpoint of an EP > 1 run also holds its experts by global id and, at ZeRO 1/2, every
+    rank's partitions as fragments of whole tensors by name (train/expert_checkpoint.py,
+    train/zero_state.py), so it resumes at another EP and world size at its own ZeRO stage."""
     if not saved:
         return
     tables = (saved.get("engram_tables", "replicated"), now.get("engram_tables", "replicated"))

@@ -28,6 +28,7 @@ from torch import nn
 
 from models.moe import RoutedExperts
 from train.expert_parallel import ExpertLayout, exact_fp32_clipping, expert_group, is_expert_param
+from train.safe_load import safe_load
 from train.zero_state import NotReshardable, load_fragments, save_fragments
 
 log = logging.getLogger("train")
@@ -66,13 +67,13 @@ def save_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir: Pa
         return
     named = list(model.named_parameters())
     experts = [(n, p) for n, p in named if is_expert_param(p)]
-    whole = True
+    fragments = True
     if zero_stage != 0:
         try:
             save_fragments(zero_opt, named, _offset(layout), tag_dir, rank)
         except NotReshardable as e:
             log.warning("expert checkpoint: %s; it resumes at its own EP and world size only", e)
-            whole = False
+            fragments = False
     if rank >= layout.size:  # DeepSpeed's layout: ranks 0..N-1 are EP ranks 0..N-1
         return
     local = experts[0][1].shape[0]
@@ -84,7 +85,7 @@ def save_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir: Pa
     torch.save(blob, expert_file(tag_dir, layout.rank, layout.size))
     if rank == 0:
         record = {"expert": layout.size, "n_experts": local * layout.size, "zero_stage": zero_stage,
-                  "world_size": world_size, "whole_state": whole,
+                  "world_size": world_size, "fragments": fragments,
                   "files": [expert_file(tag_dir, j, layout.size).name for j in range(layout.size)]}
         (Path(tag_dir) / LAYOUT_FILE).write_text(json.dumps(record, indent=1))
 
@@ -108,8 +109,6 @@ def _rows(files: list[dict], first: int, count: int, per_file: int, pick) -> tor
 
 
 def _load_files(tag_dir: Path, record: dict, first: int, count: int) -> dict[int, dict]:
-    from train.safe_load import safe_load
-
     per = record["n_experts"] // record["expert"]
     wanted = range(first // per, (first + count - 1) // per + 1)
     return {j: safe_load(str(Path(tag_dir) / record["files"][j]), map_location="cpu") for j in wanted}
@@ -146,8 +145,6 @@ def restore_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir:
             params[name].copy_(value)
     if zero_stage != 0:
         if zero_opt is not None:
-            from train.safe_load import safe_load
-
             load_fragments(zero_opt, list(params.items()), _offset(layout), tag_dir, int(record["world_size"]),
                            lambda path: safe_load(path, map_location="cpu", mmap=True))
         return
@@ -173,19 +170,19 @@ class ExpertCheckpoint:
 
     def resharded(self, record: dict) -> bool:
         """Whether this launch's EP or world size differs from the checkpoint's (ZeRO 1/2 then read the
-        whole state from the expert files instead of DeepSpeed's partition files)."""
+        fragment files instead of DeepSpeed's partition files)."""
         ep = self.layout.size if self.layout else 1
         return record["expert"] != ep or record.get("world_size", self.world_size) != self.world_size
 
     def load_kwargs(self, record: Optional[dict]) -> dict:
         """DeepSpeed ``load_checkpoint`` arguments: without expert files, its own load; with them, the
         experts are skipped there, and the optimizer state too at ZeRO 0 (restored by name) and at
-        ZeRO 1/2 when the layout changed (restored from the whole state)."""
+        ZeRO 1/2 when the layout changed (restored from the fragment files)."""
         if record is None:
             return {"load_optimizer_states": True}
-        if self.zero_stage != 0 and self.resharded(record) and not record.get("whole_state", False):
+        if self.zero_stage != 0 and self.resharded(record) and not record.get("fragments", False):
             raise NotReshardable(f"this checkpoint was written at parallel.expert={record['expert']} on "
-                                  f"{record.get('world_size', '?')} ranks without whole optimizer state (ZeRO "
+                                  f"{record.get('world_size', '?')} ranks without fragment files (ZeRO "
                                   f"{record['zero_stage']}): it resumes at that layout only")
         names = {f"{n}.{w}" for n, m in self.model.named_modules() if isinstance(m, RoutedExperts) for w in WEIGHTS}
         own = self.zero_stage != 0 and not self.resharded(record)

@@ -76,20 +76,25 @@ def agreed_split(zero_opt) -> dict[int, tuple[list[str], dict]]:
     return split
 
 
+def _held(zero_opt, named: list[tuple[str, nn.Parameter]]):
+    """(name, parameter, group index, lp address, hp address) of every parameter with a piece in this
+    rank's partitions."""
+    groups = _groups(zero_opt)
+    for name, p in named:
+        m = getattr(p, "_hp_mapping", None)
+        if id(p) in groups and m is not None:
+            yield name, p, groups[id(p)], m.lp_fragment_address, m.hp_fragment_address
+
+
 def save_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Callable[[str, nn.Parameter], int],
                    tag_dir: Path, rank: int) -> None:
     """Write this rank's fragment file. ``offset(name, p)``: where ``p``'s elements start in the whole
     tensor of that name (0 but for expert-parallel experts). Call on every rank (one flag all-reduce)."""
-    split, groups, flats = agreed_split(zero_opt), _groups(zero_opt), _flats(zero_opt)
+    split, flats = agreed_split(zero_opt), _flats(zero_opt)
     out = {}
-    for name, p in named:
-        m = getattr(p, "_hp_mapping", None)
-        if id(p) not in groups or m is None:
-            continue
-        i = groups[id(p)]
+    for name, p, i, lp, hp in _held(zero_opt, named):
         keys, scalars = split[i]
         base = zero_opt.optimizer.state.get(flats[i], {})
-        lp, hp = m.lp_fragment_address, m.hp_fragment_address
         out[name] = {"start": offset(name, p) + lp.start, "fp32": flats[i].narrow(0, hp.start, hp.numel).cpu().clone(),
                      "state": {k: base[k].narrow(0, hp.start, hp.numel).cpu().clone() for k in keys},
                      "scalars": scalars}
@@ -109,36 +114,26 @@ def load_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Call
     """Fill this rank's fp32 partitions and optimizer state from the fragment files of a checkpoint saved
     on ``saved_world`` ranks (``load(path)``: a memory-mapped, weights-only torch.load). Local: no
     collective. Raises NotReshardable when a piece of some parameter is in no file."""
-    saved = _load_all(tag_dir, saved_world, load)
-    groups, flats = _groups(zero_opt), _flats(zero_opt)
-    new_state: dict[int, dict] = {}
+    saved, flats = _load_all(tag_dir, saved_world, load), _flats(zero_opt)
+    state: dict[int, dict[str, torch.Tensor]] = {}  # group -> its partition-shaped state, filled piece by piece
+    scalars: dict[int, dict] = {}  # group -> its scalar state (step), as saved
     with torch.no_grad():
-        for name, p in named:
-            m = getattr(p, "_hp_mapping", None)
-            if id(p) not in groups or m is None:
-                continue
-            i = groups[id(p)]
-            lp, hp = m.lp_fragment_address, m.hp_fragment_address
-            lo = offset(name, p) + lp.start
-            covered = 0
-            for frags in saved:
-                f = frags.get(name)
-                if f is None:
-                    continue
+        for name, p, i, lp, hp in _held(zero_opt, named):
+            lo, covered = offset(name, p) + lp.start, 0
+            for f in (frags[name] for frags in saved if name in frags):
                 a, b = max(lo, f["start"]), min(lo + lp.numel, f["start"] + f["fp32"].numel())
                 if a >= b:
                     continue
                 dst, src = hp.start + a - lo, a - f["start"]
                 flats[i].narrow(0, dst, b - a).copy_(f["fp32"].narrow(0, src, b - a))
-                st = new_state.setdefault(i, {"scalars": f["scalars"]})
+                scalars.setdefault(i, f["scalars"])
                 for k, v in f["state"].items():
-                    st.setdefault(k, torch.zeros_like(flats[i])).narrow(0, dst, b - a).copy_(v.narrow(0, src, b - a))
+                    part = state.setdefault(i, {}).setdefault(k, torch.zeros_like(flats[i]))
+                    part.narrow(0, dst, b - a).copy_(v.narrow(0, src, b - a))
                 covered += b - a
             if covered != lp.numel:
                 raise NotReshardable(f"{name}: {covered} of this rank's {lp.numel} elements are in the fragment "
                                      f"files of {saved_world} ranks")
-    for i, st in new_state.items():
-        scalars = st.pop("scalars")
-        if st:  # optimizer state was saved (not before the first step)
-            zero_opt.optimizer.state[flats[i]] = {**st, **{k: v.clone() if torch.is_tensor(v) else v
-                                                            for k, v in scalars.items()}}
+    for i, parts in state.items():  # none before the first step: nothing to restore then
+        zero_opt.optimizer.state[flats[i]] = {**parts, **{k: v.clone() if torch.is_tensor(v) else v
+                                                          for k, v in scalars[i].items()}}

@@ -109,7 +109,7 @@ def test_ep4_on_four_ranks_matches_ep1(tiny_data, tmp_path, ref_runs):
 def test_zero_stages_partition_experts_and_reshard_on_resume(tiny_data, tmp_path, ref_runs, stage):
     """ZeRO 1/2 partition every group's state over its data-parallel group (experts: the ranks holding the
     same experts). A checkpoint resumes at its own layout from DeepSpeed's partition files, and at another
-    EP and world size from the whole state by name in the expert files: the trajectory goes on unchanged."""
+    EP and world size from every rank's fragment file: the trajectory goes on unchanged."""
     zero = f"train.zero_stage={stage}"
     lz = run(tiny_data, tmp_path / "z", 2, 2, zero)
     assert_trajectory(ref_runs[1][1], lz, range(1, 21))

@@ -12,7 +12,7 @@ from train import checkpoint as ckpt
 from train.expert_checkpoint import ExpertCheckpoint
 from train.zero_state import NotReshardable
 
-RECORD = {"expert": 2, "n_experts": 8, "zero_stage": 2, "world_size": 2, "whole_state": False, "files": []}
+RECORD = {"expert": 2, "n_experts": 8, "zero_stage": 2, "world_size": 2, "fragments": False, "files": []}
 
 
 def test_a_checkpoint_without_fragments_resumes_at_its_own_layout_only():
@@ -20,7 +20,7 @@ def test_a_checkpoint_without_fragments_resumes_at_its_own_layout_only():
                               rank=0, world_size=2)
     with pytest.raises(NotReshardable, match="parallel.expert=2 on 2 ranks .* it resumes at that layout only"):
         at_ep1.load_kwargs(RECORD)
-    assert at_ep1.load_kwargs({**RECORD, "whole_state": True})["load_optimizer_states"] is False  # fragments
+    assert at_ep1.load_kwargs({**RECORD, "fragments": True})["load_optimizer_states"] is False  # fragments
 
 
 def test_the_load_stops_at_a_layout_error_instead_of_falling_back(monkeypatch, tmp_path):
