@@ -87,7 +87,7 @@ def bench_hashing(device: torch.device, tokens: int, seq_len: int, repeats: int)
 
 
 def bench_step(device: torch.device, batch: int, seq_len: int, d_model: int, n_layers: int,
-               repeats: int) -> dict:
+               repeats: int, dtype: str = "fp32") -> dict:
     base = dict(vocab_size=8192, d_model=d_model, n_layers=n_layers, n_heads=max(1, d_model // 64),
                 ffn_hidden=int(8 * d_model / 3) // 32 * 32, max_seq_len=seq_len)
     engram = EngramConfig(layer_ids=[1], max_ngram=3, heads_per_ngram=4, embed_dim_per_ngram=d_model // 2,
@@ -100,7 +100,8 @@ def bench_step(device: torch.device, batch: int, seq_len: int, d_model: int, n_l
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
         def fwd_bwd(model=model, opt=opt):
-            loss = model(idx[:, :-1], idx[:, 1:]).loss
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                loss = model(idx[:, :-1], idx[:, 1:]).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
 
@@ -124,7 +125,7 @@ def bench_step(device: torch.device, batch: int, seq_len: int, d_model: int, n_l
     out["overhead"] = out["with_ms"] / out["without_ms"] - 1.0
     out["fwd_bwd_overhead"] = out["with_fwd_bwd_ms"] / out["without_fwd_bwd_ms"] - 1.0
     out["flops_overhead"] = out["with_flops_per_token"] / out["without_flops_per_token"] - 1.0
-    out.update(batch=batch, seq_len=seq_len, d_model=d_model, n_layers=n_layers)
+    out.update(batch=batch, seq_len=seq_len, d_model=d_model, n_layers=n_layers, dtype=dtype)
     return out
 
 
@@ -140,6 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the step's matmul dtype (bf16: fp32 weights under autocast, as a GPU trains)")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -156,9 +159,9 @@ def main(argv=None) -> None:
     print(f"  speedup per call: {h['speedup']:.2f}x  (per step, as the demo re-hashes in every Engram "
           f"layer: {h['reference_per_step_speedup']:.2f}x)")
 
-    s = bench_step(device, a.batch, a.seq_len, a.d_model, a.n_layers, a.repeats)
+    s = bench_step(device, a.batch, a.seq_len, a.d_model, a.n_layers, a.repeats, a.dtype)
     print(f"[step] batch {s['batch']} x {s['seq_len']}, d_model {s['d_model']}, {s['n_layers']} layers, "
-          f"Engram at layer 1")
+          f"Engram at layer 1, {s['dtype']}")
     print(f"  without Engram: {s['without_ms']:8.2f} ms/step")
     print(f"  with Engram:    {s['with_ms']:8.2f} ms/step  -> overhead {100 * s['overhead']:+.1f}% "
           f"(counted FLOPs {100 * s['flops_overhead']:+.1f}%)")

@@ -14,8 +14,12 @@ one process and one after the other on the same device:
 
 It prints the measured peak (the device's dense matmul rate: bf16 on a GPU, fp32 on a CPU), tokens/s
 of both, the ratio framework / bare, MFU from the model's own training FLOPs per token (the causal
-attention convention when the model reports it) and, for a plan, the step-time ratio of the
-rho = 0.75 model to the rho = 1 model (Engram's overhead at equal budget).
+attention convention when the model reports it) against the measured peak and, on a known GPU, against
+its datasheet peak (what the trainer's ``perf/mfu`` and the plan's estimates use: on an H200 the
+measured bf16 rate is about 0.8 of it) and, for a plan, the step-time ratio of the rho = 0.75 model to
+the rho = 1 model (Engram's overhead at equal budget). ``--no-bare`` times the framework alone (a
+compiled row, read against an eager run's bare loop). The trainer's final checkpoint, outside the
+window, is not written (gigabytes per run at the gpu family's sizes).
 
     python benchmarks/bench_train.py --experiment moe_baseline --experiment engram_25pct   # CPU ratios
     python benchmarks/bench_train.py --family gpu --budget 3e17 --device cuda --steps 20   # GPU
@@ -29,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -46,7 +51,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_peak(device: torch.device, n: Optional[int] = None, iters: int = 10) -> tuple[float, str]:
+def measure_peak(device: torch.device, n: Optional[int] = None, iters: int = 50) -> tuple[float, str]:
     """Dense matmul FLOP/s on ``device`` (mean of ``iters`` products after 3 warm-ups): bf16 on a
     GPU (the tensor-core rate MFU is read against), fp32 on a CPU (what the CPU runs train in)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -103,10 +108,25 @@ def bench_overrides(run_dir: Path, steps: int, device: torch.device) -> list[str
 
 
 # ---- the two loops ---------------------------------------------------------------------------------
+@contextmanager
+def no_final_checkpoint():
+    """The trainer without its checkpoint writes (the only one a benchmark run reaches is the final one,
+    after the timed window): at the gpu family's sizes each is gigabytes, written and fsynced."""
+    from train.loop import Loop
+
+    save = Loop.save
+    Loop.save = lambda self, step: self.check_diverged()
+    try:
+        yield
+    finally:
+        Loop.save = save
+
+
 def framework_tokens_per_s(cfg, dist) -> float:
     from train.trainer import train
 
-    train(cfg, dist)
+    with no_final_checkpoint():
+        train(cfg, dist)
     from rundir.files import METRICS
 
     records = [json.loads(line) for line in (Path(cfg.run_dir) / METRICS).read_text().splitlines()]
@@ -116,17 +136,31 @@ def framework_tokens_per_s(cfg, dist) -> float:
     return float(windows[-1]["train/tokens_per_s"])
 
 
+def _model_config(cfg):
+    """The trainer's model config for ``cfg`` and its training split."""
+    from data_prep.reader import open_split
+    from train.trainer import resolve_model_config
+
+    split = open_split(Path(cfg.data.dir), "train")
+    return resolve_model_config(cfg, Path(cfg.data.dir), split.vocab_size), split
+
+
+def model_counts(cfg):
+    """The model's parameter and FLOP counts (shapes only: built on the meta device, no weights)."""
+    from assembly import build_model
+
+    with torch.device("meta"):
+        return build_model(_model_config(cfg)[0]).model_counts(cfg.train.seq_len)
+
+
 def _bare_setup(cfg, device: torch.device):
     from assembly import build_model
-    from data_prep.reader import open_split
     from train.data import TrainBatches
     from train.optim import build_optimizer
     from rundir.schema import check
-    from train.trainer import resolve_model_config
 
     t = cfg.train
-    split = open_split(Path(cfg.data.dir), "train")
-    mcfg = resolve_model_config(cfg, Path(cfg.data.dir), split.vocab_size)
+    mcfg, split = _model_config(cfg)
     torch.manual_seed(t.seed)
     model = build_model(mcfg).to(device)
     optimizer = build_optimizer(model, check(cfg).optim)
@@ -134,7 +168,7 @@ def _bare_setup(cfg, device: torch.device):
     return model, optimizer, batches
 
 
-def bare_tokens_per_s(cfg, device: torch.device, steps: int) -> tuple[float, object]:
+def bare_tokens_per_s(cfg, device: torch.device, steps: int) -> float:
     """Tokens/s of a plain loop over the trainer's model, batches and optimizer (one process)."""
     from train.optim import set_lr
     from train.schedule import lr_factor
@@ -162,7 +196,7 @@ def bare_tokens_per_s(cfg, device: torch.device, steps: int) -> tuple[float, obj
         model.on_optimizer_step()
     sync(device)
     dt = time.perf_counter() - t0
-    return steps * t.global_batch_size * t.seq_len / dt, model.model_counts(t.seq_len)
+    return steps * t.global_batch_size * t.seq_len / dt
 
 
 # ---- one case --------------------------------------------------------------------------------------
@@ -171,11 +205,12 @@ class CaseResult:
     label: str
     tokens_per_step: int
     framework_tokens_per_s: float
-    bare_tokens_per_s: float
-    ratio: float  # framework / bare
+    bare_tokens_per_s: Optional[float]  # None: --no-bare
+    ratio: Optional[float]  # framework / bare
     train_flops_per_token: float
     flop_convention: str
     mfu: float  # framework, against the measured peak
+    mfu_datasheet: Optional[float]  # framework, against the device's datasheet peak (train/hardware.py), if known
     active_params: int
     total_params: int
 
@@ -205,29 +240,38 @@ def case_config(run_dir: Path, overrides: list[str], run_config: Optional[dict],
 
 
 def run_case(label: str, overrides: list[str], steps: int, dist, peak: float, workdir: Path,
-             repeats: int = 1, run_config: Optional[dict] = None) -> CaseResult:
+             repeats: int = 1, run_config: Optional[dict] = None, bare_loop: bool = True) -> CaseResult:
     """Framework and bare loop alternately ``repeats`` times; each side keeps its best window (on a
     shared machine the slowest windows measure the neighbours, not the code)."""
-    fw, bare, counts, cfg = 0.0, 0.0, None, None
+    from train.hardware import peak_flops
+
+    fw, bare, cfg = 0.0, 0.0, None
     for i in range(repeats):
         cfg = case_config(workdir / f"{label}-{i}", overrides, run_config, steps, dist)
         fw = max(fw, framework_tokens_per_s(cfg, dist))
-        tps, counts = bare_tokens_per_s(cfg, dist.device, steps)
-        bare = max(bare, tps)
+        if bare_loop:
+            bare = max(bare, bare_tokens_per_s(cfg, dist.device, steps))
+    counts = model_counts(cfg)
     fpt, convention = train_flops_per_token(counts)
+    sheet = peak_flops(dist.device, None) if dist.device.type == "cuda" else None
     return CaseResult(label=label, tokens_per_step=int(cfg.train.global_batch_size * cfg.train.seq_len),
-                      framework_tokens_per_s=fw, bare_tokens_per_s=bare, ratio=fw / bare,
-                      train_flops_per_token=fpt, flop_convention=convention, mfu=fpt * fw / peak,
+                      framework_tokens_per_s=fw, bare_tokens_per_s=bare if bare_loop else None,
+                      ratio=fw / bare if bare_loop else None, train_flops_per_token=fpt, flop_convention=convention,
+                      mfu=fpt * fw / peak, mfu_datasheet=fpt * fw / sheet if sheet else None,
                       active_params=int(counts.active_params), total_params=int(counts.total_params))
 
 
 def report(results: list[CaseResult], peak: float, peak_how: str, device: torch.device, plan: bool) -> dict:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads); measured peak {peak / 1e12:.3g} TFLOP/s ({peak_how})")
-    print(f"{'case':<28} {'tok/step':>9} {'framework tok/s':>16} {'bare tok/s':>11} {'fw/bare':>8} {'MFU':>7}")
+    print(f"{'case':<28} {'tok/step':>9} {'framework tok/s':>16} {'bare tok/s':>11} {'fw/bare':>8} {'MFU':>7} "
+          f"{'MFU sheet':>9}")
     for r in results:
-        print(f"{r.label:<28} {r.tokens_per_step:>9,} {r.framework_tokens_per_s:>16,.0f} "
-              f"{r.bare_tokens_per_s:>11,.0f} {r.ratio:>8.3f} {r.mfu:>7.1%}")
+        bare = "-" if r.bare_tokens_per_s is None else f"{r.bare_tokens_per_s:,.0f}"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
+        sheet = "-" if r.mfu_datasheet is None else f"{r.mfu_datasheet:.1%}"
+        print(f"{r.label:<28} {r.tokens_per_step:>9,} {r.framework_tokens_per_s:>16,.0f} {bare:>11} {ratio:>8} "
+              f"{r.mfu:>7.1%} {sheet:>9}")
     out = {"device": str(device), "peak_flops": peak, "peak_how": peak_how, "cases": [asdict(r) for r in results]}
     if plan and len(results) == 2:
         base, engram = results
@@ -237,7 +281,8 @@ def report(results: list[CaseResult], peak: float, peak_how: str, device: torch.
               f"(per training FLOP: {per_flop:.3f})")
         out["engram_step_time_ratio"] = step_ratio
         out["engram_time_per_flop_ratio"] = per_flop
-    print(f"MFU uses {results[0].flop_convention} FLOPs per token; window: N steps after N warm-up steps")
+    print(f"MFU uses {results[0].flop_convention} FLOPs per token, against the measured peak (MFU sheet: the "
+          f"datasheet's); window: N steps after N warm-up steps")
     return out
 
 
@@ -253,7 +298,9 @@ def add_case_args(p: argparse.ArgumentParser, rho: list, steps: int, repeats: in
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda if visible")
     p.add_argument("--steps", type=int, default=steps, help="timed optimizer steps (after as many warm-up steps)")
     p.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per process (one: the cpu family's setting)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default: one on a CPU, the cpu family's setting; on a GPU up to 16, "
+                        "for the host-side model builds)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer override")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
 
@@ -271,7 +318,8 @@ def start(p: argparse.ArgumentParser, args: argparse.Namespace):
         p.error("--device cuda but no GPU is visible")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.chdir(REPO)  # data.dir and run paths in the configs are relative to the checkout
-    torch.set_num_threads(args.threads)
+    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    torch.set_num_threads(args.threads or (min(16, os.cpu_count() or 1) if gpu else 1))
     from train.distributed import setup
 
     cases = (plan_cases(args.family, args.budget, flat(args.rho)) if args.family
@@ -282,6 +330,7 @@ def start(p: argparse.ArgumentParser, args: argparse.Namespace):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_args(p, [1.0, 0.75], 20, 1, "alternate framework / bare this often, keep each best")
+    p.add_argument("--no-bare", action="store_true", help="time the framework only (no bare loop, no fw/bare)")
     p.add_argument("--compile-too", action="store_true",
                    help="also run every case with train.compile=blocks (the bare loop stays eager, so fw/bare of the "
                         "compiled row is the speed-up over eager PyTorch)")
@@ -292,15 +341,15 @@ def main(argv=None) -> int:
                  for c in ((label, ov, rc), (f"{label}+compile", [*ov, "train.compile=blocks"], rc))]
     peak, peak_how = measure_peak(dist.device)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        results = [run_case(label, [*ov, *args.set], args.steps, dist, peak, Path(tmp), args.repeats, run_config)
-                   for label, ov, run_config in cases]
+        results = [run_case(label, [*ov, *args.set], args.steps, dist, peak, Path(tmp), args.repeats, run_config,
+                            bare_loop=not args.no_bare) for label, ov, run_config in cases]
     out = report(results, peak, peak_how, dist.device, plan=bool(args.family) and not args.compile_too)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     from train.distributed import teardown
 
     teardown()
-    return 0 if all(math.isfinite(r.ratio) for r in results) else 1
+    return 0 if all(math.isfinite(r.ratio if r.ratio is not None else r.framework_tokens_per_s) for r in results) else 1
 
 
 if __name__ == "__main__":

