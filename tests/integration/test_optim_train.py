@@ -1,5 +1,5 @@
 """The Muon recipe through the real trainer: start-up group lines, exact resume after a kill (CPU,
-fp32, ZeRO 0, 1 and 2), a 2-rank ZeRO-2 run whose loss falls."""
+fp32, ZeRO 0 and 1), a 2-rank ZeRO-2 run whose loss falls."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +21,9 @@ def _falls(run_dir, n, margin=0.2):
     assert np.mean([ls[s] for s in range(1, 4)]) > np.mean([ls[s] for s in range(n - 2, n + 1)]) + margin, ls
 
 
-@pytest.mark.parametrize("zero", [[], ["train.zero_stage=1", "train.grad_clip=0"], ["train.zero_stage=2", "train.grad_clip=0"]],
-                         ids=["zero0", "zero1", "zero2"])
+# ZeRO 1 and 2 save and load Muon's state through the same DeepSpeed optimizer (stage_1_and_2.py): one of
+# them here; ZeRO 2 trains on 2 ranks below
+@pytest.mark.parametrize("zero", [[], ["train.zero_stage=1", "train.grad_clip=0"]], ids=["zero0", "zero1"])
 def test_muon_kill_and_resume_is_exact_and_lists_groups(tiny_data, tmp_path, zero):
     n = 8
     common = [*MUON, *zero, "optim.table_update=lazy", f"train.max_steps={2 * n}", f"train.ckpt_interval={n}",
