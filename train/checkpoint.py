@@ -150,6 +150,20 @@ def _dense_layout(engine):
             engine.has_moe_layers = True
 
 
+@contextmanager
+def _partition_files(engine, write: bool):
+    """DeepSpeed's ZeRO partition files, or not (an EP run's fragment files hold the same state)."""
+    if write:
+        yield
+        return
+    before = engine.save_zero_checkpoint
+    engine.save_zero_checkpoint = False
+    try:
+        yield
+    finally:
+        engine.save_zero_checkpoint = before
+
+
 def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int,
          save_extra: Optional[Callable[[Path], None]] = None, experts: Optional["ExpertCheckpoint"] = None) -> None:
     """``save_extra(tag_dir)``: every rank's own files besides the engine's (sharded Engram tables);
@@ -162,7 +176,8 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int
         if stale.exists():  # left over by a run killed mid-save: never referenced by latest.json
             shutil.rmtree(stale)
     barrier()
-    with _dense_layout(engine):
+    partitions = experts is None or experts.writes_partition_files()
+    with _dense_layout(engine), _partition_files(engine, partitions):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"meta": meta}, save_latest=False)
     if save_extra is not None:
         save_extra(ckpt_dir / tag)

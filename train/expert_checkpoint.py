@@ -12,9 +12,11 @@ DeepSpeed's files (written in its dense layout) a checkpoint of an EP run holds:
 Loading reads DeepSpeed's files for everything but the experts, then fills each rank's experts from the
 expert files, slicing rows by global expert id: a run saved at EP = 2 resumes at EP = 1 or 4. Optimizer
 state: ZeRO 0 keeps it whole per parameter, and the files carry it by name; ZeRO 1/2 partition it by
-layout, so there every rank also writes its partitions as fragments of whole tensors by name
-(train/zero_state.py), read back only when the EP or world size changed (at the saved layout DeepSpeed's
-own partition files are exact and read as they are).
+layout, so there every rank writes its partitions as fragments of whole tensors by name instead of
+DeepSpeed's partition files (train/zero_state.py: the same fp32 masters and moments, so writing both
+would double the checkpoint's largest part), and every resume, at the saved layout or another, reads
+them. An optimizer whose state is not split like the partition (DeepSpeed's Muon at ZeRO 1/2) keeps
+DeepSpeed's partition files and resumes at its own layout only.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from torch import nn
 from models.moe import RoutedExperts
 from train.expert_parallel import ExpertLayout, exact_fp32_clipping, expert_group, is_expert_param
 from train.safe_load import safe_load
-from train.zero_state import NotReshardable, load_fragments, save_fragments
+from train.zero_state import NotReshardable, agreed_split, load_fragments, save_fragments
 
 log = logging.getLogger("train")
 LAYOUT_FILE = "expert_layout.json"
@@ -60,20 +62,17 @@ def _offset(layout: Optional[ExpertLayout]):
 
 
 def save_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir: Path, layout: Optional[ExpertLayout],
-                 zero_stage: int, rank: int, world_size: int = 1, zero_opt=None) -> None:
+                 zero_stage: int, rank: int, world_size: int = 1, zero_opt=None, split: Optional[dict] = None) -> None:
     """Write this rank's part of the expert checkpoint (nothing without EP). Call on every rank: at
-    ZeRO 1/2 (``zero_opt``: the engine's ZeRO optimizer) every rank writes its partitions' fragments."""
+    ZeRO 1/2 (``zero_opt``: the engine's ZeRO optimizer; ``split``: its agreed :func:`agreed_split`, None
+    when the state does not split) every rank writes its partitions' fragments."""
     if layout is None:
         return
     named = list(model.named_parameters())
     experts = [(n, p) for n, p in named if is_expert_param(p)]
-    fragments = True
-    if zero_stage != 0:
-        try:
-            save_fragments(zero_opt, named, _offset(layout), tag_dir, rank)
-        except NotReshardable as e:
-            log.warning("expert checkpoint: %s; it resumes at its own EP and world size only", e)
-            fragments = False
+    fragments = zero_stage == 0 or split is not None
+    if zero_stage != 0 and split is not None:
+        save_fragments(zero_opt, named, _offset(layout), tag_dir, rank, split)
     if rank >= layout.size:  # DeepSpeed's layout: ranks 0..N-1 are EP ranks 0..N-1
         return
     local = experts[0][1].shape[0]
@@ -163,21 +162,35 @@ class ExpertCheckpoint:
         self.engine, self.model, self.optimizer = engine, model, optimizer
         self.layout, self.zero_stage, self.rank, self.world_size = layout, zero_stage, rank, world_size
 
+        self._split: Optional[dict] = None
+
+    def writes_partition_files(self) -> bool:
+        """Whether DeepSpeed's partition files belong in the checkpoint about to be saved: not when this
+        EP run at ZeRO 1/2 writes fragment files, which hold the same state. Call on every rank before
+        the engine's save (one flag all-reduce: the ranks agree)."""
+        self._split = None
+        if self.layout is None or self.zero_stage == 0:
+            return True
+        try:
+            self._split = agreed_split(self.engine.optimizer)
+        except NotReshardable as e:
+            log.warning("expert checkpoint: %s; it resumes at its own EP and world size only", e)
+        return self._split is None
+
     def save(self, tag_dir: Path) -> None:
         zero_opt = self.engine.optimizer if self.zero_stage != 0 else None
         save_experts(self.model, self.optimizer, tag_dir, self.layout, self.zero_stage, self.rank, self.world_size,
-                     zero_opt)
+                     zero_opt, self._split)
 
     def resharded(self, record: dict) -> bool:
-        """Whether this launch's EP or world size differs from the checkpoint's (ZeRO 1/2 then read the
-        fragment files instead of DeepSpeed's partition files)."""
+        """Whether this launch's EP or world size differs from the checkpoint's."""
         ep = self.layout.size if self.layout else 1
         return record["expert"] != ep or record.get("world_size", self.world_size) != self.world_size
 
     def load_kwargs(self, record: Optional[dict]) -> dict:
         """DeepSpeed ``load_checkpoint`` arguments: without expert files, its own load; with them, the
         experts are skipped there, and the optimizer state too at ZeRO 0 (restored by name) and at
-        ZeRO 1/2 when the layout changed (restored from the fragment files)."""
+        ZeRO 1/2 with fragment files (restored from them)."""
         if record is None:
             return {"load_optimizer_states": True}
         if self.zero_stage != 0 and self.resharded(record) and not record.get("fragments", False):
@@ -185,11 +198,11 @@ class ExpertCheckpoint:
                                   f"{record.get('world_size', '?')} ranks without fragment files (ZeRO "
                                   f"{record['zero_stage']}): it resumes at that layout only")
         names = {f"{n}.{w}" for n, m in self.model.named_modules() if isinstance(m, RoutedExperts) for w in WEIGHTS}
-        own = self.zero_stage != 0 and not self.resharded(record)
+        own = self.zero_stage != 0 and not record.get("fragments", False)
         return {"load_optimizer_states": own, "custom_load_fn": skip_experts_load(names)}
 
     def restore(self, tag_dir: Path, record: dict) -> None:
-        zero_opt = self.engine.optimizer if self.zero_stage != 0 and self.resharded(record) else None
+        zero_opt = self.engine.optimizer if self.zero_stage != 0 and record.get("fragments", False) else None
         restore_experts(self.model, self.optimizer, tag_dir, record, self.layout, self.zero_stage, zero_opt)
 
 

@@ -3,13 +3,14 @@ checkpoint written under one partition layout (EP size, world size) loads under 
 
 ZeRO 1/2 keep each parameter group's fp32 master and optimizer state as one flat partition per rank of
 the group's data-parallel group (for expert groups: the ranks holding the same experts), so DeepSpeed's
-own files fit only the layout that wrote them. Next to them every rank writes what its partition holds
-as fragments: for each parameter it holds a piece of, where that piece starts in the whole tensor
-flattened (routed experts: in the tensor of all experts, so ``offset`` = EP rank x local size), its fp32
-master and its partition-shaped optimizer state (Adam's moments, Muon's momentum when split so), plus the
-group's scalars (``step``). No collective and no whole tensor anywhere at save: each rank writes about
-what DeepSpeed writes for it. A resume at another layout reads every fragment file (memory-mapped: only
-the pieces it needs are read) and copies each overlap into its own partitions.
+own files fit only the layout that wrote them. In their place (train/expert_checkpoint.py) every rank
+writes what its partition holds as fragments: for each parameter it holds a piece of, where that piece
+starts in the whole tensor flattened (routed experts: in the tensor of all experts, so ``offset`` = EP
+rank x local size), its fp32 master and its partition-shaped optimizer state (Adam's moments, Muon's
+momentum when split so), plus the group's scalars (``step``). No collective and no whole tensor anywhere
+at save: each rank writes about what DeepSpeed would write for it. A resume, at the saved layout or
+another, reads every fragment file (memory-mapped: only the pieces it needs are read) and copies each
+overlap into its own partitions.
 
 DeepSpeed's map from a parameter to its piece of a partition is ``param._hp_mapping``:
 ``lp_fragment_address`` (start and length in the flattened parameter) and ``hp_fragment_address``
@@ -87,10 +88,10 @@ def _held(zero_opt, named: list[tuple[str, nn.Parameter]]):
 
 
 def save_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Callable[[str, nn.Parameter], int],
-                   tag_dir: Path, rank: int) -> None:
+                   tag_dir: Path, rank: int, split: dict) -> None:
     """Write this rank's fragment file. ``offset(name, p)``: where ``p``'s elements start in the whole
-    tensor of that name (0 but for expert-parallel experts). Call on every rank (one flag all-reduce)."""
-    split, flats = agreed_split(zero_opt), _flats(zero_opt)
+    tensor of that name (0 but for expert-parallel experts); ``split``: :func:`agreed_split`'s answer."""
+    flats = _flats(zero_opt)
     out = {}
     for name, p, i, lp, hp in _held(zero_opt, named):
         keys, scalars = split[i]
@@ -104,8 +105,8 @@ def save_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Call
 def _load_all(tag_dir: Path, world: int, load) -> list[dict]:
     files = [Path(tag_dir) / FRAGMENTS.format(rank=r) for r in range(world)]
     missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise NotReshardable(f"fragment files missing: {', '.join(missing[:3])}")
+    if missing:  # damage (a checkpoint that records fragments has one per saving rank): an older one may do
+        raise FileNotFoundError(f"fragment files missing: {', '.join(missing[:3])}")
     return [load(str(f)) for f in files]
 
 

@@ -108,8 +108,8 @@ def test_ep4_on_four_ranks_matches_ep1(tiny_data, tmp_path, ref_runs):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_partition_experts_and_reshard_on_resume(tiny_data, tmp_path, ref_runs, stage):
     """ZeRO 1/2 partition every group's state over its data-parallel group (experts: the ranks holding the
-    same experts). A checkpoint resumes at its own layout from DeepSpeed's partition files, and at another
-    EP and world size from every rank's fragment file: the trajectory goes on unchanged."""
+    same experts). A checkpoint holds every rank's fragment file instead of DeepSpeed's partition files and
+    resumes from them at its own layout and at another EP and world size: the trajectory goes on unchanged."""
     zero = f"train.zero_stage={stage}"
     lz = run(tiny_data, tmp_path / "z", 2, 2, zero)
     assert_trajectory(ref_runs[1][1], lz, range(1, 21))
@@ -118,8 +118,11 @@ def test_zero_stages_partition_experts_and_reshard_on_resume(tiny_data, tmp_path
     for ep, nproc in ([(2, 2), (1, 2)] if stage == 2 else [(4, 4)]):
         cont = rewound(tmp_path / "z", tmp_path / f"ep{ep}", 10)
         assert_trajectory(lz, run(tiny_data, cont, ep, nproc, zero), range(1, 21))
+    saved = tmp_path / "z" / "checkpoints" / ckpt.tag_for(10)
+    # the fragment files hold the optimizer state; DeepSpeed's partition files would hold it a second time
+    assert len(list(saved.glob(FRAGMENTS.format(rank=0).replace("00000", "*")))) == 2
+    assert not list(saved.glob("*optim_states.pt")), sorted(p.name for p in saved.iterdir())
     if stage == 1:  # the round trip alone, EP 2 on 2 ranks -> EP 4 on 4 ranks: every whole tensor unchanged
-        saved = tmp_path / "z" / "checkpoints" / ckpt.tag_for(10)
         trip = rewound(tmp_path / "z", tmp_path / "trip", 10)
         run(tiny_data, trip, 4, 4, zero, "train.max_steps=10", "train.allow_config_change=true")
         assert_same_whole(saved, trip / "checkpoints" / ckpt.tag_for(10))
