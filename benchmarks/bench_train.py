@@ -27,6 +27,7 @@ window, is not written (gigabytes per run at the gpu family's sizes).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -122,9 +123,19 @@ def no_final_checkpoint():
         Loop.save = save
 
 
+def release(device: torch.device) -> None:
+    """Between timed runs in one process: the last run's engine (a reference cycle with its optimizer) and
+    compiled graphs go, so a run neither starts on its predecessor's memory nor inherits its compile cache."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def framework_tokens_per_s(cfg, dist) -> float:
     from train.trainer import train
 
+    release(dist.device)
     with no_final_checkpoint():
         train(cfg, dist)
     from rundir.files import METRICS
@@ -174,6 +185,7 @@ def bare_tokens_per_s(cfg, device: torch.device, steps: int) -> float:
     from train.schedule import lr_factor
 
     t, o = cfg.train, cfg.optim
+    release(device)
     model, optimizer, batches = _bare_setup(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     total = 2 * steps

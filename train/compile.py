@@ -20,6 +20,11 @@ from torch import nn
 from rundir.schema import COMPILE_MODES
 
 log = logging.getLogger(__name__)
+# Every block runs Block.forward, so its compiled variants share one cache: each kind of block (dense, MoE,
+# each Engram layer with its own table sizes), the first and the later micro-steps of a step (MoE's load
+# counter starts empty) and evaluation's grad mode are entries there. Dynamo's default limit (8) is below
+# what a MoE + Engram model needs, and past it the blocks run eager without a word in the step time.
+RECOMPILE_LIMIT = 64
 
 
 def resolve_compile(mode: str, device: torch.device) -> bool:
@@ -34,6 +39,7 @@ def compile_blocks(model: nn.Module, mode: str, device: torch.device) -> int:
     if not resolve_compile(mode, device):
         return 0
     blocks = list(getattr(model, "layers", []))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(dynamic=None)  # in place: state_dict keys unchanged (no `_orig_mod.` prefix)
     log.info("torch.compile: %d blocks (train.compile=%s, %s)", len(blocks), mode, device.type)

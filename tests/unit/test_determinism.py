@@ -3,6 +3,9 @@ MoE + Engram model (embedding and table scatter-adds, expert dispatch, attention
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +40,18 @@ def test_the_schema_keeps_it_off_by_default_and_out_of_the_trajectory():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_moe_engram_training_steps_repeat_bit_for_bit(restore_flags):
+def test_cuda_moe_engram_training_steps_repeat_bit_for_bit():
+    """In a fresh process, as a trainer switches it on: PyTorch reads CUBLAS_WORKSPACE_CONFIG once, at the
+    process's first cuBLAS call, which the CUDA tests before this one have made."""
+    here = Path(__file__).resolve().parent
+    code = f"import sys; sys.path[:0] = [{str(here)!r}]; import test_determinism as t; t.steps_repeat_on_cuda()"
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=here.parents[1], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+
+
+def steps_repeat_on_cuda() -> None:
     """Three AdamW steps under bf16 autocast, twice from the same seed: the same weights to the bit (an op
     without a deterministic CUDA kernel raises here, naming itself)."""
     from assembly import build_model
