@@ -17,6 +17,7 @@ import logging
 import torch
 from torch import nn
 
+from models.moe.experts import cuda_capability
 from rundir.schema import COMPILE_MODES
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def compile_blocks(model: nn.Module, mode: str, device: torch.device) -> int:
     if not resolve_compile(mode, device):
         return 0
     blocks = list(getattr(model, "layers", []))
+    if device.type == "cuda":
+        cuda_capability(device.index)  # the MoE dispatch asks it on every forward: a constant once known
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(dynamic=None)  # in place: state_dict keys unchanged (no `_orig_mod.` prefix)

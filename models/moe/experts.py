@@ -34,11 +34,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-@torch.compiler.assume_constant_result
+_CAPABILITY: dict[Optional[int], tuple[int, int]] = {}
+
+
 def cuda_capability(index: Optional[int]) -> tuple[int, int]:
-    """The compute capability of CUDA device ``index``: a constant to torch.compile (asked on every
-    forward, inside compiled blocks, where a device-property call would otherwise break the graph)."""
-    return torch.cuda.get_device_capability(index)
+    """The compute capability of CUDA device ``index``, asked of the driver once. It is asked on every
+    forward, inside compiled blocks: there a device-property call breaks the graph, a lookup in this
+    filled table is a constant (train/compile.py fills it before compiling). Not
+    ``torch.compiler.assume_constant_result``: that decorator imports dynamo, a second per process."""
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def grouped_mm_unsupported(device: torch.device, dtype: torch.dtype, n_experts: int,

@@ -52,8 +52,11 @@ def test_cuda_grouped_mm_forward_and_backward_never_sync():
 def test_cuda_grouped_mm_layer_compiles_without_graph_breaks():
     """What train.compile=blocks compiles: a break (a device query, a host read) splits the block's graph
     and leaves the expert dispatch eager."""
+    from models.moe.experts import cuda_capability
+
     torch._dynamo.reset()
     layer = make_layer(seed=2, d=64, impl="grouped_mm", n_routed_experts=16, top_k=4).cuda().bfloat16()
     x = torch.randn(4, 64, 64, device="cuda", dtype=torch.bfloat16)
+    cuda_capability(x.device.index)  # as train.compile's compile_blocks does before compiling
     explained = torch._dynamo.explain(layer)(x)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
