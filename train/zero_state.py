@@ -6,9 +6,12 @@ the group's data-parallel group (for expert groups: the ranks holding the same e
 own files fit only the layout that wrote them. In their place (train/expert_checkpoint.py) every rank
 writes what its partition holds as fragments: for each parameter it holds a piece of, where that piece
 starts in the whole tensor flattened (routed experts: in the tensor of all experts, so ``offset`` = EP
-rank x local size), its fp32 master and its partition-shaped optimizer state (Adam's moments, Muon's
-momentum when split so), plus the group's scalars (``step``). No collective and no whole tensor anywhere
-at save: each rank writes about what DeepSpeed would write for it. A resume, at the saved layout or
+rank x local size), its fp32 master and its partition-shaped optimizer state (Adam's moments), plus the
+group's scalars (``step``). DeepSpeed's Muon keeps its momentum per whole parameter instead: one buffer of
+the whole tensors of every parameter with a piece in the partition, in partition order (a parameter
+split between two ranks has its momentum on both); each such parameter's momentum is written whole, at
+the same offset. No collective and no whole tensor beyond those anywhere at save: each rank writes what
+DeepSpeed would write for it. A resume, at the saved layout or
 another, reads every fragment file (memory-mapped: only the pieces it needs are read) and copies each
 overlap into its own partitions.
 
@@ -19,7 +22,7 @@ DeepSpeed's map from a parameter to its piece of a partition is ``param._hp_mapp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,19 +50,37 @@ def _groups(zero_opt) -> dict[int, int]:
     return {id(p): i for i, group in enumerate(groups) for p in group}
 
 
-def _split_state(zero_opt, i: int) -> tuple[list[str], dict]:
-    """Group ``i``'s partition-shaped state keys and its other (scalar) entries."""
+MUON_MOMENTUM = "momentum_buffer"  # DeepSpeed's Muon at ZeRO 1/2 (stage_1_and_2._muon_momentum_buffer)
+
+
+def _whole_layout(zero_opt, i: int) -> Optional[tuple[dict[int, int], int]]:
+    """Group ``i``'s Muon momentum buffer layout: (id(parameter) -> offset of its whole tensor, buffer size),
+    the group's parameters with a piece in this rank's partition, whole, in order; None without one."""
+    members = getattr(zero_opt, "params_in_partition", None)
+    if members is None or not members[i] or not zero_opt._is_muon_group(members[i]):
+        return None
+    offsets, at = {}, 0
+    for p in members[i]:
+        offsets[id(p)] = at
+        at += p.numel()
+    return offsets, at
+
+
+def _split_state(zero_opt, i: int) -> tuple[list[str], list[str], dict]:
+    """Group ``i``'s partition-shaped state keys, its whole-parameter keys (Muon's momentum) and its other
+    (scalar) entries."""
     flat = _flats(zero_opt)[i]
     base = zero_opt.optimizer.state.get(flat, {})
-    keys = sorted(k for k, v in base.items() if torch.is_tensor(v) and v.shape == flat.shape)
-    other = {k: v for k, v in base.items() if k not in keys}
+    whole = [MUON_MOMENTUM] if MUON_MOMENTUM in base and _whole_layout(zero_opt, i) is not None else []
+    keys = sorted(k for k, v in base.items() if torch.is_tensor(v) and v.shape == flat.shape and k not in whole)
+    other = {k: v for k, v in base.items() if k not in keys and k not in whole}
     bad = [k for k, v in other.items() if torch.is_tensor(v) and v.numel() > 1]
     if bad:
         raise NotReshardable(f"optimizer state {bad} is not split like the ZeRO partition")
-    return keys, {k: v.detach().clone().cpu() if torch.is_tensor(v) else v for k, v in other.items()}
+    return keys, whole, {k: v.detach().clone().cpu() if torch.is_tensor(v) else v for k, v in other.items()}
 
 
-def agreed_split(zero_opt) -> dict[int, tuple[list[str], dict]]:
+def agreed_split(zero_opt) -> dict[int, tuple[list[str], list[str], dict]]:
     """:func:`_split_state` of every group, or NotReshardable on every rank when any rank cannot split its
     state (one flag all-reduced: the ranks agree on what the checkpoint records)."""
     why, split = "", {}
@@ -92,14 +113,41 @@ def save_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Call
     """Write this rank's fragment file. ``offset(name, p)``: where ``p``'s elements start in the whole
     tensor of that name (0 but for expert-parallel experts); ``split``: :func:`agreed_split`'s answer."""
     flats = _flats(zero_opt)
+    wholes = {i: _whole_layout(zero_opt, i) for i in split if split[i][1]}
     out = {}
     for name, p, i, lp, hp in _held(zero_opt, named):
-        keys, scalars = split[i]
+        keys, whole, scalars = split[i]
         base = zero_opt.optimizer.state.get(flats[i], {})
         out[name] = {"start": offset(name, p) + lp.start, "fp32": flats[i].narrow(0, hp.start, hp.numel).cpu().clone(),
                      "state": {k: base[k].narrow(0, hp.start, hp.numel).cpu().clone() for k in keys},
                      "scalars": scalars}
+        if whole:  # the whole parameter's, which starts at offset(name, p) in the whole tensor of that name
+            at = wholes[i][0][id(p)]
+            out[name]["whole_start"] = offset(name, p)
+            out[name]["whole"] = {k: base[k].narrow(0, at, p.numel()).cpu().clone() for k in whole}
     torch.save(out, Path(tag_dir) / FRAGMENTS.format(rank=rank))
+
+
+def _fill_whole(saved: list[dict], name: str, p: nn.Parameter, lo: int, layout: tuple[dict[int, int], int],
+                parts: dict, device: torch.device) -> None:
+    """Parameter ``name``'s whole-parameter state (elements ``lo .. lo + numel`` of the whole tensor of that
+    name) from the saved pieces into this group's buffers (``layout``: :func:`_whole_layout`). Pieces may
+    repeat (a parameter split between two saving ranks): every element must be covered."""
+    pieces = [frags[name] for frags in saved if name in frags and "whole" in frags[name]]
+    if not pieces:
+        return  # saved before the first step, or by an optimizer without such state
+    seen, at, total = torch.zeros(p.numel(), dtype=torch.bool), layout[0][id(p)], layout[1]
+    for f in pieces:
+        n = next(iter(f["whole"].values())).numel()
+        a, b = max(lo, f["whole_start"]), min(lo + p.numel(), f["whole_start"] + n)
+        if a >= b:
+            continue
+        for k, v in f["whole"].items():
+            buf = parts.setdefault(k, torch.zeros(total, dtype=v.dtype, device=device))
+            buf.narrow(0, at + a - lo, b - a).copy_(v.narrow(0, a - f["whole_start"], b - a))
+        seen[a - lo:b - lo] = True
+    if not bool(seen.all()):
+        raise NotReshardable(f"{name}: {int(seen.sum())} of its {p.numel()} momentum elements are in the fragment files")
 
 
 def _load_all(tag_dir: Path, world: int, load) -> list[dict]:
@@ -118,8 +166,13 @@ def load_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Call
     saved, flats = _load_all(tag_dir, saved_world, load), _flats(zero_opt)
     state: dict[int, dict[str, torch.Tensor]] = {}  # group -> its partition-shaped state, filled piece by piece
     scalars: dict[int, dict] = {}  # group -> its scalar state (step), as saved
+    wholes: dict[int, Optional[tuple[dict[int, int], int]]] = {}
     with torch.no_grad():
         for name, p, i, lp, hp in _held(zero_opt, named):
+            if i not in wholes:
+                wholes[i] = _whole_layout(zero_opt, i)
+            if wholes[i] is not None:
+                _fill_whole(saved, name, p, offset(name, p), wholes[i], state.setdefault(i, {}), flats[i].device)
             lo, covered = offset(name, p) + lp.start, 0
             for f in (frags[name] for frags in saved if name in frags):
                 a, b = max(lo, f["start"]), min(lo + lp.numel, f["start"] + f["fp32"].numel())

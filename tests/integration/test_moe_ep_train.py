@@ -115,7 +115,7 @@ def test_zero_stages_partition_experts_and_reshard_on_resume(tiny_data, tmp_path
     assert_trajectory(ref_runs[1][1], lz, range(1, 21))
     # DeepSpeed's own norm under ZeRO 1/2 (per-partition sums over the expert and data groups): the EP = 1 one
     assert assert_real_grad_norms(tmp_path / "z") == pytest.approx(grad_norms(ref_runs[1][0]), rel=1e-4)
-    for ep, nproc in ([(2, 2), (1, 2)] if stage == 2 else [(4, 4)]):
+    for ep, nproc in ([(1, 2)] if stage == 2 else [(4, 4)]):  # at the saved layout: the bf16 ZeRO 2 test
         cont = rewound(tmp_path / "z", tmp_path / f"ep{ep}", 10)
         assert_trajectory(lz, run(tiny_data, cont, ep, nproc, zero), range(1, 21))
     saved = tmp_path / "z" / "checkpoints" / ckpt.tag_for(10)
@@ -171,14 +171,20 @@ def assert_same_whole(saved: Path, back: Path) -> None:
 
 
 @pytest.mark.slow
-def test_muon_ep2_matches_muon_ep1(tiny_data, tmp_path):
+def test_muon_ep2_matches_muon_ep1_at_zero1_and_reshards_to_ep4(tiny_data, tmp_path):
+    """The paper's optimizer under DeepSpeed's ZeRO (its Muon update, momentum kept per whole parameter):
+    EP 2 follows EP 1, and its checkpoint continues at EP 4 on 4 ranks, the momentum written whole per
+    parameter in the fragment files (dropping it moves the continued losses by 9e-4: measured)."""
     # 9 evaluation windows: rank 0 holds 2 batches, rank 1 one; expert all-to-alls make every forward a
     # collective, so the evaluation runs in lockstep (it hung here before)
-    muon = ("optim=muon", "train.grad_clip=0", "train.eval_tokens=576")
+    muon = ("optim=muon", "train.grad_clip=0", "train.zero_stage=1", "train.eval_tokens=576")
     l1, l2 = (run(tiny_data, tmp_path / f"m{ep}", ep, 2, *muon) for ep in (1, 2))
     assert_trajectory(l1, l2, range(1, 21))
     assert abs(json.loads((tmp_path / "m2" / "final.json").read_text())["val_loss"]
                - json.loads((tmp_path / "m1" / "final.json").read_text())["val_loss"]) < TOL
+    saved = tmp_path / "m2" / "checkpoints" / ckpt.tag_for(10)
+    assert saved_layout(saved)["fragments"] and not list(saved.glob("*optim_states.pt"))
+    assert_trajectory(l2, run(tiny_data, rewound(tmp_path / "m2", tmp_path / "ep4", 10), 4, 4, *muon), range(1, 21))
 
 
 @pytest.mark.slow
