@@ -31,6 +31,7 @@ from sweeps.execution.results import (COMPLETED, DIVERGED, FAILED, INTERRUPTED, 
                                       write_results)
 
 SWEEP_LOCK = ".sweep.lock"
+FIRST_POLL_S = 0.05  # the wait after a launch or an ending; it doubles up to poll_s while nothing changes
 
 
 class _Queue:
@@ -297,17 +298,21 @@ class _Driver:
     def run(self, poll_s: float, report_every_s: float) -> list[RunRecord]:
         try:
             self.save()
-            last_report = time.monotonic()
+            last_report, wait = time.monotonic(), FIRST_POLL_S
             while self.queue or self.active:
+                launched = False
                 while self.queue and self.own_in_flight() < self.launcher.capacity:
                     self.launch(self.queue.pop(0))
+                    launched = True
                 changed = self.poll()
                 now = time.monotonic()
                 if changed or now - last_report >= report_every_s:
                     self.progress.report(list(self.records.values()))
                     last_report = now
                 if self.queue or self.active:
-                    time.sleep(poll_s)
+                    # soon after a launch or an ending (a short run, a failure at start-up), then backing off
+                    wait = FIRST_POLL_S if launched or changed else min(poll_s, 2 * wait)
+                    time.sleep(min(wait, poll_s))
         except KeyboardInterrupt:
             self.stop_all()
             raise

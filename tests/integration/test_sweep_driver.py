@@ -352,3 +352,27 @@ def test_budgets_of_one_command_share_one_queue(tmp_path):
     assert any(ln.startswith("[contract-2e+09]") or "contract-2e" in ln for ln in lines)
 
 
+
+
+def test_the_driver_looks_again_soon_after_a_launch_or_an_ending_then_backs_off(tmp_path, monkeypatch):
+    """A run that ends within a second is seen within a few tens of milliseconds (a sweep of short runs is
+    not a second per run slower), while a long run is polled no more often than poll_s."""
+    from sweeps.execution import runloop
+
+    waits = []
+
+    class Clock:  # the run loop's time module, its sleeps recorded (only the run loop's: not the process's)
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def sleep(self, s):
+            waits.append(s)
+            time.sleep(s)
+
+    monkeypatch.setattr(runloop, "time", Clock())
+    records = run_sweep(make_sweep(tmp_path, rhos=(1.0, 0.5), steps=4), LocalLauncher(script=SCRIPT, threads=1),
+                        poll_s=0.4, emit=quiet)
+    assert [r.status for r in records] == ["completed"] * 2
+    assert waits[0] == runloop.FIRST_POLL_S and max(waits) <= 0.4
+    assert all(b in (runloop.FIRST_POLL_S, min(0.4, 2 * a)) for a, b in zip(waits, waits[1:])), waits
+    assert waits.count(runloop.FIRST_POLL_S) >= 2  # the second run's launch started the short waits again
