@@ -15,8 +15,9 @@ state: ZeRO 0 keeps it whole per parameter, and the files carry it by name; ZeRO
 layout, so there every rank writes its partitions as fragments of whole tensors by name instead of
 DeepSpeed's partition files (train/zero_state.py: the same fp32 masters and moments, so writing both
 would double the checkpoint's largest part), and every resume, at the saved layout or another, reads
-them. An optimizer whose state is not split like the partition (DeepSpeed's Muon at ZeRO 1/2) keeps
-DeepSpeed's partition files and resumes at its own layout only.
+them (DeepSpeed's Muon momentum, kept per whole parameter, included). Optimizer state of another shape
+has no fragment form: such a checkpoint keeps DeepSpeed's partition files and resumes at its own layout
+only.
 """
 from __future__ import annotations
 

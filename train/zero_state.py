@@ -32,7 +32,8 @@ FRAGMENTS = "zero_fragments_rank{rank:05d}.pt"
 
 
 class NotReshardable(RuntimeError):
-    """An optimizer state entry that is neither partition-shaped nor a scalar: no fragment form to write."""
+    """An optimizer state entry that is neither partition-shaped, nor Muon's per-parameter momentum, nor a
+    scalar: no fragment form to write."""
 
 
 def _flats(zero_opt) -> list[torch.Tensor]:
