@@ -33,6 +33,7 @@ if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 mkdir -p "$OUT"
+rm -f "$OUT"/bench_*.json "$OUT"/gpu_check.md "$OUT"/logs.tgz  # a step that fails now must not show an old figure
 LOGS=$(mktemp -d)
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -73,7 +74,8 @@ report_args=()
 finish() {  # the table and the logs, whatever happened before
   local notes=(--note "step times: $(IFS=';'; echo "${times[*]}" | sed 's/;/; /g'); whole check $SECONDS s")
   [ -f "$LOGS/parity.log" ] && notes+=(--note "parity tests: $(tail -n 1 "$LOGS/parity.log")")
-  "$PY" benchmarks/gpu_report.py "$OUT" --device-name "$name" "${report_args[@]}" "${notes[@]}" || status=1
+  "$PY" benchmarks/gpu_report.py "$OUT" --device-name "$name" "${report_args[@]}" "${notes[@]}" \
+    || { [ $status -eq 0 ] && status=1; }
   tar czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
   exit $status
 }
@@ -90,9 +92,9 @@ if [ "$DEVICE" = cuda ]; then
   step bench_engram 60 "$PY" benchmarks/bench_engram.py --device cuda --batch 8 --seq-len 2048 --d-model 512 \
     --n-layers 8 --dtype bf16 --repeats 5 --json "$OUT/bench_engram.json"
   step bench_moe 60 "$PY" benchmarks/bench_moe.py --device cuda --dtype bf16 --json "$OUT/bench_moe.json"
-  if [ ! -f data/stdlib_deepseek/manifest.json ]; then
-    "$PY" -m data_prep.prepare --source stdlib --tokenizer deepseek --max-bytes 12000000 --val-fraction 0.02 \
-      --out data/stdlib_deepseek
+  if [ ! -f data/stdlib_deepseek/manifest.json ]; then  # not carried: made here, under its own cap
+    step data_prep 120 "$PY" -m data_prep.prepare --source stdlib --tokenizer deepseek --max-bytes 12000000 \
+      --val-fraction 0.02 --out data/stdlib_deepseek
   fi
   step bench_train 210 "$PY" benchmarks/bench_train.py --family gpu --budget "$BUDGET" --device cuda --steps 10 \
     --json "$OUT/bench_train.json"

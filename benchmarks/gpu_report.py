@@ -38,8 +38,9 @@ def _mfu(c) -> str:
 def rows_train(d, _all) -> list[str]:
     out = [f"| measured peak ({d['peak_how']}) | {d['peak_flops'] / 1e12:.3g} TFLOP/s | |"]
     for c in d["cases"]:
+        ratio = "-" if c.get("ratio") is None else f"{c['ratio']:.3f}"
         out.append(f"| {c['label']}: tokens/s, framework / bare loop | {c['framework_tokens_per_s']:,.0f}, "
-                   f"{c['ratio']:.3f} | >= 0.95 |")
+                   f"{ratio} | >= 0.95 |")
         out.append(f"| {c['label']}: MFU vs measured peak ({c['flop_convention']}) | {_mfu(c)} | >= 45% at rho 0.75 |")
     if "engram_step_time_ratio" in d:
         out.append(f"| Engram overhead: step time rho 0.75 / rho 1 (per FLOP) | "

@@ -86,6 +86,7 @@ def save_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir: Pa
     if rank == 0:
         record = {"expert": layout.size, "n_experts": local * layout.size, "zero_stage": zero_stage,
                   "world_size": world_size, "fragments": fragments,
+                  "partition_files": zero_stage != 0 and not fragments,  # DeepSpeed's, written only without fragments
                   "files": [expert_file(tag_dir, j, layout.size).name for j in range(layout.size)]}
         (Path(tag_dir) / LAYOUT_FILE).write_text(json.dumps(record, indent=1))
 
@@ -164,12 +165,13 @@ class ExpertCheckpoint:
         self.layout, self.zero_stage, self.rank, self.world_size = layout, zero_stage, rank, world_size
 
         self._split: Optional[dict] = None
+        self._prepared = False
 
     def writes_partition_files(self) -> bool:
         """Whether DeepSpeed's partition files belong in the checkpoint about to be saved: not when this
         EP run at ZeRO 1/2 writes fragment files, which hold the same state. Call on every rank before
         the engine's save (one flag all-reduce: the ranks agree)."""
-        self._split = None
+        self._split, self._prepared = None, True
         if self.layout is None or self.zero_stage == 0:
             return True
         try:
@@ -179,9 +181,15 @@ class ExpertCheckpoint:
         return self._split is None
 
     def save(self, tag_dir: Path) -> None:
+        """This rank's expert files (after :meth:`writes_partition_files`, which agrees the split)."""
+        if not self._prepared and self.layout is not None and self.zero_stage != 0:
+            raise RuntimeError("ExpertCheckpoint.save before writes_partition_files")
         zero_opt = self.engine.optimizer if self.zero_stage != 0 else None
-        save_experts(self.model, self.optimizer, tag_dir, self.layout, self.zero_stage, self.rank, self.world_size,
-                     zero_opt, self._split)
+        try:
+            save_experts(self.model, self.optimizer, tag_dir, self.layout, self.zero_stage, self.rank,
+                         self.world_size, zero_opt, self._split)
+        finally:
+            self._split, self._prepared = None, False
 
     def resharded(self, record: dict) -> bool:
         """Whether this launch's EP or world size differs from the checkpoint's."""
@@ -199,11 +207,18 @@ class ExpertCheckpoint:
                                   f"{record.get('world_size', '?')} ranks without fragment files (ZeRO "
                                   f"{record['zero_stage']}): it resumes at that layout only")
         names = {f"{n}.{w}" for n, m in self.model.named_modules() if isinstance(m, RoutedExperts) for w in WEIGHTS}
-        own = self.zero_stage != 0 and not record.get("fragments", False)
-        return {"load_optimizer_states": own, "custom_load_fn": skip_experts_load(names)}
+        return {"load_optimizer_states": self._own_files(record), "custom_load_fn": skip_experts_load(names)}
+
+    def _own_files(self, record: dict) -> bool:
+        """Whether DeepSpeed's partition files carry the ZeRO 1/2 state: without fragments, or at the saved
+        layout of a checkpoint written before fragments replaced them (it has both)."""
+        if self.zero_stage == 0:
+            return False
+        return not record.get("fragments", False) or (record.get("partition_files", True)
+                                                       and not self.resharded(record))
 
     def restore(self, tag_dir: Path, record: dict) -> None:
-        zero_opt = self.engine.optimizer if self.zero_stage != 0 and record.get("fragments", False) else None
+        zero_opt = self.engine.optimizer if self.zero_stage != 0 and not self._own_files(record) else None
         restore_experts(self.model, self.optimizer, tag_dir, record, self.layout, self.zero_stage, zero_opt)
 
 

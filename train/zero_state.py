@@ -183,6 +183,9 @@ def load_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Call
                 flats[i].narrow(0, dst, b - a).copy_(f["fp32"].narrow(0, src, b - a))
                 scalars.setdefault(i, f["scalars"])
                 for k, v in f["state"].items():
+                    if k == MUON_MOMENTUM and wholes[i] is not None:  # a file from before it was saved whole
+                        raise NotReshardable(f"{name}: Muon's momentum was written partition-shaped (an older "
+                                             f"checkpoint): it resumes at its saved layout only")
                     part = state.setdefault(i, {}).setdefault(k, torch.zeros_like(flats[i]))
                     part.narrow(0, dst, b - a).copy_(v.narrow(0, src, b - a))
                 covered += b - a

@@ -171,20 +171,22 @@ def assert_same_whole(saved: Path, back: Path) -> None:
 
 
 @pytest.mark.slow
-def test_muon_ep2_matches_muon_ep1_at_zero1_and_reshards_to_ep4(tiny_data, tmp_path):
-    """The paper's optimizer under DeepSpeed's ZeRO (its Muon update, momentum kept per whole parameter):
-    EP 2 follows EP 1, and its checkpoint continues at EP 4 on 4 ranks, the momentum written whole per
-    parameter in the fragment files (dropping it moves the continued losses by 9e-4: measured)."""
+def test_muon_ep2_matches_muon_ep1_at_zero2_and_reshards(tiny_data, tmp_path):
+    """The paper's recipe (Muon at ZeRO 2: DeepSpeed's Muon update, momentum kept per whole parameter):
+    EP 2 follows EP 1, and its checkpoint continues at EP 1, each expert's momentum put together from the
+    whole pieces two ranks wrote (dropping the momentum moves the continued losses by 8.9e-4: measured;
+    at ZeRO 1, EP 2 -> 4 on 4 ranks continued within 1.2e-6, measured once: the 4-rank case of the fragment
+    files is the fp32 ZeRO 1 test's)."""
     # 9 evaluation windows: rank 0 holds 2 batches, rank 1 one; expert all-to-alls make every forward a
     # collective, so the evaluation runs in lockstep (it hung here before)
-    muon = ("optim=muon", "train.grad_clip=0", "train.zero_stage=1", "train.eval_tokens=576")
+    muon = ("optim=muon", "train.grad_clip=0", "train.zero_stage=2", "train.eval_tokens=576")
     l1, l2 = (run(tiny_data, tmp_path / f"m{ep}", ep, 2, *muon) for ep in (1, 2))
     assert_trajectory(l1, l2, range(1, 21))
     assert abs(json.loads((tmp_path / "m2" / "final.json").read_text())["val_loss"]
                - json.loads((tmp_path / "m1" / "final.json").read_text())["val_loss"]) < TOL
     saved = tmp_path / "m2" / "checkpoints" / ckpt.tag_for(10)
     assert saved_layout(saved)["fragments"] and not list(saved.glob("*optim_states.pt"))
-    assert_trajectory(l2, run(tiny_data, rewound(tmp_path / "m2", tmp_path / "ep4", 10), 4, 4, *muon), range(1, 21))
+    assert_trajectory(l2, run(tiny_data, rewound(tmp_path / "m2", tmp_path / "ep1", 10), 1, 2, *muon), range(1, 21))
 
 
 @pytest.mark.slow

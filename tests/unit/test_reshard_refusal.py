@@ -22,12 +22,21 @@ def test_a_checkpoint_without_fragments_resumes_at_its_own_layout_only():
     with pytest.raises(NotReshardable, match="parallel.expert=2 on 2 ranks .* it resumes at that layout only"):
         at_ep1.load_kwargs(RECORD)
     assert at_ep1.load_kwargs({**RECORD, "fragments": True})["load_optimizer_states"] is False  # fragments
-    # at the saved layout: DeepSpeed's partition files without fragments, the fragment files (and no
-    # partition files, which a checkpoint with fragments does not hold) with them
+    # at the saved layout: DeepSpeed's partition files without fragments, the fragment files when they
+    # replaced them, DeepSpeed's again in a checkpoint written before that (it holds both)
     at_ep2 = ExpertCheckpoint(engine=None, model=torch.nn.Linear(2, 2), optimizer=None, layout=SimpleNamespace(size=2),
                               zero_stage=2, rank=0, world_size=2)
     assert at_ep2.load_kwargs(RECORD)["load_optimizer_states"] is True
-    assert at_ep2.load_kwargs({**RECORD, "fragments": True})["load_optimizer_states"] is False
+    assert at_ep2.load_kwargs({**RECORD, "fragments": True, "partition_files": False})["load_optimizer_states"] is False
+    assert at_ep2.load_kwargs({**RECORD, "fragments": True})["load_optimizer_states"] is True
+    assert at_ep1.load_kwargs({**RECORD, "fragments": True})["load_optimizer_states"] is False  # resharded: fragments
+
+
+def test_expert_files_are_written_only_after_the_split_is_agreed():
+    ep2 = ExpertCheckpoint(engine=SimpleNamespace(optimizer=None), model=torch.nn.Linear(2, 2), optimizer=None,
+                           layout=SimpleNamespace(size=2), zero_stage=1, rank=0, world_size=2)
+    with pytest.raises(RuntimeError, match="before writes_partition_files"):
+        ep2.save(Path("unused"))
 
 
 def test_the_load_stops_at_a_layout_error_instead_of_falling_back(monkeypatch, tmp_path):
