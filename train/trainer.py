@@ -361,7 +361,8 @@ def _finish(cfg: DictConfig, dist: DistInfo, p: Prepared, loop: Loop, step: int,
         tracker.summary({"final/val_loss": val, "final/tokens": final["tokens"],
                          "final/train_flops": final["train_flops"]})
         print(f"final validation loss {val:.4f} after {step} steps ({final['tokens']:,} tokens)")
-        print(f"checkpoint: {p.ckpt_dir / ckpt.tag_for(step)}")
+        if (p.ckpt_dir / ckpt.tag_for(step)).exists():  # a benchmark run writes none
+            print(f"checkpoint: {p.ckpt_dir / ckpt.tag_for(step)}")
         if tracker.location:
             print(f"W&B run ({cfg.logging.wandb.mode}): {Path(tracker.location).parent}"
                   f"  (upload with: wandb sync {Path(tracker.location).parent})")
