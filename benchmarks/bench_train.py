@@ -127,7 +127,8 @@ def release(device: torch.device) -> None:
     """Between timed runs in one process: the last run's engine (a reference cycle with its optimizer) and
     compiled graphs go, so a run neither starts on its predecessor's memory nor inherits its compile cache."""
     gc.collect()
-    torch._dynamo.reset()
+    if "torch._dynamo" in sys.modules:  # something compiled (importing dynamo to reset nothing costs a second)
+        torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -11,9 +11,8 @@ group's scalars (``step``). DeepSpeed's Muon keeps its momentum per whole parame
 the whole tensors of every parameter with a piece in the partition, in partition order (a parameter
 split between two ranks has its momentum on both); each such parameter's momentum is written whole, at
 the same offset. No collective and no whole tensor beyond those anywhere at save: each rank writes what
-DeepSpeed would write for it. A resume, at the saved layout or
-another, reads every fragment file (memory-mapped: only the pieces it needs are read) and copies each
-overlap into its own partitions.
+DeepSpeed would write for it. A resume, at the saved layout or another, reads every fragment file
+(memory-mapped: only the pieces it needs are read) and copies each overlap into its own partitions.
 
 DeepSpeed's map from a parameter to its piece of a partition is ``param._hp_mapping``:
 ``lp_fragment_address`` (start and length in the flattened parameter) and ``hp_fragment_address``
@@ -167,11 +166,9 @@ def load_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Call
     saved, flats = _load_all(tag_dir, saved_world, load), _flats(zero_opt)
     state: dict[int, dict[str, torch.Tensor]] = {}  # group -> its partition-shaped state, filled piece by piece
     scalars: dict[int, dict] = {}  # group -> its scalar state (step), as saved
-    wholes: dict[int, Optional[tuple[dict[int, int], int]]] = {}
+    wholes = {i: _whole_layout(zero_opt, i) for i in range(len(flats))}
     with torch.no_grad():
         for name, p, i, lp, hp in _held(zero_opt, named):
-            if i not in wholes:
-                wholes[i] = _whole_layout(zero_opt, i)
             if wholes[i] is not None:
                 _fill_whole(saved, name, p, offset(name, p), wholes[i], state.setdefault(i, {}), flats[i].device)
             lo, covered = offset(name, p) + lp.start, 0
@@ -192,6 +189,8 @@ def load_fragments(zero_opt, named: list[tuple[str, nn.Parameter]], offset: Call
             if covered != lp.numel:
                 raise NotReshardable(f"{name}: {covered} of this rank's {lp.numel} elements are in the fragment "
                                      f"files of {saved_world} ranks")
-    for i, parts in state.items():  # none before the first step: nothing to restore then
+    for i, parts in state.items():
+        if not parts:  # saved before the first step: nothing to restore
+            continue
         zero_opt.optimizer.state[flats[i]] = {**parts, **{k: v.clone() if torch.is_tensor(v) else v
                                                           for k, v in scalars[i].items()}}
