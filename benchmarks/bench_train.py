@@ -348,6 +348,8 @@ def main(argv=None) -> int:
                    help="also run every case with train.compile=blocks (the bare loop stays eager, so fw/bare of the "
                         "compiled row is the speed-up over eager PyTorch)")
     args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its bare loop and MFU are one device's
+        p.error("bench_train.py measures one process: run it without torchrun (bench_tables.py takes N ranks)")
     dist, cases = start(p, args)
     if args.compile_too:
         cases = [c for label, ov, rc in cases

@@ -140,20 +140,24 @@ class Transformer(nn.Module):
 
     # ---- hooks the trainer calls ------------------------------------------------------------
     @torch.no_grad()
-    def on_optimizer_step(self) -> None:
+    def on_optimizer_step(self, extra: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Forward the post-step hook to submodules that define one. MoE layers' token counts travel in
         one all-reduce for all layers (one collective per step, not one per layer), then each layer
-        updates its bias from its slice."""
+        updates its bias from its slice. ``extra`` ([k], e.g. the training loop's step losses) rides in
+        the same all-reduce: returned summed over ranks (fp64)."""
         subs = [m for m in self.modules() if m is not self]
         moe = [m for m in subs if hasattr(m, "take_step_load")]
-        if moe:
-            loads = [m.take_step_load() for m in moe]  # [E_l] each
-            total = all_reduce_sum(torch.cat(loads))
-            for m, load in zip(moe, total.split([t.numel() for t in loads])):
-                m.apply_step_load(load)
+        parts = [m.take_step_load().double() for m in moe]  # [E_l] each
+        parts += [extra.double()] if extra is not None else []
+        if parts:
+            total = all_reduce_sum(torch.cat(parts)).split([t.numel() for t in parts])
+            for m, load in zip(moe, total):
+                m.apply_step_load(load.float())  # token counts: exact in fp32 and fp64 alike
+            extra = total[-1] if extra is not None else None
         for m in subs:
             if hasattr(m, "on_optimizer_step") and not hasattr(m, "take_step_load"):
                 m.on_optimizer_step()
+        return extra
 
     def metrics(self) -> dict[str, float]:
         """Collect scalar metrics from submodules that report them (e.g. per-layer expert load)."""

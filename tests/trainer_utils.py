@@ -14,6 +14,10 @@ TINY_MODEL = ["model.vocab_size=1024", "model.d_model=64", "model.n_layers=2", "
               "model.ffn_hidden=160", "model.max_seq_len=64"]
 TINY_TRAIN = ["train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=8",
               "train.eval_tokens=4096", "train.log_interval=1", "train.progress=false", "optim.warmup_steps=5"]
+# a one-layer Engram with small tables (the data's own tokenizer for its compression)
+TINY_ENGRAM = ["memory=engram_tiny", "model.engram.layer_ids=[1]", "model.engram.embed_dim_per_ngram=32",
+               "model.engram.heads_per_ngram=2", "model.engram.table_sizes=[1000,1000]",
+               "model.engram.tokenizer=data"]
 
 
 def env(threads: int = 1) -> dict:

@@ -4,13 +4,17 @@ On a GPU every value read back to the host (``.item()``, ``.cpu()``, a Python ``
 stalls the host until the device has caught up, and the host can no longer queue the next step's
 kernels ahead. The loop therefore keeps everything it tracks on the device between log steps:
 
-* the step's loss (and aux loss) accumulate in a device tensor, all-reduced on the device;
+* the step's loss (and aux loss) accumulate in a device tensor, all-reduced on the device in the
+  model's one collective of the step (with the MoE layers' token counts);
 * divergence is a device flag (loss not finite or above ``train.max_loss``) with the first step it
   happened at, read at every log step and before every evaluation and checkpoint, so a diverged
   state is never saved; a run stops at most ``log_interval`` steps after its loss went bad;
 * the gradient norm is read from the engine where DeepSpeed computes it (ZeRO 1/2, bf16) and
   computed on the device from the gradients otherwise (fp32 ZeRO-0, where DeepSpeed reports none),
-  on log steps only;
+  on log steps only; under Muon at ZeRO 1/2 DeepSpeed's norm is over the orthogonalised updates
+  (about sqrt(min(out, in)) per matrix, whatever the gradient), so it is logged as
+  ``train/update_norm`` and no ``train/grad_norm`` is claimed (the raw norm never leaves DeepSpeed's
+  backward epilogue);
 * micro-batches are read ahead by a thread (pinned on a GPU) and copied without blocking.
 
 ``train/tokens_per_s`` (and MFU from it) counts training time only: time spent evaluating or writing
@@ -24,7 +28,6 @@ import time
 
 import torch
 
-from core.distributed import all_reduce_sum
 from rundir.schema import parallel_of
 from train import checkpoint as ckpt
 from train.data import Prefetcher
@@ -60,6 +63,10 @@ class Loop:
         self._bad_loss = torch.zeros((), dtype=torch.float64, device=dist.device)
         # DeepSpeed computes the norm itself under ZeRO 1/2 and its bf16 optimizer; plain fp32 ZeRO-0 does not.
         self._own_grad_norm = int(self.t.zero_stage) == 0 and self.t.precision == "fp32"
+        # Muon at ZeRO 1/2: DeepSpeed orthogonalises the gradient while it fills the partition, so its
+        # norm is over Muon's updates (and the Adam groups' gradients): logged by that name, not as grad_norm
+        self._norm_key = ("train/update_norm" if cfg.optim.kind == "muon" and int(self.t.zero_stage) > 0
+                          else "train/grad_norm")
         self._grad_norm = None
         self.experts = None  # train.expert_checkpoint.ExpertCheckpoint (set by the trainer)
         self.on_first_step = None  # called with the first step's seconds (the trainer's start-up timing line)
@@ -113,8 +120,7 @@ class Loop:
             loss_sum[0] += weight * out.ce_loss.detach().double()
             if out.aux_loss is not None:
                 loss_sum[1] += weight * out.aux_loss.detach().double()
-        self.model.on_optimizer_step()
-        loss_vec = all_reduce_sum(loss_sum) / (b.accum_steps * d.world_size)
+        loss_vec = self.model.on_optimizer_step(loss_sum) / (b.accum_steps * d.world_size)  # one collective
         self._flag_divergence(loss_vec[0], step + 1)
         return loss_vec, lr, out
 
@@ -145,7 +151,7 @@ class Loop:
             norm = math.hypot(float(norm), float(self._grad_norm))  # the engine's norm misses the shards
         metrics = {"train/loss": loss_host[0], "train/lr": lr, "train/tokens": self.p.batches.tokens_through(step),
                    "train/tokens_per_s": tps, "train/epoch": self.p.batches.epochs_at(step),
-                   "train/grad_norm": float(norm) if norm is not None else math.nan}
+                   self._norm_key: float(norm) if norm is not None else math.nan}
         if out.aux_loss is not None:
             metrics["train/aux_loss"] = loss_host[1]
         if self.peak:
@@ -157,12 +163,17 @@ class Loop:
 
     def _periodic(self, step: int, window: list) -> None:
         """Evaluation and checkpoint at their intervals; their time is taken out of the throughput window."""
+        evaluate = step % self.t.eval_interval == 0 and step < self.p.steps
+        save = step % self.t.ckpt_interval == 0 and step < self.p.steps
+        if not (evaluate or save):
+            return
+        self.check_diverged()  # waits for the queued training work first: that time stays in the window
         t0 = time.time()
-        if step % self.t.eval_interval == 0 and step < self.p.steps:
+        if evaluate:
             val = self.evaluate()
             self.tracker.log({"val/loss": val}, step)
             log.info("step %d: val_loss %.4f", step, val)
-        if step % self.t.ckpt_interval == 0 and step < self.p.steps:
+        if save:
             self.save(step)
         window[0] += time.time() - t0
 

@@ -186,6 +186,9 @@ def test_muon_ep2_matches_muon_ep1_at_zero2_and_reshards(tiny_data, tmp_path):
                - json.loads((tmp_path / "m1" / "final.json").read_text())["val_loss"]) < TOL
     saved = tmp_path / "m2" / "checkpoints" / ckpt.tag_for(10)
     assert saved_layout(saved)["fragments"] and not list(saved.glob("*optim_states.pt"))
+    # DeepSpeed's norm here is over Muon's orthogonalised updates: logged under that name, never as grad_norm
+    logged = [json.loads(ln) for ln in (tmp_path / "m2" / "metrics.jsonl").open() if "train/loss" in ln]
+    assert logged and all("train/grad_norm" not in r and r["train/update_norm"] > 0 for r in logged)
     assert_trajectory(l2, run(tiny_data, rewound(tmp_path / "m2", tmp_path / "ep1", 10), 1, 2, *muon), range(1, 21))
 
 

@@ -3,8 +3,9 @@ gradient norm stay on the device, and are read once per log interval (issue: tra
 
 The real trainer runs in this process with every Tensor -> host conversion patched to raise inside
 ``Loop.one_step`` (batch copy, forward and backward through the engine, loss and divergence
-bookkeeping, gradient norm, balancing hooks) on a dense + Engram model, and on an MoE + Engram model
-whose experts run ``torch._grouped_mm`` (group offsets on the device, the GPU path). Run unguarded: MoE's
+bookkeeping, gradient norm, balancing hooks) and, on steps that neither log, evaluate nor checkpoint,
+in the rest of the loop's iteration (``Loop.log_step``, ``Loop._periodic``), on a dense + Engram
+model, and on an MoE + Engram model whose experts run ``torch._grouped_mm`` (group offsets on the device, the GPU path). Run unguarded: MoE's
 ``batched`` CPU path, which slices by group sizes on the host by construction (its dispatch and balancing:
 tests/unit/test_moe_nosync.py), and the engine's optimizer step, DeepSpeed's code: its host reads there
 are counted instead, by who asks. torch's Adam reads its step counters (host tensors: no device sync);
@@ -22,11 +23,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sync_guard import allow_sync, count_host_syncs, no_host_sync
-from trainer_utils import REPO, TINY_MODEL, TINY_TRAIN
+from trainer_utils import REPO, TINY_ENGRAM as ENGRAM, TINY_MODEL, TINY_TRAIN
 from train import loop as loop_mod
 
-ENGRAM = ["memory=engram_tiny", "model.engram.layer_ids=[1]", "model.engram.embed_dim_per_ngram=32",
-          "model.engram.heads_per_ngram=2", "model.engram.table_sizes=[1000,1000]", "model.engram.tokenizer=data"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -37,14 +36,27 @@ def _train_in_process(cfg_overrides, monkeypatch, dist, engine_syncs: dict | Non
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=cfg_overrides)
-    guarded = {"steps": 0}
-    one_step = loop_mod.Loop.one_step
+    guarded = {"steps": 0, "between": 0}
+    one_step, log_step, periodic = loop_mod.Loop.one_step, loop_mod.Loop.log_step, loop_mod.Loop._periodic
 
     def step_without_sync(self, step, data):
         with no_host_sync():
             out = one_step(self, step, data)
         guarded["steps"] += 1
         return out
+
+    def log_without_sync(self, step, *a):  # the rest of the loop's iteration: guarded unless it logs
+        if self.is_log_step(step):
+            return log_step(self, step, *a)
+        with no_host_sync():
+            log_step(self, step, *a)
+        guarded["between"] += 1
+
+    def periodic_without_sync(self, step, window):  # guarded unless an evaluation or checkpoint is due
+        if step % self.t.eval_interval == 0 or step % self.t.ckpt_interval == 0:
+            return periodic(self, step, window)
+        with no_host_sync():
+            periodic(self, step, window)
 
     def optimizer_step(self, *a, **k):
         with allow_sync(), count_host_syncs(engine_syncs if engine_syncs is not None else {}):
@@ -55,7 +67,10 @@ def _train_in_process(cfg_overrides, monkeypatch, dist, engine_syncs: dict | Non
     engine_step = DeepSpeedEngine.step
     monkeypatch.setattr(DeepSpeedEngine, "step", optimizer_step)
     monkeypatch.setattr(loop_mod.Loop, "one_step", step_without_sync)
+    monkeypatch.setattr(loop_mod.Loop, "log_step", log_without_sync)
+    monkeypatch.setattr(loop_mod.Loop, "_periodic", periodic_without_sync)
     assert train(cfg, dist) == 0
+    assert guarded["between"] > 0 or cfg.train.log_interval == 1
     return guarded["steps"]
 
 
