@@ -11,6 +11,7 @@ RHOS   ?=
 OUT    ?= sweeps_out
 NPROC  ?= 1
 SWEEP_ARGS ?=
+PLAN_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install data demo train test test-fast bench plan sweep study clean-demo
@@ -57,8 +58,9 @@ bench: data
 		--experiment moe_baseline --experiment engram_25pct --steps 20 --repeats 3
 
 # Print the iso-parameter / iso-FLOP family for a budget (no training).
+# e.g. `make plan BUDGET=2e20 PLAN_ARGS="--ep-size 8 --round-experts-to-ep --engram-tables sharded"`
 plan: install
-	$(PY) -m sweeps.plan --budget $(BUDGET) --family $(FAMILY) $(if $(RHOS),--rho $(RHOS),)
+	$(PY) -m sweeps.plan --budget $(BUDGET) --family $(FAMILY) $(if $(RHOS),--rho $(RHOS),) $(PLAN_ARGS)
 
 sweep: data
 	$(PY) -m sweeps.run --budget $(BUDGET) --family $(FAMILY) --out $(OUT) $(if $(RHOS),--rho $(RHOS),) $(SWEEP_ARGS)

@@ -2,7 +2,9 @@
 
 The data dir is written in the real format (``ShardWriter``'s shard names, ``write_manifest``), with sparse
 shards (all-zero ids, no disk blocks) so that 20 GB costs nothing to create. For each simulated world size
-W (default 1, 8, 64) every rank's start-up is run in turn, as :func:`train.trainer.prepare` does it:
+W (default 1, 8, 64) every rank's start-up is run in turn, in this one process (no torchrun: what is
+measured is the per-rank work, not contention between ranks; the broadcast of rank 0's reads runs on two
+real ranks in tests/integration/test_startup_ranks.py), as :func:`train.trainer.prepare` does it:
 
 * rank 0 reads the manifest and verifies the shards (:func:`data_prep.verify.verify_data_dir`): the first
   start after a build hashes every shard (cold, once per manifest), a restart finds ``.verified.json``;
@@ -133,17 +135,19 @@ def main() -> None:
                         for _ in range(args.repeats)) for r in range(w)]  # best of repeats: shared-CPU noise
         rows.append((w, warm_s, warm_bytes, float(np.mean(per_rank)), max(per_rank)))
     base_restart, base_first = rows[0][1] + rows[0][4], cold_s + rows[0][4]
-    print("restart = rank 0's verification against the record + the slowest rank's open and index (ranks wait for")
-    print("rank 0's broadcast); first start = the same with rank 0 hashing every shard (once per manifest)\n")
-    print(f"{'ranks':>5} | {'rank-0 verify':>13} | {'open+index per rank':>21} | {'restart':>8} | {'vs 1':>5} | "
-          f"{'first start':>11} | {'vs 1':>5} | {'GB read per start, all ranks':>28} | {'before: per rank':>16}")
+    print("Measured: rank-0 verify, open+index per rank (every simulated rank's start run in turn in this process).")
+    print("Computed (*) from the measured parts: restart = rank 0's verification against the record + the slowest")
+    print("rank's open and index (ranks wait for rank 0's broadcast); first start = the same with the cold")
+    print("verification measured once above; GB read = manifest bytes (now) and W x manifest bytes (before).\n")
+    print(f"{'ranks':>5} | {'rank-0 verify':>13} | {'open+index per rank':>21} | {'restart*':>8} | {'vs 1':>5} | "
+          f"{'first start*':>12} | {'vs 1':>5} | {'GB read per start*, all ranks':>29} | {'before*: per rank':>17}")
     for w, warm, warm_bytes, mean, worst in rows:
         restart, first = warm + worst, cold_s + worst
         print(f"{w:>5} | {warm * 1e3:>10.1f} ms | {mean * 1e3:>6.1f} ms (max {worst * 1e3:4.1f}) | "
-              f"{restart * 1e3:>5.1f} ms | {restart / base_restart:>5.2f} | {first:>9.1f} s | "
+              f"{restart * 1e3:>5.1f} ms | {restart / base_restart:>5.2f} | {first:>10.1f} s | "
               f"{first / base_first:>5.2f} | "
-              f"{'now %.1f (restart %d)' % (cold_bytes / 1e9, warm_bytes):>17}, before {w * cold_bytes / 1e9:>6.1f} | "
-              f"{cold_s + perm_s:>14.1f} s")
+              f"{'now %.1f (restart %d)' % (cold_bytes / 1e9, warm_bytes):>17}, before {w * cold_bytes / 1e9:>7.1f} | "
+              f"{cold_s + perm_s:>15.1f} s")
     if not args.keep:
         shutil.rmtree(d, ignore_errors=True)
 

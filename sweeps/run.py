@@ -69,7 +69,9 @@ def parser() -> argparse.ArgumentParser:
                         "submitit-local: submitit's local executor; slurm: one submitit job per run")
     g.add_argument("--parallel", type=int, default=1, help="local: runs at once")
     g.add_argument("--devices", help="gpus: comma-separated device ids, e.g. 0,1,2,3")
-    g.add_argument("--procs-per-run", type=int, default=1, help="processes (devices) per run")
+    g.add_argument("--procs-per-run", type=int,
+                   help="processes (devices) of a run on each of its nodes (default: --gpus-per-node for slurm and "
+                        "submitit-local, else 1)")
     g.add_argument("--runner", choices=("auto", "python", "torchrun", "deepspeed"), default="auto",
                    help="how a run's processes are started (auto: python for one process, else torchrun)")
     g.add_argument("--threads", type=int, help="OMP threads per process (default: cores / processes in flight)")
@@ -96,31 +98,48 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _procs(args: argparse.Namespace) -> int:
+    """A run's processes on each of its nodes: ``--procs-per-run``, else a Slurm node's GPUs (one process
+    per GPU), else 1."""
+    if args.procs_per_run is not None:
+        return args.procs_per_run
+    return max(1, args.gpus_per_node) if args.launcher in ("slurm", "submitit-local") else 1
+
+
 def make_launcher(args: argparse.Namespace, out_dir: Path):
     from sweeps.execution.launchers import LocalLauncher
     from sweeps.execution.submitit_launcher import SubmititLauncher
 
     if args.launcher == "local":
-        return LocalLauncher(None, args.procs_per_run, args.runner, args.parallel, args.threads)
+        return LocalLauncher(None, _procs(args), args.runner, args.parallel, args.threads)
     if args.launcher == "gpus":
         devices = [d.strip() for d in args.devices.split(",") if d.strip()]
-        return LocalLauncher(devices, args.procs_per_run, args.runner, threads=args.threads)
+        return LocalLauncher(devices, _procs(args), args.runner, threads=args.threads)
     cluster = "local" if args.launcher == "submitit-local" else "slurm"
-    runner = args.runner if args.runner != "auto" else ("python" if args.procs_per_run == 1 and args.nodes == 1
-                                                        else "torchrun")
     return SubmititLauncher(out_dir / "submitit", cluster=cluster, nodes=args.nodes,
-                            gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_run, runner=runner,
+                            gpus_per_node=args.gpus_per_node, procs_per_node=_procs(args), runner=_runner(args),
                             timeout_min=args.timeout_min, max_parallel=args.max_jobs, threads=args.threads,
                             slurm=dict(args.slurm_params) or None)
 
 
-def _first_command(args: argparse.Namespace, run_dir: Path) -> Optional[list[str]]:
-    """The command a local launcher would start for ``run_dir`` (torchrun / deepspeed for several processes
-    per run); None for a Slurm launcher, whose command is built inside each job from its node list."""
-    if args.launcher not in ("local", "gpus"):
-        return None
-    launcher = make_launcher(args, Path(args.out).resolve())
-    return launcher.command(run_dir, launcher.slots[0])[0]
+def _runner(args: argparse.Namespace) -> str:
+    """A submitit job's runner: ``--runner``, or auto: python for one process on one node, else torchrun."""
+    if args.runner != "auto":
+        return args.runner
+    return "python" if _procs(args) == 1 and args.nodes == 1 else "torchrun"
+
+
+def _first_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The command the launcher would start for ``run_dir`` (torchrun / deepspeed for several processes per
+    run); for a submitit job, node 0's, with the node names and port Slurm gives the job in brackets."""
+    if args.launcher in ("local", "gpus"):
+        launcher = make_launcher(args, Path(args.out).resolve())
+        return launcher.command(run_dir, launcher.slots[0])[0]
+    from sweeps.execution.submitit_launcher import NodeTask
+
+    task = NodeTask(str(run_dir), "", _runner(args), _procs(args), args.threads)
+    hosts = [f"<node{i}>" for i in range(args.nodes)]
+    return task.command(hosts, args.nodes, 0, "<20000 + job id % 20000>" if args.nodes > 1 else None)[0]
 
 
 def _fit_line(summary: dict) -> str:
@@ -179,7 +198,7 @@ def _check_machine(args: argparse.Namespace, sweeps) -> None:
     from sweeps.execution.preflight import check_fits, local_machine
 
     devices = [d.strip() for d in (args.devices or "").split(",") if d.strip()]
-    ranks = args.procs_per_run * (args.parallel if args.launcher == "local" else 1)
+    ranks = _procs(args) * (args.parallel if args.launcher == "local" else 1)
     hint = (f"python -m sweeps.run --budget {' '.join(f'{b:g}' for b in args.budget)} --family {args.family} "
             f"--launcher slurm --nodes N --gpus-per-node 8 --slurm partition=P --data-dir D")
     check_fits(sweeps, local_machine(ranks, devices), hint)
@@ -189,7 +208,7 @@ def _ranks_per_run(args: argparse.Namespace) -> Optional[int]:
     """Ranks of one run when expert parallelism or sharded tables split work over them (the plan's
     device count then: EP must divide it, the memory estimate divides by it); None: the family's."""
     if args.ep_size > 1 or args.engram_tables == "sharded":
-        return args.procs_per_run * args.nodes
+        return _procs(args) * args.nodes
     return None
 
 
@@ -201,10 +220,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--noise must be a positive sd in nats, got {args.noise}")
     if args.n_boot < 100 or not 0 < args.level < 1:
         raise ValueError(f"--n-boot must be >= 100 and --level in (0, 1), got {args.n_boot} and {args.level}")
-    if args.parallel < 1 or args.procs_per_run < 1:
+    if args.parallel < 1 or _procs(args) < 1:
         raise ValueError("--parallel and --procs-per-run must be >= 1")
-    if args.ep_size > 1 and (args.procs_per_run * args.nodes) % args.ep_size:
-        raise ValueError(f"--ep-size {args.ep_size} must divide a run's ranks (--procs-per-run {args.procs_per_run}"
+    if args.ep_size > 1 and (_procs(args) * args.nodes) % args.ep_size:
+        raise ValueError(f"--ep-size {args.ep_size} must divide a run's ranks (--procs-per-run {_procs(args)}"
                          f" x --nodes {args.nodes})")
     if args.mode == MEMORY and args.ablate_memory:
         raise ValueError("--ablate-memory is a control arm of allocation sweeps, not of --mode memory")

@@ -44,21 +44,13 @@ class NodeTask:
 
         job = submitit.JobEnvironment()
         nnodes, node = job.num_nodes, job.node
-        master = job.hostnames[0] if job.hostnames else "127.0.0.1"
         port = 20000 + int(str(job.job_id).split("_")[0]) % 20000 if nnodes > 1 else None
         run_dir = Path(self.run_dir)
-        hostfile = None
-        if self.runner == "deepspeed" and nnodes > 1:
+        cmd, hostfile = self.command(job.hostnames, nnodes, node, port)
+        if hostfile is not None:
             # Every node writes the same text atomically: a node never reads a half-written file, and no node
             # waits for node 0 (the run directory is on the shared filesystem the sweep already needs).
-            hostfile = run_dir / "hostfile"
-            atomic_write_text(hostfile, "".join(f"{h} slots={self.procs_per_node}\n" for h in job.hostnames))
-        runner = self.runner
-        if runner == "python" and (self.procs_per_node > 1 or nnodes > 1):
-            runner = "torchrun"
-        cmd = trainer_command(run_dir, runner=runner, nproc=self.procs_per_node, nnodes=nnodes, node_rank=node,
-                              master_addr=master, master_port=port, hostfile=hostfile, python=self.python,
-                              script=self.script)
+            atomic_write_text(hostfile, self.hostfile_text(job.hostnames))
         env = {**thread_env(self.threads), "PYTHONUNBUFFERED": "1", **self.extra_env}
         log_path = Path(self.log_path) if node == 0 else Path(self.log_path).with_suffix(f".node{node}.log")
         if node == 0:
@@ -77,6 +69,23 @@ class NodeTask:
             else:
                 proc.terminate()
             raise
+
+    def command(self, hostnames: list[str], nnodes: int, node: int,
+                port: Optional[int]) -> tuple[list[str], Optional[Path]]:
+        """Node ``node``'s trainer command in a job of ``nnodes`` nodes on ``hostnames`` (the first is the
+        master), and the hostfile it names (the DeepSpeed launcher on several nodes; written by
+        :meth:`__call__`)."""
+        hostfile = Path(self.run_dir) / "hostfile" if self.runner == "deepspeed" and nnodes > 1 else None
+        runner = self.runner
+        if runner == "python" and (self.procs_per_node > 1 or nnodes > 1):
+            runner = "torchrun"
+        cmd = trainer_command(Path(self.run_dir), runner=runner, nproc=self.procs_per_node, nnodes=nnodes,
+                              node_rank=node, master_addr=hostnames[0] if hostnames else "127.0.0.1",
+                              master_port=port, hostfile=hostfile, python=self.python, script=self.script)
+        return cmd, hostfile
+
+    def hostfile_text(self, hostnames: list[str]) -> str:
+        return "".join(f"{h} slots={self.procs_per_node}\n" for h in hostnames)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
