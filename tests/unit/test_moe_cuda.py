@@ -60,3 +60,26 @@ def test_cuda_grouped_mm_layer_compiles_without_graph_breaks():
     cuda_capability(x.device.index)  # as train.compile's compile_blocks does before compiling
     explained = torch._dynamo.explain(layer)(x)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
+def test_cuda_expert_parallel_exchange_on_nccl_matches_the_local_layer(inprocess_dist):
+    """The expert-parallel path (counts and rows through all_to_all_single, the local reorder, the
+    reverse exchange) on NCCL, with the one rank this machine has: EP size 1 over the world group takes
+    every exchange a real EP group takes, and must give the local layer's outputs and gradients."""
+    import torch.distributed as dist
+
+    from models.moe.parallel import ExpertShard
+
+    assert dist.get_backend() == "nccl"
+    x = torch.randn(4, 64, 64, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for ep in (False, True):
+        layer = make_layer(seed=2, d=64, impl="grouped_mm", n_routed_experts=16, top_k=4).cuda().bfloat16()
+        if ep:
+            layer.set_expert_shard(ExpertShard(1, 0, 16, dist.group.WORLD))
+        outs.append(_run(layer, x.clone().requires_grad_()))
+    (y0, g0), (y1, g1) = outs
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
