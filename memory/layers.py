@@ -10,6 +10,7 @@ from torch import nn
 
 from core.accounting import Counts
 from core.param_groups import tag
+from core.partial_init import current, normal_rows
 from memory.sharded import RowLayout, TableShard, sharded_lookup
 
 TABLE_GROUP = "engram_tables"
@@ -33,8 +34,9 @@ class MultiHeadTable(nn.Module):
         self.shard: Optional[TableShard] = None  # set by shard_(): then there is no self.weight
         offsets = torch.tensor([0] + sizes[:-1], dtype=torch.int64).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
-        self.weight = nn.Parameter(torch.empty(sum(sizes), head_dim))
-        nn.init.normal_(self.weight, std=init_std)
+        built = current()  # a sharded run's rank builds its own rows only (core/partial_init.py)
+        self.built_rows = (built.table_rank, built.table_world)  # rows rank::world of the whole draw
+        self.weight = nn.Parameter(normal_rows(sum(sizes), head_dim, init_std, *self.built_rows))
         tag(self.weight, TABLE_GROUP)
 
     @property
@@ -42,14 +44,18 @@ class MultiHeadTable(nn.Module):
         return sum(self.sizes) * self.head_dim
 
     def shard_(self, rank: int, world: int, group=None, device: Optional[torch.device] = None) -> TableShard:
-        """Keep rows rank, rank + world, ... of the table (drawn whole at init, so a sharded run starts
-        from the replicated run's exact weights) and drop the rest; returns the shard."""
+        """Keep rows rank, rank + world, ... of the table (the whole table's draw at init, so a sharded run
+        starts from the replicated run's exact weights: built with those rows only, or sliced from the
+        whole) and drop the rest; returns the shard."""
         if self.shard is not None:
             raise ValueError("MultiHeadTable is already sharded")
+        if self.built_rows not in ((0, 1), (rank, world)):
+            raise ValueError(f"table built with rows {self.built_rows[0]}::{self.built_rows[1]} cannot hold "
+                             f"rows {rank}::{world}")
         layout = RowLayout(sum(self.sizes), rank, world)
-        full = self._parameters.pop("weight").detach()
-        weight = tag(nn.Parameter(full[rank::world].to(device or full.device, torch.float32).clone()),
-                     TABLE_GROUP)
+        held = self._parameters.pop("weight").detach()
+        rows = held[rank::world].clone() if self.built_rows == (0, 1) else held
+        weight = tag(nn.Parameter(rows.to(device or rows.device, torch.float32)), TABLE_GROUP)
         self.shard = TableShard(weight, layout, 1.0 / world, group)
         return self.shard
 
@@ -58,6 +64,8 @@ class MultiHeadTable(nn.Module):
             raise ValueError(f"expected {len(self.sizes)} hash ids per token, got {ids.shape[-1]}")
         rows = ids + self.offsets  # [..., heads] global row ids
         if self.shard is None:
+            if self.built_rows != (0, 1):
+                raise RuntimeError("a table built with some rows only is looked up after shard_()")
             return F.embedding(rows, self.weight).flatten(-2)  # [..., heads * head_dim]
         return sharded_lookup(self.shard, rows).flatten(-2)
 

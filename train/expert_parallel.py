@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from core.partial_init import BuildShard
 from models.moe import MoEConfig, MoEFFN
 from models.moe.parallel import ExpertShard
 
@@ -90,11 +91,10 @@ def _marker(n_experts: int, layout: ExpertLayout) -> nn.Module:
     return ExpertParallelMarker()
 
 
-def setup_expert_parallel(model: nn.Module, size: int, world_size: int) -> Optional[ExpertLayout]:
-    """Shard every MoE layer's routed experts over EP groups of ``size`` ranks (after the model is built
-    from its seed, before the optimizer and the engine); None for ``size`` 1."""
-    layers = moe_layers(model)
-    check_expert_parallel(size, world_size, layers[0].cfg.n_routed_experts if layers else None)
+def expert_layout(size: int, world_size: int, n_routed: Optional[int]) -> Optional[ExpertLayout]:
+    """This rank's place in DeepSpeed's ``ep_size_N`` groups (created here: before the model is built, so
+    that it builds its own experts only); None for ``size`` 1."""
+    check_expert_parallel(size, world_size, n_routed)
     if size == 1:
         return None
     from deepspeed.utils import groups
@@ -102,12 +102,35 @@ def setup_expert_parallel(model: nn.Module, size: int, world_size: int) -> Optio
     name = f"ep_size_{size}"
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(size)
-    group = groups._get_expert_parallel_group(name)
-    layout = ExpertLayout(size, groups._get_expert_parallel_rank(name), name)
+    return ExpertLayout(size, groups._get_expert_parallel_rank(name), name)
+
+
+def build_shard(layout: Optional[ExpertLayout], n_routed: Optional[int], tables_sharded: bool, rank: int,
+                world_size: int) -> BuildShard:
+    """What this rank's model is built holding (core/partial_init.py): its block of every MoE layer's
+    routed experts under ``layout``, its rows of every Engram table when they are sharded."""
+    local = n_routed // layout.size if layout is not None else None
+    return BuildShard(table_rank=rank if tables_sharded else 0, table_world=world_size if tables_sharded else 1,
+                      expert_first=layout.rank * local if layout is not None else 0, expert_count=local)
+
+
+def setup_expert_parallel(model: nn.Module, size: int, world_size: int,
+                          layout: Optional[ExpertLayout] = None) -> Optional[ExpertLayout]:
+    """Shard every MoE layer's routed experts over EP groups of ``size`` ranks (after the model is built
+    from its seed, before the optimizer and the engine); None for ``size`` 1. ``layout``: the one the model
+    was built for (:func:`expert_layout`), else made here."""
+    layers = moe_layers(model)
+    if layout is None:
+        layout = expert_layout(size, world_size, layers[0].cfg.n_routed_experts if layers else None)
+    if layout is None:
+        return None
+    from deepspeed.utils import groups
+
+    group = groups._get_expert_parallel_group(layout.group_name)
     for layer in layers:
         layer.set_expert_shard(ExpertShard(size, layout.rank, layer.cfg.n_routed_experts, group))
         for p in (layer.experts.w1, layer.experts.w2, layer.experts.w3):
-            p.allreduce, p.group_name = False, name  # DeepSpeed's MoE-parameter mark
+            p.allreduce, p.group_name = False, layout.group_name  # DeepSpeed's MoE-parameter mark
     model.add_module(MARKER, _marker(layers[0].cfg.n_routed_experts, layout))
     return layout
 

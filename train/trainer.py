@@ -24,11 +24,12 @@ from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.distributed import DistInfo, barrier, broadcast_object
 from train.determinism import apply_determinism
 from train.expert_checkpoint import engine_hooks
-from train.expert_parallel import (check_expert_parallel, expert_memory_lines, routed_experts,
-                                   setup_expert_parallel)
+from train.expert_parallel import (build_shard, check_expert_parallel, expert_layout, expert_memory_lines,
+                                   routed_experts, setup_expert_parallel)
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import check_finished, trajectory_settings, vet_settings
 from core.fingerprint import fingerprint
+from core.partial_init import building
 from rundir.files import CHECKPOINTS, FAILED, FINAL, RUN_STATE, atomic_write_json, read_json_object
 from rundir.locks import LOCK_FD_ENV, LOCK_NAME, try_lock
 from rundir.schema import ConfigError, Config, check, parallel_of
@@ -266,11 +267,14 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     apply_determinism(bool(t.deterministic))
     torch.manual_seed(t.seed)
     t0 = time.perf_counter()
-    model = build_model(p.mcfg)
+    par, n_routed = parallel_of(cfg), routed_experts(p.mcfg.moe)
+    sharded_tables = par.engram_tables == "sharded" and p.mcfg.engram is not None
+    ep_layout = expert_layout(par.expert, dist.world_size, n_routed)
+    with building(build_shard(ep_layout, n_routed, sharded_tables, dist.rank, dist.world_size)):
+        model = build_model(p.mcfg)  # this rank's experts and table rows only, drawn as the whole model's
     counts = model.model_counts(t.seq_len)
-    ep_layout = setup_expert_parallel(model, parallel_of(cfg).expert, dist.world_size)  # before the optimizer
-    tables = (ShardedTables(model, p.config.optim, dist.rank, dist.world_size, dist.device)
-              if parallel_of(cfg).engram_tables == "sharded" and p.mcfg.engram is not None else None)
+    setup_expert_parallel(model, par.expert, dist.world_size, ep_layout)  # before the optimizer
+    tables = ShardedTables(model, p.config.optim, dist.rank, dist.world_size, dist.device) if sharded_tables else None
     compile_blocks(model, t.compile, dist.device)
     optimizer = build_optimizer(model, p.config.optim)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens

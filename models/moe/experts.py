@@ -23,6 +23,7 @@ from torch import nn
 
 from core.accounting import Counts
 from core.param_groups import tag
+from core.partial_init import current, trunc_normal_blocks
 
 _GROUPED_MM_MAX_GROUPS = 1024  # the CUDA bf16 kernel's group limit
 
@@ -96,25 +97,31 @@ class RoutedExperts(nn.Module):
                  out_std: float):
         super().__init__()
         self.d_model, self.hidden, self.n_experts, self.top_k = d_model, hidden, n_experts, top_k
-        self.w1 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # gate
-        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d_model))  # up
-        self.w2 = nn.Parameter(torch.empty(n_experts, d_model, hidden))  # down
-        for w in (self.w1, self.w3):
-            nn.init.trunc_normal_(w, std=init_std, a=-3 * init_std, b=3 * init_std)
-        nn.init.trunc_normal_(self.w2, std=out_std, a=-3 * out_std, b=3 * out_std)
+        # An expert-parallel rank builds its own experts only, the whole tensors' draws (core/partial_init.py)
+        built = current()
+        self.built_experts = (built.expert_first, built.expert_count) if built.expert_count else (0, n_experts)
+        self.sharded = False
+        self.w1 = nn.Parameter(trunc_normal_blocks((n_experts, hidden, d_model), init_std, *self.built_experts))  # gate
+        self.w3 = nn.Parameter(trunc_normal_blocks((n_experts, hidden, d_model), init_std, *self.built_experts))  # up
+        self.w2 = nn.Parameter(trunc_normal_blocks((n_experts, d_model, hidden), out_std, *self.built_experts))  # down
         for w in (self.w1, self.w2, self.w3):
             tag(w, "experts")
 
     def shard_(self, first: int, count: int) -> None:
         """Keep experts ``first .. first+count-1`` only (expert parallelism, models/moe/parallel.py).
 
-        The full [E, ...] tensors were initialised first, so a sharded model starts from exactly the
-        EP = 1 model's weights. ``n_experts`` stays the global count (what the accounting reports)."""
-        for name in ("w1", "w2", "w3"):
-            w = getattr(self, name)
-            if w.shape[0] != self.n_experts:
-                raise ValueError(f"routed experts are already sharded ({w.shape[0]} of {self.n_experts} held)")
-            setattr(self, name, tag(nn.Parameter(w.detach()[first:first + count].clone()), "experts"))
+        The experts hold the full [E, ...] tensors' draws (built with this block only, or sliced from the
+        whole), so a sharded model starts from exactly the EP = 1 model's weights. ``n_experts`` stays the
+        global count (what the accounting reports)."""
+        if self.sharded:
+            raise ValueError(f"routed experts are already sharded ({self.w1.shape[0]} of {self.n_experts} held)")
+        if self.built_experts not in ((0, self.n_experts), (first, count)):
+            raise ValueError(f"experts built as {self.built_experts} (first, count) cannot hold {(first, count)}")
+        if self.built_experts != (first, count):
+            for name in ("w1", "w2", "w3"):
+                w = getattr(self, name)
+                setattr(self, name, tag(nn.Parameter(w.detach()[first:first + count].clone()), "experts"))
+        self.built_experts, self.sharded = (first, count), True
 
     def resolve_impl(self, impl: str, x: torch.Tensor) -> str:
         """'auto' -> 'grouped_mm' on CUDA (not ROCm) where the kernel supports the shapes, else
