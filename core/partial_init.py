@@ -132,30 +132,31 @@ def _trunc_normal_block(n: int, std: float, first: int, count: int, chunk: int) 
     return out
 
 
-def _reproduces_torch() -> bool:
-    """Whether the chunked draws above reproduce this torch's whole draws (checked once, on small
-    tensors cut into many chunks, the caller's generator state untouched)."""
-    global _verified
-    if _verified is None:
+def _reproduces_torch(kind: str) -> bool:
+    """Whether the chunked ``kind`` draw ("normal" or "trunc_normal") reproduces this torch's whole draw
+    (checked once, on small tensors cut into many chunks, the caller's generator state untouched)."""
+    if kind not in _verified:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1234)
-            table = nn.init.normal_(torch.empty(37, 5), std=0.5)
-            experts = nn.init.trunc_normal_(torch.empty(300, 7), std=0.01, a=-0.03, b=0.03)
+            if kind == "normal":
+                whole = nn.init.normal_(torch.empty(37, 5), std=0.5)[1::3]
+            else:
+                whole = nn.init.trunc_normal_(torch.empty(300, 7), std=0.01, a=-0.03, b=0.03)[100:200].reshape(-1)
             after = torch.rand(3)
             torch.manual_seed(1234)
-            ok = torch.equal(_normal_rows(37, 5, 0.5, 1, 3, 64), table[1::3])
-            ok = ok and torch.equal(_trunc_normal_block(2100, 0.01, 700, 700, 64), experts[100:200].reshape(-1))
-            _verified = ok and torch.equal(torch.rand(3), after)
-    return _verified
+            got = (_normal_rows(37, 5, 0.5, 1, 3, 64) if kind == "normal"
+                   else _trunc_normal_block(2100, 0.01, 700, 700, 64))
+            _verified[kind] = torch.equal(got, whole) and torch.equal(torch.rand(3), after)
+    return _verified[kind]
 
 
-_verified: Optional[bool] = None
+_verified: dict[str, bool] = {}
 
 
 def normal_rows(rows: int, cols: int, std: float, rank: int = 0, world: int = 1) -> torch.Tensor:
     """Rows rank, rank + world, ... of a [rows, cols] fp32 tensor drawn by ``normal_(0, std)``:
     [ceil((rows - rank) / world), cols], the generator left as the whole draw leaves it."""
-    if world == 1 or rows * cols < 32 or not _reproduces_torch():  # (the last: drawn whole, sliced)
+    if world == 1 or rows * cols < 32 or not _reproduces_torch("normal"):  # (the last: drawn whole, sliced)
         return torch.empty(rows, cols).normal_(0, std)[rank::world].contiguous()
     return _normal_rows(rows, cols, std, rank, world, CHUNK_ELEMENTS)
 
@@ -168,7 +169,7 @@ def trunc_normal_blocks(shape: tuple[int, ...], std: float, first: int = 0,
     count = n - first if count is None else count
     if first < 0 or count < 1 or first + count > n:
         raise ValueError(f"entries {first} .. {first + count - 1} of {n}")
-    if count == n or n * per_item < 32 or not _reproduces_torch():
+    if count == n or n * per_item < 32 or not _reproduces_torch("trunc_normal"):
         whole = nn.init.trunc_normal_(torch.empty(shape), std=std, a=-3 * std, b=3 * std)
         return whole if count == n else whole[first:first + count].clone()
     flat = _trunc_normal_block(n * per_item, std, first * per_item, count * per_item, CHUNK_ELEMENTS)

@@ -20,7 +20,8 @@ def _whole_then_next(draw):
 @pytest.mark.parametrize("rows, cols", [(1000, 32), (1003, 7), (37, 3), (17, 1), (5, 2), (4099, 16)])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_table_rows_drawn_in_chunks_are_the_whole_tables_rows(monkeypatch, rows, cols, world):
-    assert partial_init._reproduces_torch()  # the pinned torch: chunks, never the whole-draw fallback
+    # the pinned torch: chunks, never the whole-draw fallback
+    assert partial_init._reproduces_torch("normal") and partial_init._reproduces_torch("trunc_normal")
     monkeypatch.setattr(partial_init, "CHUNK_ELEMENTS", 256)  # many chunks, remainders of every kind
     whole, after = _whole_then_next(lambda: nn.init.normal_(torch.empty(rows, cols), std=0.5))
     for rank in range(world):
