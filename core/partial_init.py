@@ -137,13 +137,13 @@ def _reproduces_torch(kind: str) -> bool:
     (checked once, on small tensors cut into many chunks, the caller's generator state untouched)."""
     if kind not in _verified:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1234)
+            torch.default_generator.manual_seed(1234)  # the CPU generator only (fork_rng restores it)
             if kind == "normal":
                 whole = nn.init.normal_(torch.empty(37, 5), std=0.5)[1::3]
             else:
                 whole = nn.init.trunc_normal_(torch.empty(300, 7), std=0.01, a=-0.03, b=0.03)[100:200].reshape(-1)
             after = torch.rand(3)
-            torch.manual_seed(1234)
+            torch.default_generator.manual_seed(1234)  # the CPU generator only (fork_rng restores it)
             got = (_normal_rows(37, 5, 0.5, 1, 3, 64) if kind == "normal"
                    else _trunc_normal_block(2100, 0.01, 700, 700, 64))
             _verified[kind] = torch.equal(got, whole) and torch.equal(torch.rand(3), after)

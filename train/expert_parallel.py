@@ -114,6 +114,22 @@ def build_shard(layout: Optional[ExpertLayout], n_routed: Optional[int], tables_
                       expert_first=layout.rank * local if layout is not None else 0, expert_count=local)
 
 
+def built_slices_line(model: nn.Module) -> list[str]:
+    """What this rank's model was built holding (read off the built modules, core/partial_init.py): its
+    block of routed experts and its table rows when they are a slice (nothing for a whole model)."""
+    from memory.layers import MultiHeadTable
+
+    parts = []
+    layers = moe_layers(model)
+    if layers and layers[0].experts.built_experts != (0, layers[0].experts.n_experts):
+        first, count = layers[0].experts.built_experts
+        parts.append(f"routed experts {first}..{first + count - 1} of {layers[0].experts.n_experts} per MoE layer")
+    table = next((m for m in model.modules() if isinstance(m, MultiHeadTable)), None)
+    if table is not None and table.built_rows != (0, 1):
+        parts.append(f"Engram table rows {table.built_rows[0]}::{table.built_rows[1]}")
+    return [f"model build: this rank drew and holds only its {' and '.join(parts)}"] if parts else []
+
+
 def setup_expert_parallel(model: nn.Module, size: int, world_size: int,
                           layout: Optional[ExpertLayout] = None) -> Optional[ExpertLayout]:
     """Shard every MoE layer's routed experts over EP groups of ``size`` ranks (after the model is built
@@ -124,6 +140,8 @@ def setup_expert_parallel(model: nn.Module, size: int, world_size: int,
         layout = expert_layout(size, world_size, layers[0].cfg.n_routed_experts if layers else None)
     if layout is None:
         return None
+    if not layers:
+        raise ValueError(f"parallel.expert={size} needs MoE layers (model.moe.n_dense_layers leaves none)")
     from deepspeed.utils import groups
 
     group = groups._get_expert_parallel_group(layout.group_name)

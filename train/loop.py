@@ -14,7 +14,8 @@ kernels ahead. The loop therefore keeps everything it tracks on the device betwe
   on log steps only; under Muon at ZeRO 1/2 DeepSpeed's norm is over the orthogonalised updates
   (about sqrt(min(out, in)) per matrix, whatever the gradient), so it is logged as
   ``train/update_norm`` and no ``train/grad_norm`` is claimed (the raw norm never leaves DeepSpeed's
-  backward epilogue);
+  backward epilogue; sharded Engram tables' gradient norm, outside the engine, is then logged apart as
+  ``train/table_grad_norm``);
 * micro-batches are read ahead by a thread (pinned on a GPU) and copied without blocking.
 
 ``train/tokens_per_s`` (and MFU from it) counts training time only: time spent evaluating or writing
@@ -46,6 +47,11 @@ class Diverged(RuntimeError):
     pass
 
 
+def norm_key(optim_kind: str, zero_stage: int) -> str:
+    """The name of the norm DeepSpeed reports: under Muon at ZeRO 1/2 it is over Muon's updates."""
+    return "train/update_norm" if optim_kind == "muon" and zero_stage > 0 else "train/grad_norm"
+
+
 class Loop:
     """One run's steps, their logging, periodic evaluation and checkpoints (see the module docstring)."""
 
@@ -65,8 +71,7 @@ class Loop:
         self._own_grad_norm = int(self.t.zero_stage) == 0 and self.t.precision == "fp32"
         # Muon at ZeRO 1/2: DeepSpeed orthogonalises the gradient while it fills the partition, so its
         # norm is over Muon's updates (and the Adam groups' gradients): logged by that name, not as grad_norm
-        self._norm_key = ("train/update_norm" if cfg.optim.kind == "muon" and int(self.t.zero_stage) > 0
-                          else "train/grad_norm")
+        self._norm_key = norm_key(cfg.optim.kind, int(self.t.zero_stage))
         self._grad_norm = None
         self.experts = None  # train.expert_checkpoint.ExpertCheckpoint (set by the trainer)
         self.on_first_step = None  # called with the first step's seconds (the trainer's start-up timing line)
@@ -146,12 +151,8 @@ class Loop:
         self.check_diverged()
         loss_host = loss_vec.tolist()  # waits for the device: the window's time below is honest
         tps = window[1] / max(time.time() - window[0], 1e-9)
-        norm = self._grad_norm if self._own_grad_norm else self.engine.get_global_grad_norm()
-        if self.tables is not None and not self._own_grad_norm and norm is not None:
-            norm = math.hypot(float(norm), float(self._grad_norm))  # the engine's norm misses the shards
         metrics = {"train/loss": loss_host[0], "train/lr": lr, "train/tokens": self.p.batches.tokens_through(step),
-                   "train/tokens_per_s": tps, "train/epoch": self.p.batches.epochs_at(step),
-                   self._norm_key: float(norm) if norm is not None else math.nan}
+                   "train/tokens_per_s": tps, "train/epoch": self.p.batches.epochs_at(step), **self._norms()}
         if out.aux_loss is not None:
             metrics["train/aux_loss"] = loss_host[1]
         if self.peak:
@@ -160,6 +161,21 @@ class Loop:
         self.tracker.log(metrics, step)
         self.progress.report(step, loss_host[0], lr, tps)
         window[:] = [time.time(), 0]
+
+    def _norms(self) -> dict[str, float]:
+        """The log step's norm metrics (reads the device). Sharded tables' gradients are not in the engine's
+        norm: joined to a gradient norm, logged apart from Muon's update norm (not a gradient's)."""
+        def num(x) -> float:
+            return float(x) if x is not None else math.nan
+
+        if self._own_grad_norm:
+            return {"train/grad_norm": num(self._grad_norm)}
+        norm = self.engine.get_global_grad_norm()
+        if self.tables is None:
+            return {self._norm_key: num(norm)}
+        if self._norm_key == "train/update_norm":
+            return {"train/update_norm": num(norm), "train/table_grad_norm": num(self._grad_norm)}
+        return {"train/grad_norm": math.hypot(float(norm), float(self._grad_norm)) if norm is not None else math.nan}
 
     def _periodic(self, step: int, window: list) -> None:
         """Evaluation and checkpoint at their intervals; their time is taken out of the throughput window."""

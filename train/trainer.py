@@ -24,8 +24,8 @@ from train.ds_config import deepspeed_config, fp32_grad_accumulation
 from train.distributed import DistInfo, barrier, broadcast_object
 from train.determinism import apply_determinism
 from train.expert_checkpoint import engine_hooks
-from train.expert_parallel import (build_shard, check_expert_parallel, expert_layout, expert_memory_lines,
-                                   routed_experts, setup_expert_parallel)
+from train.expert_parallel import (build_shard, built_slices_line, check_expert_parallel, expert_layout,
+                                   expert_memory_lines, routed_experts, setup_expert_parallel)
 from train.optim import build_optimizer, describe_optimizer, memory_line, optimizer_memory
 from train.resume import check_finished, trajectory_settings, vet_settings
 from core.fingerprint import fingerprint
@@ -272,12 +272,14 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
     ep_layout = expert_layout(par.expert, dist.world_size, n_routed)
     with building(build_shard(ep_layout, n_routed, sharded_tables, dist.rank, dist.world_size)):
         model = build_model(p.mcfg)  # this rank's experts and table rows only, drawn as the whole model's
+    built = built_slices_line(model)  # before sharding: what the build itself held
     counts = model.model_counts(t.seq_len)
     setup_expert_parallel(model, par.expert, dist.world_size, ep_layout)  # before the optimizer
     tables = ShardedTables(model, p.config.optim, dist.rank, dist.world_size, dist.device) if sharded_tables else None
     compile_blocks(model, t.compile, dist.device)
     optimizer = build_optimizer(model, p.config.optim)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
+    optim_lines += built
     optim_lines += expert_memory_lines(model, optimizer, optim_mem, parallel_of(cfg).expert, dist.world_size, int(t.zero_stage))
     if tables is not None:
         optim_lines, optim_mem = optim_lines + tables.describe(), tables.memory(optim_mem)

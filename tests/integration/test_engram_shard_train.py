@@ -71,6 +71,7 @@ def test_two_ranks_sharded_matches_replicated(two_rank_runs):
     assert mem["table_params_replicated"] == full and mem["table_params"] == -(-rows // 2) * HEAD_DIM  # rank 0's
     assert mem["table_optimizer_state_bytes"] == 8 * mem["table_params"]
     assert "memory per rank: Engram tables sharded over 2 ranks" in p.stderr + p.stdout
+    assert "model build: this rank drew and holds only its Engram table rows 0::2" in p.stderr + p.stdout
     files = sorted((root / "sharded/checkpoints/step_00000020/engram_tables").iterdir())
     assert [f.name for f in files] == ["rank0.pt", "rank1.pt"]
     held = [safe_load(str(f))["tables"][TABLE] for f in files]  # what each rank holds: rows and Adam state

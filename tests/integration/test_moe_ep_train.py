@@ -77,6 +77,9 @@ def test_ep2_matches_ep1_in_losses_and_final_experts(ref_runs):
     (dir1, l1), (dir2, l2) = ref_runs[1], ref_runs[2]
     assert_trajectory(l1, l2, range(1, 21))
     assert grad_norms(dir2) == pytest.approx(grad_norms(dir1), rel=1e-4)  # the clipped norm: EP-exact
+    # rank 0 drew and held its own 4 experts only (core/partial_init.py), the EP = 1 run all of them
+    assert "only its routed experts 0..3 of 8 per MoE layer" in (dir2 / "rank0.log").read_text()
+    assert "model build:" not in (dir1 / "rank0.log").read_text()
     tag = ckpt.tag_for(20)
     assert json.loads((dir2 / "checkpoints" / tag / LAYOUT_FILE).read_text())["expert"] == 2
     e1, e2 = gathered_experts(dir1 / "checkpoints" / tag), gathered_experts(dir2 / "checkpoints" / tag)

@@ -11,6 +11,18 @@ from core import partial_init
 from core.partial_init import BuildShard, building, current, normal_rows, trunc_normal_blocks
 
 
+def test_the_replay_check_leaves_every_generator_alone():
+    partial_init._verified.clear()
+    torch.manual_seed(3)
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    cpu = torch.get_rng_state()
+    assert partial_init._reproduces_torch("normal") in (True, False)
+    partial_init._reproduces_torch("trunc_normal")
+    assert torch.equal(torch.get_rng_state(), cpu)
+    if cuda is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda)
+
+
 def _whole_then_next(draw):
     torch.manual_seed(7)
     whole = draw()
@@ -20,8 +32,7 @@ def _whole_then_next(draw):
 @pytest.mark.parametrize("rows, cols", [(1000, 32), (1003, 7), (37, 3), (17, 1), (5, 2), (4099, 16)])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_table_rows_drawn_in_chunks_are_the_whole_tables_rows(monkeypatch, rows, cols, world):
-    # the pinned torch: chunks, never the whole-draw fallback
-    assert partial_init._reproduces_torch("normal") and partial_init._reproduces_torch("trunc_normal")
+    assert partial_init._reproduces_torch("normal")  # chunks, never the whole-draw fallback
     monkeypatch.setattr(partial_init, "CHUNK_ELEMENTS", 256)  # many chunks, remainders of every kind
     whole, after = _whole_then_next(lambda: nn.init.normal_(torch.empty(rows, cols), std=0.5))
     for rank in range(world):
@@ -33,6 +44,8 @@ def test_table_rows_drawn_in_chunks_are_the_whole_tables_rows(monkeypatch, rows,
 
 @pytest.mark.parametrize("n, first, count", [(16, 0, 16), (16, 4, 4), (16, 12, 4), (6, 3, 3), (10, 0, 1)])
 def test_expert_blocks_drawn_in_chunks_are_the_whole_tensors_block(monkeypatch, n, first, count):
+    if not partial_init._reproduces_torch("trunc_normal"):  # torch 2.13's rejection sampling: the pinned one
+        pytest.skip("this torch's trunc_normal_ is not the replayed one: experts are drawn whole and sliced")
     monkeypatch.setattr(partial_init, "CHUNK_ELEMENTS", 100)  # 3 experts of 5 x 7 per chunk
     draw = lambda: nn.init.trunc_normal_(torch.empty(n, 5, 7), std=0.1, a=-0.3, b=0.3)  # noqa: E731
     whole, after = _whole_then_next(draw)
