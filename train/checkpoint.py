@@ -176,13 +176,13 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, is_main: bool, keep: int
         if stale.exists():  # left over by a run killed mid-save: never referenced by latest.json
             shutil.rmtree(stale)
     barrier()
-    partitions = experts is None or experts.writes_partition_files()
-    with _dense_layout(engine), _partition_files(engine, partitions):
+    plan = experts.plan_save() if experts is not None else None  # every rank: agrees the fragment split
+    with _dense_layout(engine), _partition_files(engine, plan is None or plan.partition_files):
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"meta": meta}, save_latest=False)
     if save_extra is not None:
         save_extra(ckpt_dir / tag)
     if experts is not None:
-        experts.save(ckpt_dir / tag)
+        experts.save(ckpt_dir / tag, plan)
     barrier()
     fsync_tree(ckpt_dir / tag)  # every rank: on a multi-node file system each node flushes its own writes
     barrier()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -156,6 +157,18 @@ def restore_experts(model: nn.Module, optimizer: torch.optim.Optimizer, tag_dir:
                                          for k, v in st.items()}
 
 
+@dataclass(frozen=True)
+class SavePlan:
+    """split: the agreed fragment split (train.zero_state.agreed_split) when fragment files replace
+    DeepSpeed's partition files; None when DeepSpeed's files carry the optimizer state."""
+
+    split: Optional[dict]
+
+    @property
+    def partition_files(self) -> bool:
+        return self.split is None
+
+
 class ExpertCheckpoint:
     """One run's expert checkpoint hooks (train/checkpoint.py calls them around DeepSpeed's save and load)."""
 
@@ -164,32 +177,23 @@ class ExpertCheckpoint:
         self.engine, self.model, self.optimizer = engine, model, optimizer
         self.layout, self.zero_stage, self.rank, self.world_size = layout, zero_stage, rank, world_size
 
-        self._split: Optional[dict] = None
-        self._prepared = False
-
-    def writes_partition_files(self) -> bool:
-        """Whether DeepSpeed's partition files belong in the checkpoint about to be saved: not when this
-        EP run at ZeRO 1/2 writes fragment files, which hold the same state. Call on every rank before
-        the engine's save (one flag all-reduce: the ranks agree)."""
-        self._split, self._prepared = None, True
+    def plan_save(self) -> SavePlan:
+        """How the checkpoint about to be saved holds this run's ZeRO 1/2 state: in fragment files written
+        by :meth:`save` (an EP run that can reshard: the split agreed by one all-reduce) or in DeepSpeed's
+        own partition files. Call on every rank before the engine's save."""
         if self.layout is None or self.zero_stage == 0:
-            return True
+            return SavePlan(None)
         try:
-            self._split = agreed_split(self.engine.optimizer)
+            return SavePlan(agreed_split(self.engine.optimizer))
         except NotReshardable as e:
             log.warning("expert checkpoint: %s; it resumes at its own EP and world size only", e)
-        return self._split is None
+            return SavePlan(None)
 
-    def save(self, tag_dir: Path) -> None:
-        """This rank's expert files (after :meth:`writes_partition_files`, which agrees the split)."""
-        if not self._prepared and self.layout is not None and self.zero_stage != 0:
-            raise RuntimeError("ExpertCheckpoint.save before writes_partition_files")
+    def save(self, tag_dir: Path, plan: SavePlan) -> None:
+        """This rank's expert files, as ``plan`` (:meth:`plan_save`) says."""
         zero_opt = self.engine.optimizer if self.zero_stage != 0 else None
-        try:
-            save_experts(self.model, self.optimizer, tag_dir, self.layout, self.zero_stage, self.rank,
-                         self.world_size, zero_opt, self._split)
-        finally:
-            self._split, self._prepared = None, False
+        save_experts(self.model, self.optimizer, tag_dir, self.layout, self.zero_stage, self.rank,
+                     self.world_size, zero_opt, plan.split)
 
     def resharded(self, record: dict) -> bool:
         """Whether this launch's EP or world size differs from the checkpoint's."""

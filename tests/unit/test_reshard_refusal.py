@@ -32,13 +32,6 @@ def test_a_checkpoint_without_fragments_resumes_at_its_own_layout_only():
     assert at_ep1.load_kwargs({**RECORD, "fragments": True})["load_optimizer_states"] is False  # resharded: fragments
 
 
-def test_expert_files_are_written_only_after_the_split_is_agreed():
-    ep2 = ExpertCheckpoint(engine=SimpleNamespace(optimizer=None), model=torch.nn.Linear(2, 2), optimizer=None,
-                           layout=SimpleNamespace(size=2), zero_stage=1, rank=0, world_size=2)
-    with pytest.raises(RuntimeError, match="before writes_partition_files"):
-        ep2.save(Path("unused"))
-
-
 def test_the_load_stops_at_a_layout_error_instead_of_falling_back(monkeypatch, tmp_path):
     tried = []
 
