@@ -77,11 +77,16 @@ def _chunks(n: int, step: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _draw_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    """The chunks of n draws of about ``chunk`` elements that reproduce one ``normal_`` of n."""
+    return _chunks(n, max(16, chunk // 16 * 16))
+
+
 def _normal_chunks(n: int, std: float, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, values) of n ``normal_(0, std)`` draws made chunk by chunk, the same as one draw of n. The
     values live in one reused buffer (fresh chunk-sized tensors each time let the allocator's heap grow
     with n: measured), valid until the next chunk."""
-    bounds = _chunks(n, max(16, chunk // 16 * 16))
+    bounds = _draw_bounds(n, chunk)
     buf = torch.empty(max(b - a for a, b in bounds))
     for a, b in bounds:
         yield a, buf[:b - a].normal_(0, std)
@@ -108,7 +113,7 @@ def _trunc_normal_block(n: int, std: float, first: int, count: int, chunk: int) 
     lo, hi = (torch.tensor(v, dtype=torch.float32).item() for v in (-3 * std, 3 * std))
     out = torch.empty(count)
     pending = None  # global ids still outside, ascending
-    size = max(b - a for a, b in _chunks(n, max(16, chunk // 16 * 16)))
+    size = max(b - a for a, b in _draw_bounds(n, chunk))
     outside = torch.empty(2 * size, dtype=torch.bool)  # reused masks (see _normal_chunks)
     while pending is None or pending.numel():
         still = []

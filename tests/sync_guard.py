@@ -38,16 +38,20 @@ def allow_sync():
     return _methods(lambda name: _ORIGINAL[name])
 
 
-def _caller_package() -> str:
-    """The top-level package of the code that asked for the conversion (``torch``, ``deepspeed``, ...)."""
-    import sys
-
-    frame = sys._getframe(2)
-    path = frame.f_code.co_filename.replace("\\", "/")
+def package_of(filename: str) -> str:
+    """``deepspeed``, ``torch`` or ``project``: whose code a source file is."""
+    path = filename.replace("\\", "/")
     for package in ("deepspeed", "torch"):
         if f"/{package}/" in path:
             return package
     return "project"
+
+
+def _caller_package() -> str:
+    """The top-level package of the code that asked for the conversion (``torch``, ``deepspeed``, ...)."""
+    import sys
+
+    return package_of(sys._getframe(2).f_code.co_filename)
 
 
 @contextlib.contextmanager

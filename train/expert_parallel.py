@@ -83,7 +83,7 @@ def _marker(n_experts: int, layout: ExpertLayout) -> nn.Module:
             self.num_local_experts, self.expert_group_name = n_experts // layout.size, layout.group_name
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            pass  # the groups exist already (setup_expert_parallel)
+            pass  # the groups exist already (expert_layout)
 
         def forward(self, *args, **kwargs):
             raise RuntimeError("the expert-parallel marker is not a layer")
@@ -130,27 +130,23 @@ def built_slices_line(model: nn.Module) -> list[str]:
     return [f"model build: this rank drew and holds only its {' and '.join(parts)}"] if parts else []
 
 
-def setup_expert_parallel(model: nn.Module, size: int, world_size: int,
-                          layout: Optional[ExpertLayout] = None) -> Optional[ExpertLayout]:
-    """Shard every MoE layer's routed experts over EP groups of ``size`` ranks (after the model is built
-    from its seed, before the optimizer and the engine); None for ``size`` 1. ``layout``: the one the model
-    was built for (:func:`expert_layout`), else made here."""
+def setup_expert_parallel(model: nn.Module, layout: Optional[ExpertLayout]) -> None:
+    """Shard every MoE layer's routed experts as ``layout`` (:func:`expert_layout`, the one the model was
+    built for) says, after the model is built from its seed, before the optimizer and the engine; nothing
+    for None (EP size 1)."""
+    if layout is None:
+        return
     layers = moe_layers(model)
-    if layout is None:
-        layout = expert_layout(size, world_size, layers[0].cfg.n_routed_experts if layers else None)
-    if layout is None:
-        return None
     if not layers:
-        raise ValueError(f"parallel.expert={size} needs MoE layers (model.moe.n_dense_layers leaves none)")
+        raise ValueError(f"parallel.expert={layout.size} needs MoE layers (model.moe.n_dense_layers leaves none)")
     from deepspeed.utils import groups
 
     group = groups._get_expert_parallel_group(layout.group_name)
     for layer in layers:
-        layer.set_expert_shard(ExpertShard(size, layout.rank, layer.cfg.n_routed_experts, group))
+        layer.set_expert_shard(ExpertShard(layout.size, layout.rank, layer.cfg.n_routed_experts, group))
         for p in (layer.experts.w1, layer.experts.w2, layer.experts.w3):
             p.allreduce, p.group_name = False, layout.group_name  # DeepSpeed's MoE-parameter mark
     model.add_module(MARKER, _marker(layers[0].cfg.n_routed_experts, layout))
-    return layout
 
 
 def is_expert_param(p: torch.Tensor) -> bool:

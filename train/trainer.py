@@ -274,13 +274,13 @@ def _run(cfg: DictConfig, dist: DistInfo, p: Prepared) -> int:
         model = build_model(p.mcfg)  # this rank's experts and table rows only, drawn as the whole model's
     built = built_slices_line(model)  # before sharding: what the build itself held
     counts = model.model_counts(t.seq_len)
-    setup_expert_parallel(model, par.expert, dist.world_size, ep_layout)  # before the optimizer
+    setup_expert_parallel(model, ep_layout)  # before the optimizer
     tables = ShardedTables(model, p.config.optim, dist.rank, dist.world_size, dist.device) if sharded_tables else None
     compile_blocks(model, t.compile, dist.device)
     optimizer = build_optimizer(model, p.config.optim)
     optim_lines, optim_mem = describe_optimizer(optimizer), optimizer_memory(optimizer)  # before ZeRO flattens
     optim_lines += built
-    optim_lines += expert_memory_lines(model, optimizer, optim_mem, parallel_of(cfg).expert, dist.world_size, int(t.zero_stage))
+    optim_lines += expert_memory_lines(model, optimizer, optim_mem, par.expert, dist.world_size, int(t.zero_stage))
     if tables is not None:
         optim_lines, optim_mem = optim_lines + tables.describe(), tables.memory(optim_mem)
     import deepspeed

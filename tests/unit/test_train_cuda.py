@@ -13,18 +13,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from sync_guard import package_of
 from trainer_utils import REPO, TINY_ENGRAM, TINY_MODEL, TINY_TRAIN
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
               pytest.mark.usefixtures("one_thread")]
 WARM_UP, STEPS = 2, 6  # the first steps may sync once (lazy initialisation, allocator growth)
-
-
-def _origin(filename: str) -> str:
-    for package in ("deepspeed", "torch"):
-        if f"/{package}/" in filename.replace("\\", "/"):
-            return package
-    return "project"
 
 
 def test_cuda_training_steps_sync_only_in_deepspeeds_optimizer_step(tiny_data, tmp_path, monkeypatch,
@@ -54,7 +48,7 @@ def test_cuda_training_steps_sync_only_in_deepspeeds_optimizer_step(tiny_data, t
                 out = one_step(self, step, data)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        seen.extend((step, _origin(w.filename), f"{w.filename}:{w.lineno}") for w in got
+        seen.extend((step, package_of(w.filename), f"{w.filename}:{w.lineno}") for w in got
                     if "synchroniz" in str(w.message))
         return out
 
